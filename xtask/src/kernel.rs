@@ -1,0 +1,299 @@
+//! `cargo xtask kernel`: overlay, configuration from fragments, incremental
+//! out-of-tree build with progress.
+
+use crate::ctx::Ctx;
+use crate::overlay::{self, Overlay};
+use crate::setup::Tools;
+use crate::sh;
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Configuration fragments merged onto `make tinyconfig`, in order.
+pub const FRAGMENTS: &[&str] = &[
+    "guest-kernel/config/guest.config",
+    "guest-kernel/config/host.config",
+    "guest-kernel/config/protmem.config",
+];
+
+/// A built kernel.
+pub struct Kernel {
+    /// The bootable image.
+    pub bzimage: PathBuf,
+}
+
+/// Lays the overlay, configures if needed and builds incrementally.
+pub fn build(ctx: &Ctx, tools: &Tools) -> Result<Kernel> {
+    let tree = ctx.cache.join("tree").join(&tools.kver);
+    let out = ctx.cache.join("build").join(&tools.kver);
+    let ov = Overlay::load(&ctx.repo)?;
+    let applied = overlay::apply(
+        &ov,
+        &tools.pristine,
+        &tree,
+        &ctx.cache.join("scratch/patch"),
+    )?;
+    println!(
+        "kernel: overlay: {} files managed ({} patches), {} rewritten",
+        applied.managed,
+        ov.patches.len(),
+        applied.written.len()
+    );
+    for f in &applied.written {
+        println!("kernel:   updated {}", f.display());
+    }
+    std::fs::create_dir_all(&out)?;
+    configure(ctx, tools, &ov, &tree, &out)?;
+    make_with_progress(ctx, tools, &tree, &out)?;
+    check_config(ctx, &out)?;
+    let bzimage = out.join("arch/x86/boot/bzImage");
+    if !bzimage.is_file() {
+        bail!("the build finished but {} is missing", bzimage.display());
+    }
+    println!("kernel: {}", bzimage.display());
+    Ok(Kernel { bzimage })
+}
+
+/// Parses a config fragment into wanted symbol values (`n` for "is not set").
+pub fn parse_fragment(text: &str) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    for l in text.lines() {
+        let l = l.trim();
+        if let Some(rest) = l.strip_prefix("# ") {
+            if let Some(sym) = rest.strip_suffix(" is not set") {
+                m.insert(sym.to_string(), "n".to_string());
+            }
+        } else if let Some((k, v)) = l.split_once('=') {
+            if k.starts_with("CONFIG_") {
+                m.insert(k.to_string(), v.to_string());
+            }
+        }
+    }
+    m
+}
+
+/// Requested options that the final `.config` does not have, one message each.
+pub fn missing_options(wanted: &BTreeMap<String, String>, config: &str) -> Vec<String> {
+    let have = parse_fragment(config);
+    wanted
+        .iter()
+        .filter_map(|(k, v)| {
+            let got = have.get(k).map(String::as_str).unwrap_or("n");
+            (got != v).then(|| format!("{k}={v} requested, but .config has {k}={got}"))
+        })
+        .collect()
+}
+
+fn configure(ctx: &Ctx, tools: &Tools, ov: &Overlay, tree: &Path, out: &Path) -> Result<()> {
+    let mut h = Sha256::new();
+    h.update(tools.kver.as_bytes());
+    h.update(tools.rustc.as_bytes());
+    h.update(tools.llvm.as_bytes());
+    for f in FRAGMENTS
+        .iter()
+        .map(|f| ctx.repo.join(f))
+        .chain(ov.inputs())
+    {
+        h.update(f.to_string_lossy().as_bytes());
+        h.update(std::fs::read(&f).with_context(|| format!("cannot read {}", f.display()))?);
+    }
+    let hash = format!("{:x}", h.finalize());
+    let stamp = out.join(".kpm-config-hash");
+    if out.join(".config").is_file() && std::fs::read_to_string(&stamp).unwrap_or_default() == hash
+    {
+        return Ok(());
+    }
+    println!(
+        "kernel: configuring (tinyconfig + {})",
+        FRAGMENTS.join(" + ")
+    );
+    sh::output(tools.make(tree, out).arg("tinyconfig"))?;
+    sh::output(
+        Command::new(tree.join("scripts/kconfig/merge_config.sh"))
+            .current_dir(tree)
+            .args(["-m", "-O"])
+            .arg(out)
+            .arg(out.join(".config"))
+            .args(FRAGMENTS.iter().map(|f| ctx.repo.join(f))),
+    )?;
+    sh::output(tools.make(tree, out).arg("olddefconfig"))?;
+    check_config(ctx, out)?;
+    std::fs::write(&stamp, hash)?;
+    Ok(())
+}
+
+/// Fails naming every requested option that did not survive.
+fn check_config(ctx: &Ctx, out: &Path) -> Result<()> {
+    let config = std::fs::read_to_string(out.join(".config"))?;
+    let mut missing = Vec::new();
+    for f in FRAGMENTS {
+        let text = std::fs::read_to_string(ctx.repo.join(f))?;
+        for m in missing_options(&parse_fragment(&text), &config) {
+            missing.push(format!("  {m} ({f})"));
+        }
+    }
+    if !missing.is_empty() {
+        // Force a reconfiguration next time.
+        let _ = std::fs::remove_file(out.join(".kpm-config-hash"));
+        bail!(
+            "kernel configuration lost requested options (unmet dependencies?):\n{}",
+            missing.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// Runs `make bzImage`, printing a progress line every few seconds and the
+/// error lines with the log tail when it fails.
+fn make_with_progress(ctx: &Ctx, tools: &Tools, tree: &Path, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(ctx.logs())?;
+    let log_path = ctx.logs().join("kernel-build.log");
+    let mut log = std::fs::File::create(&log_path)?;
+    let jobs = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let mut cmd = tools.make(tree, out);
+    cmd.arg(format!("-j{jobs}"))
+        .arg("bzImage")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let start = Instant::now();
+    println!(
+        "kernel: make -j{jobs} bzImage (log: {})",
+        log_path.display()
+    );
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", sh::show(&cmd)))?;
+    let stderr = child.stderr.take().context("no stderr pipe")?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let tx2 = tx.clone();
+    let stdout = child.stdout.take().context("no stdout pipe")?;
+    let t1 = std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let t2 = std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx2.send(l);
+        }
+    });
+    let mut steps = 0usize;
+    let mut last = String::new();
+    let mut text = String::new();
+    let mut next = Instant::now() + Duration::from_secs(10);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(l) => {
+                writeln!(log, "{l}")?;
+                if is_step(&l) {
+                    steps += 1;
+                    last = l.trim().to_string();
+                }
+                text.push_str(&l);
+                text.push('\n');
+                if text.len() > 1 << 20 {
+                    text.drain(..text.len() - (1 << 19));
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if Instant::now() >= next {
+            println!(
+                "kernel: {steps} steps built ({}s), last: {last}",
+                start.elapsed().as_secs()
+            );
+            next = Instant::now() + Duration::from_secs(15);
+        }
+    }
+    let _ = (t1.join(), t2.join());
+    let status = child.wait()?;
+    if !status.success() {
+        let errors: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("error") || l.contains("Error"))
+            .take(40)
+            .collect();
+        bail!(
+            "kernel build failed ({status}) after {}s; errors:\n{}\n--- log tail ---\n{}\n(full log: {})",
+            start.elapsed().as_secs(),
+            errors.join("\n"),
+            sh::tail(&text, 30),
+            log_path.display()
+        );
+    }
+    println!(
+        "kernel: built in {}s ({steps} steps)",
+        start.elapsed().as_secs()
+    );
+    Ok(())
+}
+
+/// Whether a kbuild output line reports one build step (`  CC      foo.o`).
+fn is_step(l: &str) -> bool {
+    let t = l.trim_start();
+    l.starts_with("  ")
+        && t.split_whitespace().next().is_some_and(|w| {
+            w.len() >= 2
+                && w.chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fragments_parse() {
+        let m = parse_fragment(
+            "# c\nCONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=\"x\"\nCONFIG_D=0x10\n",
+        );
+        assert_eq!(m["CONFIG_A"], "y");
+        assert_eq!(m["CONFIG_B"], "n");
+        assert_eq!(m["CONFIG_C"], "\"x\"");
+        assert_eq!(m.len(), 4);
+    }
+
+    #[test]
+    fn lost_options_are_named() {
+        let wanted = parse_fragment("CONFIG_A=y\nCONFIG_B=y\n# CONFIG_C is not set\n");
+        let cfg = "CONFIG_A=y\n# CONFIG_B is not set\n";
+        assert_eq!(
+            missing_options(&wanted, cfg),
+            ["CONFIG_B=y requested, but .config has CONFIG_B=n"]
+        );
+    }
+
+    #[test]
+    fn repository_fragments_are_well_formed() {
+        let ctx = Ctx::new().unwrap();
+        for f in FRAGMENTS {
+            let text = std::fs::read_to_string(ctx.repo.join(f)).unwrap();
+            let n = text
+                .lines()
+                .filter(|l| !l.trim().is_empty() && !l.starts_with("# ") && !l.starts_with('#'))
+                .count();
+            assert_eq!(
+                parse_fragment(&text).len(),
+                n,
+                "{f} has lines that are not options"
+            );
+        }
+    }
+
+    #[test]
+    fn build_steps_are_counted() {
+        assert!(is_step("  CC      arch/x86/kernel/kvm.o"));
+        assert!(is_step("  RUSTC L rust/kernel.o"));
+        assert!(!is_step("arch/x86/kernel/kvm.c:1: error: x"));
+        assert!(!is_step("make[1]: Entering directory"));
+    }
+}

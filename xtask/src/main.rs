@@ -1,0 +1,87 @@
+//! Build, boot and test orchestrator for the KVM protected-memory project.
+//!
+//! `cargo xtask setup | kernel | boot | test`: see `--help`.
+
+mod boot;
+mod ctx;
+mod initramfs;
+mod kernel;
+mod ktap;
+mod overlay;
+mod setup;
+mod sh;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "KVM protected memory: set up, build, boot and test")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the build dependencies and fetch the pinned kernel source,
+    /// rust-src and bindgen into the cache (idempotent).
+    Setup,
+    /// Lay the overlay on the pinned tree, configure and build the kernel.
+    Kernel,
+    /// Build the kernel, boot it under QEMU TCG and check its KUnit results.
+    Boot {
+        /// Do not echo the guest console (it is always written to the log).
+        #[arg(long)]
+        quiet: bool,
+        /// Seconds before the boot is declared hung.
+        #[arg(long, default_value_t = 180)]
+        timeout: u64,
+        /// Extra kernel command-line arguments.
+        #[arg(long, default_value = "")]
+        append: String,
+    },
+    /// Summarise the KTAP (KUnit) output found in a console log.
+    Ktap {
+        /// The log file to parse.
+        log: std::path::PathBuf,
+    },
+    /// Run every test: cargo checks and tests, kernel build, TCG boot with KUnit.
+    Test,
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let ctx = ctx::Ctx::new()?;
+    match cli.cmd {
+        Cmd::Setup => setup::run(&ctx).map(|_| ()),
+        Cmd::Kernel => {
+            let tools = setup::run(&ctx)?;
+            kernel::build(&ctx, &tools).map(|_| ())
+        }
+        Cmd::Boot {
+            quiet,
+            timeout,
+            append,
+        } => {
+            let tools = setup::run(&ctx)?;
+            let k = kernel::build(&ctx, &tools)?;
+            let report = boot::tcg_kunit(&ctx, &k, !quiet, timeout, &append)?;
+            report.check()
+        }
+        Cmd::Ktap { log } => {
+            let text = std::fs::read_to_string(&log)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", log.display()))?;
+            let s = ktap::parse(&text);
+            println!("{}", s.summary_line());
+            s.check(&[])
+        }
+        Cmd::Test => test::run(&ctx),
+    }
+}

@@ -1,0 +1,450 @@
+//! `cargo xtask setup`: build dependencies, pinned kernel source, rust-src
+//! and bindgen, all idempotent.
+//!
+//! The kernel source and rust-src come from a Debian suite newer than the
+//! machine's (pins.toml). They are only downloaded, through an apt state of
+//! our own under the cache (its own sources list, lists and archives), so
+//! the system's apt never sees that suite and cannot install from it.
+
+use crate::ctx::Ctx;
+use crate::sh;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Debian packages the build and the boots need (bookworm).
+fn packages(llvm: &str) -> Vec<String> {
+    let mut p: Vec<String> = [
+        "bc",
+        "bison",
+        "flex",
+        "make",
+        "gcc",
+        "patch",
+        "perl",
+        "xz-utils",
+        "libelf-dev",
+        "libssl-dev",
+        "cpio",
+        "busybox-static",
+        "qemu-system-x86",
+        "git",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for base in ["clang", "lld", "llvm", "libclang"] {
+        p.push(if base == "libclang" {
+            format!("libclang-{llvm}-dev")
+        } else {
+            format!("{base}-{llvm}")
+        });
+    }
+    p
+}
+
+/// Everything a kernel build needs, as found or installed by setup.
+pub struct Tools {
+    /// The pristine kernel source tree (never written to).
+    pub pristine: PathBuf,
+    /// Kernel version of the pristine tree, e.g. `7.2.12`.
+    pub kver: String,
+    /// `RUST_LIB_SRC` for the kernel build.
+    pub rust_lib_src: PathBuf,
+    /// bindgen binary.
+    pub bindgen: PathBuf,
+    /// LLVM version suffix (`LLVM=-19`).
+    pub llvm: String,
+    /// rustup toolchain name for the kernel build.
+    pub rustc: String,
+}
+
+impl Tools {
+    /// A `make` invocation in `src` with `O=out` and the toolchain variables.
+    pub fn make(&self, src: &Path, out: &Path) -> Command {
+        let mut c = Command::new("make");
+        c.arg("-C")
+            .arg(src)
+            .arg(format!("O={}", out.display()))
+            .arg("ARCH=x86_64")
+            .arg(format!("LLVM=-{}", self.llvm))
+            .arg(format!("RUST_LIB_SRC={}", self.rust_lib_src.display()))
+            .arg(format!("BINDGEN={}", self.bindgen.display()))
+            .env("LIBCLANG_PATH", format!("/usr/lib/llvm-{}/lib", self.llvm))
+            .env("RUSTUP_TOOLCHAIN", &self.rustc);
+        c
+    }
+}
+
+/// Runs every setup step; quick when everything is already in place.
+pub fn run(ctx: &Ctx) -> Result<Tools> {
+    std::fs::create_dir_all(&ctx.cache)
+        .with_context(|| format!("cannot create cache directory {}", ctx.cache.display()))?;
+    install_packages(ctx)?;
+    check_rustc(ctx)?;
+    let apt = PrivateApt::new(ctx)?;
+    let (pristine, kver) = kernel_source(ctx, &apt)?;
+    let rust_lib_src = rust_src(ctx, &apt)?;
+    let bindgen = bindgen(ctx)?;
+    let tools = Tools {
+        pristine,
+        kver,
+        rust_lib_src,
+        bindgen,
+        llvm: ctx.pins.llvm.clone(),
+        rustc: ctx.pins.rustc.clone(),
+    };
+    rust_available(ctx, &tools)?;
+    println!(
+        "setup: ok: linux {}, rustc {}, rust-src {}, bindgen {}, LLVM {} (cache {})",
+        tools.kver,
+        ctx.pins.rustc,
+        ctx.pins.rust_src,
+        ctx.pins.bindgen,
+        ctx.pins.llvm,
+        ctx.cache.display()
+    );
+    Ok(tools)
+}
+
+fn is_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("ok installed"))
+        .unwrap_or(false)
+}
+
+fn install_packages(ctx: &Ctx) -> Result<()> {
+    if !sh::have("dpkg-query") || !sh::have("apt-get") {
+        bail!("this needs a Debian system with dpkg and apt-get (bookworm or newer)");
+    }
+    let missing: Vec<String> = packages(&ctx.pins.llvm)
+        .into_iter()
+        .filter(|p| !is_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let uid = sh::output(Command::new("id").arg("-u"))?;
+    if uid.trim() != "0" {
+        bail!(
+            "missing Debian packages: {}; install them as root: apt-get install {}",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    println!("setup: installing {}", missing.join(" "));
+    let install = |update: bool| -> Result<()> {
+        if update {
+            sh::run(Command::new("apt-get").args(["-q", "update"]))?;
+        }
+        sh::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    // Lists may be missing or stale on a fresh machine: update and retry once.
+    install(false)
+        .or_else(|_| install(true))
+        .context("installing build dependencies failed; check the apt sources and network")
+}
+
+fn check_rustc(ctx: &Ctx) -> Result<()> {
+    let want = &ctx.pins.rustc;
+    let out = Command::new("rustc")
+        .arg("--version")
+        .env("RUSTUP_TOOLCHAIN", want)
+        .output();
+    match out {
+        Ok(o) if o.status.success() && String::from_utf8_lossy(&o.stdout).starts_with(&format!("rustc {want}")) => Ok(()),
+        Ok(o) => bail!(
+            "rustc {want} is required (pins.toml) but RUSTUP_TOOLCHAIN={want} rustc --version says: {}{}; install it with `rustup toolchain install {want}`",
+            String::from_utf8_lossy(&o.stdout).trim(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => bail!("cannot run rustc ({e}); install rustup and `rustup toolchain install {want}`"),
+    }
+}
+
+/// An apt state of our own, used only to download from the pinned suite.
+struct PrivateApt {
+    dir: PathBuf,
+    updated: std::cell::Cell<bool>,
+}
+
+impl PrivateApt {
+    fn new(ctx: &Ctx) -> Result<Self> {
+        let dir = ctx.cache.join("apt");
+        for d in ["lists/partial", "cache/archives/partial"] {
+            std::fs::create_dir_all(dir.join(d))?;
+        }
+        let list = format!(
+            "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian {} main\n",
+            ctx.pins.suite
+        );
+        sh::write_if_changed(&dir.join("sources.list"), list.as_bytes())?;
+        Ok(PrivateApt {
+            dir,
+            updated: false.into(),
+        })
+    }
+
+    fn opts(&self) -> Vec<String> {
+        let d = self.dir.display();
+        vec![
+            format!("-oDir::Etc::SourceList={d}/sources.list"),
+            "-oDir::Etc::SourceParts=/dev/null".into(),
+            format!("-oDir::State::Lists={d}/lists"),
+            format!("-oDir::Cache={d}/cache"),
+            "-oDir::State::Status=/dev/null".into(),
+            "-oAPT::Architectures=amd64".into(),
+            "-oAPT::Sandbox::User=root".into(),
+            "-q".into(),
+        ]
+    }
+
+    fn update(&self) -> Result<()> {
+        if self.updated.get() {
+            return Ok(());
+        }
+        sh::output(Command::new("apt-get").args(self.opts()).arg("update")).context(
+            "cannot read the package index of the pinned suite (network or archive down?)",
+        )?;
+        self.updated.set(true);
+        Ok(())
+    }
+
+    /// Versions of `pkg` the suite offers, newest first.
+    fn versions(&self, pkg: &str) -> Result<Vec<String>> {
+        self.update()?;
+        let out = sh::output(
+            Command::new("apt-cache")
+                .args(self.opts())
+                .args(["madison", pkg]),
+        )?;
+        let mut v: Vec<String> = out
+            .lines()
+            .filter_map(|l| l.split('|').nth(1).map(|s| s.trim().to_string()))
+            .collect();
+        v.dedup();
+        Ok(v)
+    }
+
+    /// Downloads `pkg=version` into `dir` unless it is already there.
+    fn download(&self, pkg: &str, version: &str, dir: &Path) -> Result<PathBuf> {
+        let deb = dir.join(format!("{pkg}_{}_all.deb", version.replace(':', "%3a")));
+        if deb.is_file() {
+            return Ok(deb);
+        }
+        std::fs::create_dir_all(dir)?;
+        println!("setup: downloading {pkg} {version}");
+        sh::output(
+            Command::new("apt-get")
+                .current_dir(dir)
+                .args(self.opts())
+                .arg("download")
+                .arg(format!("{pkg}={version}")),
+        )
+        .with_context(|| format!("downloading {pkg} {version} failed"))?;
+        if !deb.is_file() {
+            bail!(
+                "apt-get download {pkg}={version} did not produce {}",
+                deb.display()
+            );
+        }
+        Ok(deb)
+    }
+}
+
+/// Picks the pinned version if the archive still has it, else the newest of
+/// the same series (saying so).
+fn pick_kernel_version(pinned: &str, series: &str, offered: &[String]) -> Result<String> {
+    if offered.iter().any(|v| v == pinned) {
+        return Ok(pinned.to_string());
+    }
+    let newest = offered
+        .iter()
+        .find(|v| v.starts_with(&format!("{series}.")))
+        .with_context(|| {
+            format!("the archive offers no linux-source-{series} at all (seen: {offered:?})")
+        })?;
+    println!("setup: pinned linux-source-{series} {pinned} is gone from the archive; using the newest, {newest}");
+    Ok(newest.clone())
+}
+
+fn kernel_source(ctx: &Ctx, apt: &PrivateApt) -> Result<(PathBuf, String)> {
+    let pkg = format!("linux-source-{}", ctx.pins.linux_series);
+    let debs = ctx.cache.join("debs");
+    let pinned = &ctx.pins.linux_source;
+    let version = if debs.join(format!("{pkg}_{pinned}_all.deb")).is_file()
+        || ctx.cache.join("src").join(pinned).is_dir()
+    {
+        pinned.clone()
+    } else {
+        pick_kernel_version(pinned, &ctx.pins.linux_series, &apt.versions(&pkg)?)?
+    };
+    let root = ctx.cache.join("src").join(&version);
+    let tree = root.join(format!("linux-source-{}", ctx.pins.linux_series));
+    if !root.is_dir() {
+        let deb = apt.download(&pkg, &version, &debs)?;
+        let partial = root.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(&partial)?;
+        println!("setup: unpacking {pkg} {version}");
+        sh::run(
+            Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(&deb)
+                .arg(partial.join("deb")),
+        )?;
+        let tarball = partial
+            .join("deb/usr/src")
+            .join(format!("linux-source-{}.tar.xz", ctx.pins.linux_series));
+        sh::run(
+            Command::new("tar")
+                .arg("-xf")
+                .arg(&tarball)
+                .arg("-C")
+                .arg(&partial),
+        )?;
+        std::fs::remove_dir_all(partial.join("deb"))?;
+        std::fs::rename(&partial, &root)?;
+    }
+    let kver = kernel_version(&tree)?;
+    if !kver.starts_with(&format!("{}.", ctx.pins.linux_series)) {
+        bail!(
+            "{} holds Linux {kver}, not {}.x",
+            tree.display(),
+            ctx.pins.linux_series
+        );
+    }
+    Ok((tree, kver))
+}
+
+/// Reads VERSION.PATCHLEVEL.SUBLEVEL from a kernel tree's Makefile.
+pub fn kernel_version(tree: &Path) -> Result<String> {
+    let mk = std::fs::read_to_string(tree.join("Makefile"))
+        .with_context(|| format!("{} is not a kernel tree", tree.display()))?;
+    let field = |name: &str| {
+        mk.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|r| r.trim().strip_prefix('='))
+            })
+            .map(|v| v.trim().to_string())
+            .with_context(|| format!("no {name} in {}/Makefile", tree.display()))
+    };
+    Ok(format!(
+        "{}.{}.{}",
+        field("VERSION")?,
+        field("PATCHLEVEL")?,
+        field("SUBLEVEL")?
+    ))
+}
+
+fn rust_src(ctx: &Ctx, apt: &PrivateApt) -> Result<PathBuf> {
+    let version = &ctx.pins.rust_src;
+    let root = ctx.cache.join("rust-src").join(version);
+    let lib = root.join("usr/lib/rustlib/src/rust/library");
+    if lib.join("core").is_dir() {
+        return Ok(lib);
+    }
+    if !apt.versions("rust-src")?.iter().any(|v| v == version) {
+        bail!(
+            "rust-src {version} (matching rustc {}) is no longer in {}; update rust_src and rustc in guest-kernel/pins.toml together",
+            ctx.pins.rustc,
+            ctx.pins.suite
+        );
+    }
+    let deb = apt.download("rust-src", version, &ctx.cache.join("debs"))?;
+    let partial = root.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    sh::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
+    std::fs::rename(&partial, &root)?;
+    Ok(lib)
+}
+
+fn bindgen(ctx: &Ctx) -> Result<PathBuf> {
+    let root = ctx.cache.join("tools");
+    let bin = root.join("bin/bindgen");
+    let want = &ctx.pins.bindgen;
+    let have = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    if have == format!("bindgen {want}") {
+        return Ok(bin);
+    }
+    println!(
+        "setup: installing bindgen-cli {want} into {}",
+        root.display()
+    );
+    sh::run(
+        Command::new("cargo")
+            .args([
+                "install",
+                "--quiet",
+                "--locked",
+                "bindgen-cli",
+                "--version",
+                want,
+                "--root",
+            ])
+            .arg(&root),
+    )
+    .context("installing bindgen-cli from crates.io failed")?;
+    Ok(bin)
+}
+
+fn rust_available(ctx: &Ctx, tools: &Tools) -> Result<()> {
+    let stamp = ctx.cache.join("stamps").join(format!(
+        "rustavailable-{}-{}-{}-{}",
+        tools.kver, tools.rustc, ctx.pins.bindgen, tools.llvm
+    ));
+    if stamp.is_file() {
+        return Ok(());
+    }
+    let scratch = ctx.cache.join("scratch/rustavailable");
+    std::fs::create_dir_all(&scratch)?;
+    let out = sh::output(tools.make(&tools.pristine, &scratch).arg("rustavailable"))
+        .context("`make rustavailable` failed: the kernel does not accept this Rust toolchain")?;
+    if !out.contains("Rust is available") {
+        bail!("`make rustavailable` did not say Rust is available:\n{out}");
+    }
+    std::fs::create_dir_all(stamp.parent().unwrap_or(&ctx.cache))?;
+    std::fs::write(&stamp, out)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_version_falls_back_to_newest_of_series() {
+        let offered = vec![
+            "7.2.14-1~bpo13+1".to_string(),
+            "7.2.12-1~bpo13+1".to_string(),
+        ];
+        assert_eq!(
+            pick_kernel_version("7.2.12-1~bpo13+1", "7.2", &offered).unwrap(),
+            "7.2.12-1~bpo13+1"
+        );
+        assert_eq!(
+            pick_kernel_version("7.2.9-1~bpo13+1", "7.2", &offered).unwrap(),
+            "7.2.14-1~bpo13+1"
+        );
+        assert!(pick_kernel_version("7.2.9", "7.2", &["7.3.1-1".to_string()]).is_err());
+    }
+
+    #[test]
+    fn package_list_names_llvm_version() {
+        let p = packages("19");
+        assert!(p.contains(&"clang-19".to_string()));
+        assert!(p.contains(&"libclang-19-dev".to_string()));
+    }
+}
