@@ -96,7 +96,7 @@ fn configure(ctx: &Ctx, tools: &Tools, ov: &Overlay, tree: &Path, out: &Path) ->
     for f in FRAGMENTS
         .iter()
         .map(|f| ctx.repo.join(f))
-        .chain(ov.inputs())
+        .chain(ov.config_inputs())
     {
         h.update(f.to_string_lossy().as_bytes());
         h.update(std::fs::read(&f).with_context(|| format!("cannot read {}", f.display()))?);

@@ -84,9 +84,18 @@ impl Overlay {
         Ok(Overlay { files, patches })
     }
 
-    /// All repository inputs, for hashing into the configuration stamp.
-    pub fn inputs(&self) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = self.files.values().cloned().collect();
+    /// The inputs that can change the kernel configuration (Kconfig files
+    /// and patches), for hashing into the configuration stamp.
+    pub fn config_inputs(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self
+            .files
+            .iter()
+            .filter(|(dst, _)| {
+                dst.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("Kconfig"))
+            })
+            .map(|(_, src)| src.clone())
+            .collect();
         v.extend(self.patches.iter().cloned());
         v
     }

@@ -39,7 +39,9 @@ mod tests {
         assert_eq!(decode_ret(KVM_EPERM.wrapping_neg()), Err(Error::Permission));
         // A hostile or newer host: never mistaken for success.
         assert_eq!(decode_ret(1), Err(Error::Unexpected(1)));
-        assert_eq!(decode_ret(u64::MAX), Err(Error::Unexpected(u64::MAX)));
+        assert_eq!(decode_ret(1 << 63), Err(Error::Unexpected(1 << 63)));
+        // -1 is -KVM_EPERM, not garbage.
+        assert_eq!(decode_ret(u64::MAX), Err(Error::Permission));
         assert_eq!(encode_ret(Err(Error::Invalid)), KVM_EINVAL.wrapping_neg());
     }
 
