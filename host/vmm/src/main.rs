@@ -1,0 +1,3 @@
+//! `protmem-vmm`: command-line entry point.
+
+fn main() {}
