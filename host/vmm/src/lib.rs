@@ -12,5 +12,6 @@
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
+pub mod hypercalls;
 pub mod protection;
 pub mod ram;
