@@ -15,3 +15,4 @@
 pub mod hypercalls;
 pub mod protection;
 pub mod ram;
+pub mod serial;
