@@ -16,3 +16,4 @@ pub mod hypercalls;
 pub mod protection;
 pub mod ram;
 pub mod serial;
+pub mod virtio;

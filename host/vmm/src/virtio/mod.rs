@@ -1,0 +1,619 @@
+//! virtio-mmio transport (version 2, modern) and the devices behind it.
+//!
+//! Each device sits in a fixed 4 KiB slot at `0xd000_0000 + slot * 0x1000`
+//! and raises ISA IRQ `5 + slot`; the VMM announces the present ones on the
+//! kernel command line (`virtio_mmio.device=4K@0xd0000000:5`). Every device
+//! offers `VIRTIO_F_VERSION_1` and `VIRTIO_F_ACCESS_PLATFORM`. Queues are
+//! processed synchronously when the driver writes `QueueNotify`; before a
+//! queue is touched its three rings must be accessible to the device view,
+//! otherwise the notification is dropped and counted.
+
+pub mod blk;
+pub mod rng;
+
+use serde::Serialize;
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio::{
+    VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_CONFIG_GENERATION, VIRTIO_MMIO_DEVICE_FEATURES,
+    VIRTIO_MMIO_DEVICE_FEATURES_SEL, VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_DRIVER_FEATURES,
+    VIRTIO_MMIO_DRIVER_FEATURES_SEL, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INTERRUPT_STATUS,
+    VIRTIO_MMIO_INT_VRING, VIRTIO_MMIO_MAGIC_VALUE, VIRTIO_MMIO_QUEUE_AVAIL_HIGH,
+    VIRTIO_MMIO_QUEUE_AVAIL_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH, VIRTIO_MMIO_QUEUE_DESC_LOW,
+    VIRTIO_MMIO_QUEUE_NOTIFY, VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_NUM_MAX,
+    VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_QUEUE_SEL, VIRTIO_MMIO_QUEUE_USED_HIGH,
+    VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_STATUS, VIRTIO_MMIO_VENDOR_ID, VIRTIO_MMIO_VERSION,
+};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
+use vm_superio::Trigger;
+
+/// Guest-physical address of slot 0.
+pub const MMIO_BASE: u64 = 0xd000_0000;
+/// Size of one device's register window.
+pub const MMIO_SIZE: u64 = 0x1000;
+/// ISA IRQ of slot 0.
+pub const FIRST_IRQ: u32 = 5;
+/// "virt", the value of the MagicValue register.
+const MAGIC: u32 = 0x7472_6976;
+/// Version 2: the modern (virtio 1.x) register layout.
+const MMIO_VERSION: u32 = 2;
+/// Bytes of one split-ring descriptor.
+const DESC_SIZE: u64 = 16;
+
+/// Transport feature bits every device offers.
+pub const TRANSPORT_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM);
+
+/// Register window of slot `slot`.
+pub const fn slot_addr(slot: u64) -> u64 {
+    MMIO_BASE + slot * MMIO_SIZE
+}
+
+/// IRQ of slot `slot`.
+pub const fn slot_irq(slot: u32) -> u32 {
+    FIRST_IRQ + slot
+}
+
+/// Errors of the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    /// Raising the device's interrupt failed.
+    #[error("raising the interrupt of virtio device type {device} failed: {msg}")]
+    Irq {
+        /// virtio device type.
+        device: u32,
+        /// The trigger's error, printed.
+        msg: String,
+    },
+}
+
+/// A virtio device model behind the MMIO transport.
+pub trait VirtioDevice {
+    /// virtio device type (`VIRTIO_ID_*`).
+    fn device_type(&self) -> u32;
+    /// Device-specific feature bits (the transport adds its own).
+    fn device_features(&self) -> u64;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Device configuration space.
+    fn config(&self) -> Vec<u8>;
+    /// Handles one descriptor chain of queue `queue`, returns the used length.
+    ///
+    /// `descs` is the chain as virtio-queue walked it: a chain cut short by
+    /// a refused access arrives truncated.
+    fn handle_chain<M: GuestMemory>(&mut self, queue: usize, descs: &[Descriptor], mem: &M) -> u32;
+}
+
+/// Transport counters for the stats file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TransportStats {
+    /// QueueNotify writes.
+    pub notifies: u64,
+    /// Descriptor chains completed.
+    pub chains: u64,
+    /// Notifications dropped because a ring was not accessible.
+    pub ring_denials: u64,
+    /// Used-ring updates that failed (ring became inaccessible mid-way).
+    pub used_ring_failures: u64,
+}
+
+/// A virtio-mmio register window in front of device `D`, raising `T`.
+pub struct MmioTransport<D, T> {
+    device: D,
+    irq: T,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queues: Vec<Queue>,
+    interrupt_status: u32,
+    stats: TransportStats,
+}
+
+impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
+    /// Wraps `device`, raising `irq` on used buffers.
+    pub fn new(device: D, irq: T) -> Self {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| Queue::new(max).expect("queue sizes are powers of two"))
+            .collect();
+        MmioTransport {
+            device,
+            irq,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            queues,
+            interrupt_status: 0,
+            stats: TransportStats::default(),
+        }
+    }
+
+    /// The device model.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// Transport counters.
+    pub fn stats(&self) -> TransportStats {
+        self.stats
+    }
+
+    /// Device status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    fn features(&self) -> u64 {
+        self.device.device_features() | TRANSPORT_FEATURES
+    }
+
+    fn selected(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.interrupt_status = 0;
+        self.queues.iter_mut().for_each(QueueT::reset);
+    }
+
+    /// Guest read of `data.len()` bytes at `offset` in the window.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
+            let config = self.device.config();
+            let start = (offset - u64::from(VIRTIO_MMIO_CONFIG)) as usize;
+            if let Some(src) = config.get(start..start + data.len()) {
+                data.copy_from_slice(src);
+            }
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            return;
+        }
+        let v = match offset as u32 {
+            VIRTIO_MMIO_MAGIC_VALUE => MAGIC,
+            VIRTIO_MMIO_VERSION => MMIO_VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => 0,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.features() as u32,
+                1 => (self.features() >> 32) as u32,
+                _ => 0,
+            },
+            VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected().map_or(0, |q| u32::from(q.max_size())),
+            VIRTIO_MMIO_QUEUE_READY => self.selected().is_some_and(|q| q.ready()).into(),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status,
+            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_CONFIG_GENERATION => 0,
+            _ => 0,
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// Guest write of `data` at `offset`; a QueueNotify runs the queue
+    /// against `mem`, the device's only way to guest memory.
+    pub fn write<M: GuestMemory>(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        mem: &M,
+    ) -> Result<(), VirtioError> {
+        // Config space is read-only for the features offered here.
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) || data.len() != 4 || offset % 4 != 0 {
+            return Ok(());
+        }
+        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        let configurable = self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
+        match offset as u32 {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES if configurable => match self.driver_features_sel {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                }
+                _ => {}
+            },
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
+            VIRTIO_MMIO_QUEUE_NOTIFY => return self.notify(v as usize, mem),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !v,
+            VIRTIO_MMIO_STATUS => self.write_status(v),
+            reg => self.write_queue_reg(reg, v),
+        }
+        Ok(())
+    }
+
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let mut v = v;
+        let newly_features_ok =
+            v & VIRTIO_CONFIG_S_FEATURES_OK != 0 && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
+        if newly_features_ok {
+            let accepted = self.driver_features;
+            let ok = accepted & !self.features() == 0 && accepted & (1 << VIRTIO_F_VERSION_1) != 0;
+            if !ok || self.status & VIRTIO_CONFIG_S_DRIVER == 0 {
+                v &= !VIRTIO_CONFIG_S_FEATURES_OK;
+            }
+        }
+        self.status = v;
+    }
+
+    fn write_queue_reg(&mut self, reg: u32, v: u32) {
+        let Some(q) = self.selected() else { return };
+        if q.ready() && reg != VIRTIO_MMIO_QUEUE_READY {
+            return;
+        }
+        match reg {
+            VIRTIO_MMIO_QUEUE_NUM => q.set_size(v as u16),
+            VIRTIO_MMIO_QUEUE_READY => q.set_ready(v == 1),
+            VIRTIO_MMIO_QUEUE_DESC_LOW => q.set_desc_table_address(Some(v), None),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(v)),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => q.set_avail_ring_address(Some(v), None),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => q.set_avail_ring_address(None, Some(v)),
+            VIRTIO_MMIO_QUEUE_USED_LOW => q.set_used_ring_address(Some(v), None),
+            VIRTIO_MMIO_QUEUE_USED_HIGH => q.set_used_ring_address(None, Some(v)),
+            _ => {}
+        }
+    }
+
+    fn notify<M: GuestMemory>(&mut self, index: usize, mem: &M) -> Result<(), VirtioError> {
+        self.stats.notifies += 1;
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 {
+            return Ok(());
+        }
+        let Some(queue) = self.queues.get_mut(index) else {
+            return Ok(());
+        };
+        if !queue.ready() {
+            return Ok(());
+        }
+        if !rings_accessible(queue, mem) {
+            self.stats.ring_denials += 1;
+            return Ok(());
+        }
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let descs: Vec<Descriptor> = chain.collect();
+            let len = self.device.handle_chain(index, &descs, mem);
+            self.stats.chains += 1;
+            if queue.add_used(mem, head, len).is_err() {
+                self.stats.used_ring_failures += 1;
+                break;
+            }
+            used = true;
+        }
+        if used {
+            self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
+            self.irq.trigger().map_err(|e| VirtioError::Irq {
+                device: self.device.device_type(),
+                msg: format!("{e:?}"),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether the descriptor table, available ring and used ring of `q` are
+/// all accessible through `mem` (split-ring sizes, virtio 1.x 2.7).
+fn rings_accessible<M: GuestMemory>(q: &Queue, mem: &M) -> bool {
+    let n = u64::from(q.size());
+    let rings = [
+        (q.desc_table(), DESC_SIZE * n, Permissions::Read),
+        (q.avail_ring(), 6 + 2 * n, Permissions::Read),
+        (q.used_ring(), 6 + 8 * n, Permissions::Write),
+    ];
+    rings
+        .iter()
+        .all(|&(addr, len, perm)| mem.check_range(GuestAddress(addr), len as usize, perm))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! A minimal driver side: lays out split rings in guest memory and
+    //! programs a transport the way Linux's virtio_mmio does.
+
+    use super::*;
+    use crate::serial::tests::CountingIrq;
+    use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    /// Split-ring layout of one queue in guest memory.
+    pub(crate) struct Rings {
+        pub(crate) desc: u64,
+        pub(crate) avail: u64,
+        pub(crate) used: u64,
+        pub(crate) size: u16,
+        next_desc: u16,
+        avail_idx: u16,
+    }
+
+    impl Rings {
+        /// Rings of `size` entries in the 3 pages from `base`.
+        pub(crate) fn new(base: u64, size: u16) -> Self {
+            Rings {
+                desc: base,
+                avail: base + 0x1000,
+                used: base + 0x2000,
+                size,
+                next_desc: 0,
+                avail_idx: 0,
+            }
+        }
+
+        /// Adds a chain of `(gpa, len, device_writable)` buffers, makes it
+        /// available and returns its head.
+        pub(crate) fn add_chain<G: GuestMemoryBackend>(
+            &mut self,
+            guest: &G,
+            bufs: &[(u64, u32, bool)],
+        ) -> u16 {
+            let head = self.next_desc;
+            for (i, &(addr, len, write)) in bufs.iter().enumerate() {
+                let idx = self.next_desc;
+                self.next_desc = (self.next_desc + 1) % self.size;
+                let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+                if i + 1 < bufs.len() {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                let d = Descriptor::new(addr, len, flags, self.next_desc);
+                guest
+                    .write_obj(d, GuestAddress(self.desc + u64::from(idx) * DESC_SIZE))
+                    .unwrap();
+            }
+            let slot = u64::from(self.avail_idx % self.size);
+            guest
+                .write_obj(head, GuestAddress(self.avail + 4 + 2 * slot))
+                .unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            guest
+                .write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+                .unwrap();
+            head
+        }
+
+        /// Used-ring index.
+        pub(crate) fn used_idx<G: GuestMemoryBackend>(&self, guest: &G) -> u16 {
+            guest.read_obj(GuestAddress(self.used + 2)).unwrap()
+        }
+
+        /// Used element `i`: (descriptor head, length).
+        pub(crate) fn used_elem<G: GuestMemoryBackend>(&self, guest: &G, i: u16) -> (u32, u32) {
+            let at = self.used + 4 + 8 * u64::from(i % self.size);
+            (
+                guest.read_obj(GuestAddress(at)).unwrap(),
+                guest.read_obj(GuestAddress(at + 4)).unwrap(),
+            )
+        }
+    }
+
+    fn w<D: VirtioDevice, T: Trigger, M: GuestMemory>(
+        t: &mut MmioTransport<D, T>,
+        mem: &M,
+        reg: u32,
+        v: u32,
+    ) {
+        t.write(u64::from(reg), &v.to_le_bytes(), mem).unwrap();
+    }
+
+    pub(crate) fn r<D: VirtioDevice, T: Trigger>(t: &mut MmioTransport<D, T>, reg: u32) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(u64::from(reg), &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// Negotiates all offered features and sets queue 0 up on `rings`.
+    pub(crate) fn activate<D: VirtioDevice, T: Trigger, M: GuestMemory>(
+        t: &mut MmioTransport<D, T>,
+        mem: &M,
+        rings: &Rings,
+    ) {
+        w(t, mem, VIRTIO_MMIO_STATUS, 0);
+        w(t, mem, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        let s = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
+        w(t, mem, VIRTIO_MMIO_STATUS, s);
+        for sel in 0..2 {
+            w(t, mem, VIRTIO_MMIO_DEVICE_FEATURES_SEL, sel);
+            let f = r(t, VIRTIO_MMIO_DEVICE_FEATURES);
+            w(t, mem, VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel);
+            w(t, mem, VIRTIO_MMIO_DRIVER_FEATURES, f);
+        }
+        w(t, mem, VIRTIO_MMIO_STATUS, s | VIRTIO_CONFIG_S_FEATURES_OK);
+        assert_ne!(r(t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+        w(t, mem, VIRTIO_MMIO_QUEUE_SEL, 0);
+        assert_eq!(r(t, VIRTIO_MMIO_QUEUE_READY), 0);
+        assert!(r(t, VIRTIO_MMIO_QUEUE_NUM_MAX) >= u32::from(rings.size));
+        w(t, mem, VIRTIO_MMIO_QUEUE_NUM, u32::from(rings.size));
+        for (lo, hi, a) in [
+            (
+                VIRTIO_MMIO_QUEUE_DESC_LOW,
+                VIRTIO_MMIO_QUEUE_DESC_HIGH,
+                rings.desc,
+            ),
+            (
+                VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+                VIRTIO_MMIO_QUEUE_AVAIL_HIGH,
+                rings.avail,
+            ),
+            (
+                VIRTIO_MMIO_QUEUE_USED_LOW,
+                VIRTIO_MMIO_QUEUE_USED_HIGH,
+                rings.used,
+            ),
+        ] {
+            w(t, mem, lo, a as u32);
+            w(t, mem, hi, (a >> 32) as u32);
+        }
+        w(t, mem, VIRTIO_MMIO_QUEUE_READY, 1);
+        let s = s | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK;
+        w(t, mem, VIRTIO_MMIO_STATUS, s);
+    }
+
+    /// Writes QueueNotify for queue 0.
+    pub(crate) fn kick<D: VirtioDevice, T: Trigger, M: GuestMemory>(
+        t: &mut MmioTransport<D, T>,
+        mem: &M,
+    ) {
+        w(t, mem, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    }
+
+    /// A device that fills every writable buffer with its queue index.
+    struct Echo;
+
+    impl VirtioDevice for Echo {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn device_features(&self) -> u64 {
+            1 << 3
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn config(&self) -> Vec<u8> {
+            vec![1, 2, 3, 4, 5, 6, 7, 8]
+        }
+        fn handle_chain<M: GuestMemory>(&mut self, q: usize, descs: &[Descriptor], mem: &M) -> u32 {
+            let mut n = 0;
+            for d in descs.iter().filter(|d| d.is_write_only()) {
+                let buf = vec![q as u8 + 0xe0; d.len() as usize];
+                if mem.write_slice(&buf, d.addr()).is_ok() {
+                    n += d.len();
+                }
+            }
+            n
+        }
+    }
+
+    fn mem() -> vm_memory::GuestMemoryMmap {
+        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    #[test]
+    fn identification_registers() {
+        let mut t = MmioTransport::new(Echo, CountingIrq::default());
+        assert_eq!(r(&mut t, VIRTIO_MMIO_MAGIC_VALUE), MAGIC);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_ID), 42);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_FEATURES), 1 << 3);
+        let m = mem();
+        w(&mut t, &m, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(
+            r(&mut t, VIRTIO_MMIO_DEVICE_FEATURES),
+            0b11,
+            "VERSION_1, ACCESS_PLATFORM"
+        );
+        let mut cfg = [0u8; 4];
+        t.read(0x104, &mut cfg);
+        assert_eq!(cfg, [5, 6, 7, 8]);
+        t.read(0x106, &mut cfg);
+        assert_eq!(cfg, [0; 4], "past the end of config space");
+        let mut odd = [0xffu8; 2];
+        t.read(0x0, &mut odd);
+        assert_eq!(odd, [0, 0], "registers are 32-bit only");
+    }
+
+    #[test]
+    fn features_ok_needs_version_1_and_offered_bits() {
+        let m = mem();
+        let mut t = MmioTransport::new(Echo, CountingIrq::default());
+        let s = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
+        w(&mut t, &m, VIRTIO_MMIO_STATUS, s);
+        w(&mut t, &m, VIRTIO_MMIO_DRIVER_FEATURES, 1 << 3);
+        w(
+            &mut t,
+            &m,
+            VIRTIO_MMIO_STATUS,
+            s | VIRTIO_CONFIG_S_FEATURES_OK,
+        );
+        assert_eq!(
+            t.status() & VIRTIO_CONFIG_S_FEATURES_OK,
+            0,
+            "legacy driver refused"
+        );
+        w(&mut t, &m, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w(&mut t, &m, VIRTIO_MMIO_DRIVER_FEATURES, 0b111);
+        w(
+            &mut t,
+            &m,
+            VIRTIO_MMIO_STATUS,
+            s | VIRTIO_CONFIG_S_FEATURES_OK,
+        );
+        assert_eq!(
+            t.status() & VIRTIO_CONFIG_S_FEATURES_OK,
+            0,
+            "bit 34 not offered"
+        );
+        w(&mut t, &m, VIRTIO_MMIO_DRIVER_FEATURES, 0b01);
+        w(
+            &mut t,
+            &m,
+            VIRTIO_MMIO_STATUS,
+            s | VIRTIO_CONFIG_S_FEATURES_OK,
+        );
+        assert_ne!(t.status() & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+        w(&mut t, &m, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(t.status(), 0, "reset");
+    }
+
+    #[test]
+    fn notify_processes_chains_and_interrupts() {
+        let m = mem();
+        let irq = CountingIrq::default();
+        let mut t = MmioTransport::new(Echo, irq.clone());
+        let mut rings = Rings::new(0x1000, 16);
+        activate(&mut t, &m, &rings);
+        let h0 = rings.add_chain(&m, &[(0x8000, 4, false), (0x9000, 16, true)]);
+        let h1 = rings.add_chain(&m, &[(0xa000, 8, true)]);
+        kick(&mut t, &m);
+        assert_eq!(rings.used_idx(&m), 2);
+        assert_eq!(rings.used_elem(&m, 0), (u32::from(h0), 16));
+        assert_eq!(rings.used_elem(&m, 1), (u32::from(h1), 8));
+        assert_eq!(
+            m.read_obj::<u64>(GuestAddress(0xa000)).unwrap(),
+            0xe0e0_e0e0_e0e0_e0e0
+        );
+        assert_eq!(irq.count(), 1);
+        assert_eq!(
+            r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS),
+            VIRTIO_MMIO_INT_VRING
+        );
+        w(&mut t, &m, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        kick(&mut t, &m);
+        assert_eq!(irq.count(), 1, "nothing new, no interrupt");
+        assert_eq!(t.stats().chains, 2);
+        assert_eq!(t.stats().notifies, 2);
+    }
+
+    #[test]
+    fn queue_address_is_frozen_while_ready() {
+        let m = mem();
+        let mut t = MmioTransport::new(Echo, CountingIrq::default());
+        let rings = Rings::new(0x1000, 16);
+        activate(&mut t, &m, &rings);
+        w(&mut t, &m, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x5000);
+        assert_eq!(t.queues[0].desc_table(), 0x1000);
+        w(&mut t, &m, VIRTIO_MMIO_QUEUE_SEL, 7);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), 0, "no queue 7");
+        w(&mut t, &m, VIRTIO_MMIO_QUEUE_NOTIFY, 7);
+    }
+}
