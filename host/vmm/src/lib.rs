@@ -12,7 +12,9 @@
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
+pub mod boot;
 pub mod hypercalls;
+pub mod probe;
 pub mod protection;
 pub mod ram;
 pub mod serial;
