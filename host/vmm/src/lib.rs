@@ -13,7 +13,9 @@
 #![warn(rust_2018_idioms)]
 
 pub mod boot;
+pub mod cpuid;
 pub mod hypercalls;
+pub mod mptable;
 pub mod probe;
 pub mod protection;
 pub mod ram;
