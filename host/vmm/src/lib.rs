@@ -14,6 +14,7 @@
 
 pub mod boot;
 pub mod cpuid;
+pub mod exit;
 pub mod hypercalls;
 pub mod mptable;
 pub mod probe;

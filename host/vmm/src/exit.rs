@@ -1,0 +1,525 @@
+//! Exit dispatch: the VM's devices and a pure function from one vCPU exit to
+//! what happens next.
+//!
+//! [`Exit`] mirrors the kvm-ioctls `VcpuExit` variants this VMM handles, so
+//! unit tests feed [`Machine::handle_exit`] made-up exits; the KVM run loop
+//! in [`crate::vmm`] only converts and forwards (Firecracker's
+//! `handle_kvm_exit` pattern).
+//!
+//! Port I/O: COM1 at 0x3f8; a minimal i8042 at 0x60/0x64 whose command
+//! 0xFE (pulse reset) ends the VM; CMOS at 0x70/0x71 reads 0 (so Linux does
+//! not spin on the RTC update flag); any other port reads all-ones.
+//! MMIO: virtio-blk in slot 0, virtio-rng in slot 1, the probe device;
+//! anything else reads 0.
+
+use std::io::{Read, Write};
+
+use serde::Serialize;
+use vm_superio::Trigger;
+
+use crate::hypercalls::HypercallHandler;
+use crate::probe::{Probe, PROBE_BASE, PROBE_SIZE};
+use crate::protection::Protection;
+use crate::serial::{PanicState, SerialPort, COM1_BASE, COM1_LEN};
+use crate::virtio::blk::Block;
+use crate::virtio::rng::Rng;
+use crate::virtio::{slot_addr, MmioTransport, MMIO_SIZE};
+
+/// i8042 data port.
+const I8042_DATA: u16 = 0x60;
+/// i8042 command/status port.
+const I8042_CMD: u16 = 0x64;
+/// i8042 command: pulse the CPU reset line.
+const I8042_RESET: u8 = 0xfe;
+/// CMOS index and data ports.
+const CMOS_INDEX: u16 = 0x70;
+const CMOS_DATA: u16 = 0x71;
+/// `KVM_SYSTEM_EVENT_SHUTDOWN` / `KVM_SYSTEM_EVENT_RESET`.
+const SYSTEM_EVENT_SHUTDOWN: u32 = kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN;
+const SYSTEM_EVENT_RESET: u32 = kvm_bindings::KVM_SYSTEM_EVENT_RESET;
+/// virtio-mmio slot of the block device.
+pub const BLK_SLOT: u32 = 0;
+/// virtio-mmio slot of the entropy device.
+pub const RNG_SLOT: u32 = 1;
+
+/// One vCPU exit, as the dispatcher sees it.
+#[derive(Debug)]
+pub enum Exit<'a> {
+    /// `in` from `port`; fill `data`.
+    IoIn {
+        /// Port.
+        port: u16,
+        /// Bytes to return.
+        data: &'a mut [u8],
+    },
+    /// `out` to `port`.
+    IoOut {
+        /// Port.
+        port: u16,
+        /// Bytes written.
+        data: &'a [u8],
+    },
+    /// MMIO read at `addr`; fill `data`.
+    MmioRead {
+        /// Guest-physical address.
+        addr: u64,
+        /// Bytes to return.
+        data: &'a mut [u8],
+    },
+    /// MMIO write at `addr`.
+    MmioWrite {
+        /// Guest-physical address.
+        addr: u64,
+        /// Bytes written.
+        data: &'a [u8],
+    },
+    /// `KVM_EXIT_HYPERCALL`: `ret` is what KVM puts in the guest's RAX.
+    Hypercall {
+        /// Hypercall number.
+        nr: u64,
+        /// Arguments a0..a5.
+        args: [u64; 6],
+        /// Return value slot (`kvm_run.hypercall.ret`).
+        ret: &'a mut u64,
+    },
+    /// HLT with no in-kernel irqchip to wait in.
+    Hlt,
+    /// `KVM_EXIT_SHUTDOWN`: triple fault.
+    Shutdown,
+    /// `KVM_EXIT_SYSTEM_EVENT` of type `kind`.
+    SystemEvent {
+        /// `KVM_SYSTEM_EVENT_*`.
+        kind: u32,
+    },
+    /// `KVM_EXIT_FAIL_ENTRY`.
+    FailEntry {
+        /// Hardware entry failure reason.
+        reason: u64,
+    },
+    /// `KVM_EXIT_INTERNAL_ERROR`.
+    InternalError,
+    /// Anything else, described.
+    Other(String),
+}
+
+/// Why the VM stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// Reset request (i8042 0xFE or a reset system event): a clean reboot.
+    Reset,
+    /// Triple fault or shutdown system event.
+    Shutdown,
+    /// HLT exit without an irqchip.
+    Halt,
+    /// The guest kernel panicked.
+    Panic,
+    /// `--timeout` expired.
+    Timeout,
+    /// The VMM failed.
+    Error(String),
+}
+
+impl StopReason {
+    /// Process exit code: 0 for a guest-requested reset or shutdown.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StopReason::Reset | StopReason::Shutdown | StopReason::Halt => 0,
+            StopReason::Error(_) => 1,
+            StopReason::Panic => 2,
+            StopReason::Timeout => 3,
+        }
+    }
+
+    /// Short name for the stats file and summary.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StopReason::Reset => "reset",
+            StopReason::Shutdown => "shutdown",
+            StopReason::Halt => "halt",
+            StopReason::Panic => "panic",
+            StopReason::Timeout => "timeout",
+            StopReason::Error(_) => "error",
+        }
+    }
+}
+
+/// What the vCPU does after an exit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Re-enter the guest.
+    Continue,
+    /// Stop the VM.
+    Stop(StopReason),
+}
+
+/// Exit counters for the stats file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ExitCounts {
+    /// Port reads.
+    pub io_in: u64,
+    /// Port writes.
+    pub io_out: u64,
+    /// MMIO reads.
+    pub mmio_read: u64,
+    /// MMIO writes.
+    pub mmio_write: u64,
+    /// Hypercalls.
+    pub hypercall: u64,
+    /// MMIO accesses that hit no device.
+    pub mmio_unhandled: u64,
+}
+
+/// Entropy source type of the rng device.
+pub type EntropySource = Box<dyn Read + Send>;
+
+/// All device state of the VM, raising interrupts through `T` and writing
+/// the console to `W`.
+pub struct Machine<T: Trigger, W: Write> {
+    /// COM1.
+    pub serial: SerialPort<T, W>,
+    /// virtio-blk in slot 0.
+    pub blk: Option<MmioTransport<Block, T>>,
+    /// virtio-rng in slot 1.
+    pub rng: Option<MmioTransport<Rng<EntropySource>, T>>,
+    /// The probe device.
+    pub probe: Probe,
+    /// The checked device view of RAM.
+    pub prot: Protection,
+    /// Protected-memory hypercalls.
+    pub hypercalls: HypercallHandler,
+    /// Exit counters.
+    pub exits: ExitCounts,
+}
+
+fn in_window(addr: u64, base: u64, size: u64) -> Option<u64> {
+    addr.checked_sub(base).filter(|off| *off < size)
+}
+
+impl<T: Trigger, W: Write> Machine<T, W> {
+    /// Handles one exit.
+    pub fn handle_exit(&mut self, exit: Exit<'_>) -> Action {
+        match exit {
+            Exit::IoIn { port, data } => {
+                self.exits.io_in += 1;
+                self.io_in(port, data);
+                Action::Continue
+            }
+            Exit::IoOut { port, data } => {
+                self.exits.io_out += 1;
+                self.io_out(port, data)
+            }
+            Exit::MmioRead { addr, data } => {
+                self.exits.mmio_read += 1;
+                self.mmio_read(addr, data);
+                Action::Continue
+            }
+            Exit::MmioWrite { addr, data } => {
+                self.exits.mmio_write += 1;
+                self.mmio_write(addr, data)
+            }
+            Exit::Hypercall { nr, args, ret } => {
+                self.exits.hypercall += 1;
+                match self
+                    .hypercalls
+                    .handle(&mut self.prot, nr, [args[0], args[1], args[2]])
+                {
+                    Ok(value) => {
+                        *ret = value;
+                        Action::Continue
+                    }
+                    Err(e) => Action::Stop(StopReason::Error(e.to_string())),
+                }
+            }
+            Exit::Hlt => self.guest_stop(StopReason::Halt),
+            Exit::Shutdown => self.guest_stop(StopReason::Shutdown),
+            Exit::SystemEvent { kind } => match kind {
+                SYSTEM_EVENT_SHUTDOWN => self.guest_stop(StopReason::Shutdown),
+                SYSTEM_EVENT_RESET => self.guest_stop(StopReason::Reset),
+                other => Action::Stop(StopReason::Error(format!("KVM system event {other}"))),
+            },
+            Exit::FailEntry { reason } => Action::Stop(StopReason::Error(format!(
+                "KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}"
+            ))),
+            Exit::InternalError => {
+                Action::Stop(StopReason::Error("KVM_EXIT_INTERNAL_ERROR".to_string()))
+            }
+            Exit::Other(what) => Action::Stop(StopReason::Error(format!("unhandled exit {what}"))),
+        }
+    }
+
+    /// A guest-initiated stop, turned into `Panic` if the console saw one.
+    fn guest_stop(&self, reason: StopReason) -> Action {
+        if self.serial.console().panic_state() != PanicState::None {
+            Action::Stop(StopReason::Panic)
+        } else {
+            Action::Stop(reason)
+        }
+    }
+
+    fn io_in(&mut self, port: u16, data: &mut [u8]) {
+        if let Some(off) = port.checked_sub(COM1_BASE).filter(|o| *o < COM1_LEN) {
+            data.fill(0);
+            if let Some(first) = data.first_mut() {
+                *first = self.serial.read(off as u8);
+            }
+            return;
+        }
+        let fill = match port {
+            I8042_DATA | I8042_CMD | CMOS_INDEX | CMOS_DATA => 0,
+            _ => 0xff,
+        };
+        data.fill(fill);
+    }
+
+    fn io_out(&mut self, port: u16, data: &[u8]) -> Action {
+        let Some(&value) = data.first() else {
+            return Action::Continue;
+        };
+        if let Some(off) = port.checked_sub(COM1_BASE).filter(|o| *o < COM1_LEN) {
+            if let Err(e) = self.serial.write(off as u8, value) {
+                return Action::Stop(StopReason::Error(e.to_string()));
+            }
+            if self.serial.console().panic_state() == PanicState::Ended {
+                return Action::Stop(StopReason::Panic);
+            }
+            return Action::Continue;
+        }
+        if port == I8042_CMD && value == I8042_RESET {
+            return self.guest_stop(StopReason::Reset);
+        }
+        Action::Continue
+    }
+
+    fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        if let (Some(off), Some(blk)) = (
+            in_window(addr, slot_addr(BLK_SLOT.into()), MMIO_SIZE),
+            self.blk.as_mut(),
+        ) {
+            return blk.read(off, data);
+        }
+        if let (Some(off), Some(rng)) = (
+            in_window(addr, slot_addr(RNG_SLOT.into()), MMIO_SIZE),
+            self.rng.as_mut(),
+        ) {
+            return rng.read(off, data);
+        }
+        if let Some(off) = in_window(addr, PROBE_BASE, PROBE_SIZE) {
+            return self.probe.read(off, data, &self.prot);
+        }
+        self.exits.mmio_unhandled += 1;
+        data.fill(0);
+    }
+
+    fn mmio_write(&mut self, addr: u64, data: &[u8]) -> Action {
+        let res = if let (Some(off), Some(blk)) = (
+            in_window(addr, slot_addr(BLK_SLOT.into()), MMIO_SIZE),
+            self.blk.as_mut(),
+        ) {
+            blk.write(off, data, &self.prot)
+        } else if let (Some(off), Some(rng)) = (
+            in_window(addr, slot_addr(RNG_SLOT.into()), MMIO_SIZE),
+            self.rng.as_mut(),
+        ) {
+            rng.write(off, data, &self.prot)
+        } else if let Some(off) = in_window(addr, PROBE_BASE, PROBE_SIZE) {
+            self.probe.write(off, data);
+            Ok(())
+        } else {
+            self.exits.mmio_unhandled += 1;
+            Ok(())
+        };
+        match res {
+            Ok(()) => Action::Continue,
+            Err(e) => Action::Stop(StopReason::Error(e.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypercalls::{FailKnobs, KVM_HC_MAP_GPA_RANGE};
+    use crate::probe::{REG_ALLOWED, REG_MAGIC};
+    use crate::serial::tests::CountingIrq;
+    use crate::virtio::tests::r;
+    use hypercall::{KVM_ENOSYS, KVM_EPERM, KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE};
+    use std::io::Cursor;
+    use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_MAGIC_VALUE};
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    fn machine(with_devices: bool) -> Machine<CountingIrq, Vec<u8>> {
+        let view = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let source: EntropySource = Box::new(Cursor::new(vec![7u8; 64]));
+        Machine {
+            serial: SerialPort::new(CountingIrq::default(), Vec::new()),
+            blk: with_devices
+                .then(|| MmioTransport::new(Block::from_file(file, 0), CountingIrq::default())),
+            rng: with_devices.then(|| MmioTransport::new(Rng::new(source), CountingIrq::default())),
+            probe: Probe::default(),
+            prot: Protection::new(view),
+            hypercalls: HypercallHandler::new(FailKnobs::default()),
+            exits: ExitCounts::default(),
+        }
+    }
+
+    fn out(m: &mut Machine<CountingIrq, Vec<u8>>, port: u16, s: &[u8]) -> Action {
+        let mut last = Action::Continue;
+        for b in s {
+            last = m.handle_exit(Exit::IoOut {
+                port,
+                data: std::slice::from_ref(b),
+            });
+        }
+        last
+    }
+
+    fn hypercall(m: &mut Machine<CountingIrq, Vec<u8>>, nr: u64, a: [u64; 3]) -> u64 {
+        let mut ret = 0xdead;
+        let args = [a[0], a[1], a[2], 0, 0, 0];
+        assert_eq!(
+            m.handle_exit(Exit::Hypercall {
+                nr,
+                args,
+                ret: &mut ret
+            }),
+            Action::Continue
+        );
+        ret
+    }
+
+    #[test]
+    fn console_output_and_reset() {
+        let mut m = machine(false);
+        assert_eq!(out(&mut m, 0x3f8, b"hello\n"), Action::Continue);
+        assert_eq!(m.serial.console().output().as_slice(), b"hello\n");
+        assert_eq!(m.exits.io_out, 6);
+        let mut status = [0xaau8];
+        m.handle_exit(Exit::IoIn {
+            port: 0x64,
+            data: &mut status,
+        });
+        assert_eq!(status, [0], "i8042 never busy");
+        let mut unknown = [0u8; 4];
+        m.handle_exit(Exit::IoIn {
+            port: 0xcfc,
+            data: &mut unknown,
+        });
+        assert_eq!(unknown, [0xff; 4]);
+        assert_eq!(out(&mut m, 0x64, &[0xfe]), Action::Stop(StopReason::Reset));
+        assert_eq!(
+            m.handle_exit(Exit::Shutdown),
+            Action::Stop(StopReason::Shutdown)
+        );
+        assert_eq!(
+            m.handle_exit(Exit::SystemEvent {
+                kind: SYSTEM_EVENT_RESET
+            }),
+            Action::Stop(StopReason::Reset)
+        );
+        assert_eq!(StopReason::Reset.exit_code(), 0);
+    }
+
+    #[test]
+    fn panic_wins_over_reset_and_ends_the_vm() {
+        let mut m = machine(false);
+        out(
+            &mut m,
+            0x3f8,
+            b"Kernel panic - not syncing: Attempted to kill init!\n",
+        );
+        assert_eq!(out(&mut m, 0x64, &[0xfe]), Action::Stop(StopReason::Panic));
+        assert_eq!(
+            m.handle_exit(Exit::Shutdown),
+            Action::Stop(StopReason::Panic)
+        );
+        let a = out(
+            &mut m,
+            0x3f8,
+            b"---[ end Kernel panic - not syncing: Attempted ]---\n",
+        );
+        assert_eq!(a, Action::Stop(StopReason::Panic));
+        assert_ne!(StopReason::Panic.exit_code(), 0);
+    }
+
+    #[test]
+    fn hypercalls_write_rax() {
+        let mut m = machine(false);
+        assert_eq!(
+            hypercall(&mut m, KVM_HC_MEM_SHARE, [0, 1, 0]),
+            KVM_EPERM.wrapping_neg()
+        );
+        assert_eq!(hypercall(&mut m, KVM_HC_ENABLE_MEM_PROTECTED, [0; 3]), 0);
+        assert_eq!(hypercall(&mut m, KVM_HC_MEM_SHARE, [0x1000, 1, 0]), 0);
+        assert_eq!(
+            hypercall(&mut m, KVM_HC_MAP_GPA_RANGE, [0, 1, 0]),
+            KVM_ENOSYS.wrapping_neg()
+        );
+        assert_eq!(m.prot.shared_pages(), 1);
+        assert_eq!(m.exits.hypercall, 4);
+    }
+
+    #[test]
+    fn mmio_routes_to_devices_and_probe() {
+        let mut m = machine(true);
+        let mut magic = [0u8; 4];
+        m.handle_exit(Exit::MmioRead {
+            addr: 0xd000_0000 + u64::from(VIRTIO_MMIO_MAGIC_VALUE),
+            data: &mut magic,
+        });
+        assert_eq!(&magic, b"virt");
+        assert_eq!(r(m.blk.as_mut().unwrap(), VIRTIO_MMIO_DEVICE_ID), 2);
+        let mut id = [0u8; 4];
+        m.handle_exit(Exit::MmioRead {
+            addr: 0xd000_1000 + u64::from(VIRTIO_MMIO_DEVICE_ID),
+            data: &mut id,
+        });
+        assert_eq!(u32::from_le_bytes(id), 4, "rng in slot 1");
+        m.handle_exit(Exit::MmioWrite {
+            addr: PROBE_BASE,
+            data: &0x2000u64.to_le_bytes(),
+        });
+        let mut v = [0u8; 8];
+        m.handle_exit(Exit::MmioRead {
+            addr: PROBE_BASE + REG_ALLOWED,
+            data: &mut v,
+        });
+        assert_eq!(u64::from_le_bytes(v), 1);
+        m.handle_exit(Exit::MmioRead {
+            addr: PROBE_BASE + REG_MAGIC,
+            data: &mut v,
+        });
+        assert_eq!(u64::from_le_bytes(v) as u32, crate::probe::MAGIC);
+        let mut none = [0xffu8; 4];
+        m.handle_exit(Exit::MmioRead {
+            addr: 0xd000_5000,
+            data: &mut none,
+        });
+        assert_eq!(none, [0; 4]);
+        assert_eq!(m.exits.mmio_unhandled, 1);
+        let mut off = machine(false);
+        off.handle_exit(Exit::MmioRead {
+            addr: 0xd000_0000,
+            data: &mut magic,
+        });
+        assert_eq!(magic, [0; 4], "absent device");
+    }
+
+    #[test]
+    fn errors_stop_with_a_message() {
+        let mut m = machine(false);
+        let a = m.handle_exit(Exit::FailEntry { reason: 0x80000021 });
+        assert_eq!(
+            a,
+            Action::Stop(StopReason::Error(
+                "KVM_EXIT_FAIL_ENTRY, hardware reason 0x80000021".into()
+            ))
+        );
+        assert!(matches!(
+            m.handle_exit(Exit::Other("Debug".into())),
+            Action::Stop(StopReason::Error(_))
+        ));
+        assert_eq!(StopReason::Error(String::new()).exit_code(), 1);
+        assert_eq!(StopReason::Timeout.name(), "timeout");
+    }
+}
