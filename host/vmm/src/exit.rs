@@ -336,7 +336,7 @@ impl<T: Trigger, W: Write> Machine<T, W> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::hypercalls::{FailKnobs, KVM_HC_MAP_GPA_RANGE};
     use crate::probe::{REG_ALLOWED, REG_MAGIC};
@@ -347,7 +347,7 @@ mod tests {
     use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_MAGIC_VALUE};
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-    fn machine(with_devices: bool) -> Machine<CountingIrq, Vec<u8>> {
+    pub(crate) fn machine(with_devices: bool) -> Machine<CountingIrq, Vec<u8>> {
         let view = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let file = std::fs::File::open("/dev/null").unwrap();
         let source: EntropySource = Box::new(Cursor::new(vec![7u8; 64]));

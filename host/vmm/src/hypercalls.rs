@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
-use hypercall::{Error as AbiError, Hypercall};
+use hypercall::{
+    Error as AbiError, Hypercall, KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE, KVM_HC_MEM_UNSHARE,
+};
 
 use crate::protection::{Protection, ProtectionError};
 
@@ -19,12 +21,40 @@ use crate::protection::{Protection, ProtectionError};
 /// enabled when offered and answers it with `-KVM_ENOSYS`.
 pub const KVM_HC_MAP_GPA_RANGE: u64 = 12;
 
+/// `KVM_CAP_EXIT_HYPERCALL` bits `--protect` needs: hypercalls 13, 14, 15.
+pub const REQUIRED_EXIT_MASK: u64 =
+    (1 << KVM_HC_ENABLE_MEM_PROTECTED) | (1 << KVM_HC_MEM_SHARE) | (1 << KVM_HC_MEM_UNSHARE);
+
+/// The `KVM_CAP_EXIT_HYPERCALL` mask to enable, given the mask that
+/// `KVM_CHECK_EXTENSION(KVM_CAP_EXIT_HYPERCALL)` returned: ours, plus
+/// `KVM_HC_MAP_GPA_RANGE` if offered.
+pub fn exit_hypercall_mask(offered: u64) -> Result<u64, HypercallError> {
+    if offered & REQUIRED_EXIT_MASK != REQUIRED_EXIT_MASK {
+        return Err(HypercallError::HostLacksPatch {
+            found: offered,
+            need: REQUIRED_EXIT_MASK,
+        });
+    }
+    Ok(REQUIRED_EXIT_MASK | (offered & (1 << KVM_HC_MAP_GPA_RANGE)))
+}
+
 /// Errors of the hypercall module.
 #[derive(Debug, thiserror::Error)]
 pub enum HypercallError {
     /// ENABLE could not make the device view private: the VMM must stop.
     #[error("KVM_HC_ENABLE_MEM_PROTECTED could not revoke device access: {0}")]
     Enable(#[from] ProtectionError),
+    /// KVM does not forward the protected-memory hypercalls.
+    #[error(
+        "KVM_CAP_EXIT_HYPERCALL offers hypercall mask {found:#x}, --protect needs {need:#x} \
+         (hypercalls 13, 14, 15): the host kernel lacks the KVM protected-memory patch"
+    )]
+    HostLacksPatch {
+        /// Mask KVM reported.
+        found: u64,
+        /// Mask needed.
+        need: u64,
+    },
     /// A `--fail-share`/`--fail-unshare` value did not parse.
     #[error("bad failure policy {0:?}: expected `always` or `every:N` with N >= 1")]
     BadPolicy(String),
@@ -177,10 +207,7 @@ impl HypercallHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hypercall::{
-        KVM_EFAULT, KVM_EINVAL, KVM_ENOSYS, KVM_EPERM, KVM_HC_ENABLE_MEM_PROTECTED,
-        KVM_HC_MEM_SHARE, KVM_HC_MEM_UNSHARE, PAGE_SIZE,
-    };
+    use hypercall::{KVM_EFAULT, KVM_EINVAL, KVM_ENOSYS, KVM_EPERM, PAGE_SIZE};
     use proptest::prelude::*;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -195,6 +222,26 @@ mod tests {
 
     fn neg(e: u64) -> u64 {
         e.wrapping_neg()
+    }
+
+    #[test]
+    fn exit_mask_needs_the_patch() {
+        assert_eq!(REQUIRED_EXIT_MASK, 0xe000);
+        let err = exit_hypercall_mask(0x1000).unwrap_err().to_string();
+        assert!(err.contains("KVM_CAP_EXIT_HYPERCALL"), "{err}");
+        assert!(err.contains("0x1000") && err.contains("0xe000"), "{err}");
+        assert!(
+            err.contains("lacks the KVM protected-memory patch"),
+            "{err}"
+        );
+        assert!(exit_hypercall_mask(0x6000).is_err(), "13 missing");
+        assert_eq!(exit_hypercall_mask(0xf000).unwrap(), 0xf000, "keeps 12");
+        assert_eq!(exit_hypercall_mask(0xe000).unwrap(), 0xe000);
+        assert_eq!(
+            exit_hypercall_mask(0x1_e000).unwrap(),
+            0xe000,
+            "nothing unknown"
+        );
     }
 
     #[test]

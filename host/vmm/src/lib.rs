@@ -21,4 +21,5 @@ pub mod probe;
 pub mod protection;
 pub mod ram;
 pub mod serial;
+pub mod stats;
 pub mod virtio;
