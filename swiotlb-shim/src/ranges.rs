@@ -250,6 +250,20 @@ pub struct Stats {
     pub untracked: u64,
 }
 
+impl Stats {
+    /// All counters zero.
+    pub const fn new() -> Self {
+        Stats {
+            shares: 0,
+            unshares: 0,
+            pages_shared: 0,
+            failures: 0,
+            pages_leaked: 0,
+            untracked: 0,
+        }
+    }
+}
+
 /// Direction of a conversion.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {

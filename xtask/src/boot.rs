@@ -12,7 +12,15 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// KUnit suites every boot of our kernel must report.
-pub const EXPECTED_SUITES: &[&str] = &["kvm_protmem_abi", "rust_doctests_kernel"];
+pub const EXPECTED_SUITES: &[&str] = &[
+    "kvm_protmem_abi",
+    "kvm_protmem_ranges",
+    "kvm_protmem_live",
+    "rust_doctests_kernel",
+];
+
+/// Start of the dmesg line of a guest whose host does not offer the feature.
+pub const NOT_OFFERED: &str = "kvm_protmem: not offered by the host";
 
 /// Line `/init` prints when it reached its end.
 pub const INIT_DONE: &str = "kpm-init: done";

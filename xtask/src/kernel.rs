@@ -216,15 +216,11 @@ fn make_with_progress(ctx: &Ctx, tools: &Tools, tree: &Path, out: &Path) -> Resu
     let _ = (t1.join(), t2.join());
     let status = child.wait()?;
     if !status.success() {
-        let errors: Vec<&str> = text
-            .lines()
-            .filter(|l| l.contains("error") || l.contains("Error"))
-            .take(40)
-            .collect();
+        let errors = error_blocks(&text, 120);
         bail!(
             "kernel build failed ({status}) after {}s; errors:\n{}\n--- log tail ---\n{}\n(full log: {})",
             start.elapsed().as_secs(),
-            errors.join("\n"),
+            errors,
             sh::tail(&text, 30),
             log_path.display()
         );
@@ -234,6 +230,32 @@ fn make_with_progress(ctx: &Ctx, tools: &Tools, tree: &Path, out: &Path) -> Resu
         start.elapsed().as_secs()
     );
     Ok(())
+}
+
+/// The compiler's error and warning messages in a build log: each block
+/// from an `error`/`warning` line to the next blank line, at most `max`
+/// lines in all; make's own `***` lines when there is nothing else.
+fn error_blocks(text: &str, max: usize) -> String {
+    let mut out = Vec::new();
+    let mut inside = false;
+    for l in text.lines() {
+        if l.starts_with("error") || l.contains(": error:") || l.starts_with("warning") {
+            inside = true;
+        } else if l.trim().is_empty() {
+            inside = false;
+        }
+        if inside && out.len() < max {
+            out.push(l);
+        }
+    }
+    if out.is_empty() {
+        out = text
+            .lines()
+            .filter(|l| l.contains("***"))
+            .take(20)
+            .collect();
+    }
+    out.join("\n")
 }
 
 /// Whether a kbuild output line reports one build step (`  CC      foo.o`).
@@ -287,6 +309,21 @@ mod tests {
                 "{f} has lines that are not options"
             );
         }
+    }
+
+    #[test]
+    fn error_blocks_keep_rustc_context() {
+        let log = "  CC a.o\nerror[E0308]: mismatched types\n  --> x.rs:1:1\n   |\n\n  CC b.o\nmake: *** [x] Error 1\n";
+        let e = error_blocks(log, 50);
+        assert!(
+            e.contains("mismatched types") && e.contains("x.rs:1:1"),
+            "{e}"
+        );
+        assert!(!e.contains("CC b.o"));
+        assert_eq!(
+            error_blocks("make: *** [x] Error 1\n", 50),
+            "make: *** [x] Error 1"
+        );
     }
 
     #[test]

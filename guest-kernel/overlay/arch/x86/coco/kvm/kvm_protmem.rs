@@ -2,98 +2,528 @@
 
 //! KVM protected memory: guest support.
 //!
-//! C header: [`arch/x86/include/uapi/asm/kvm_para.h`](srctree/arch/x86/include/uapi/asm/kvm_para.h)
+//! Early in boot, from `kvm_init_platform()`, [`kvm_protmem_init`] looks for
+//! `KVM_FEATURE_MEM_PROTECTED`, makes all guest RAM private with
+//! `KVM_HC_ENABLE_MEM_PROTECTED` and turns the guest into a confidential
+//! computing guest of vendor `CC_VENDOR_KVM`. From then on
+//! `cc_platform_has(CC_ATTR_GUEST_MEM_ENCRYPT)` is true, so the x86 code
+//! forces all DMA through the swiotlb bounce pool and makes virtio require
+//! `VIRTIO_F_ACCESS_PLATFORM`, and `set_memory_decrypted()` /
+//! `set_memory_encrypted()` reach the hooks installed here, which turn the
+//! physical pages behind the virtual range into as few `KVM_HC_MEM_SHARE` /
+//! `KVM_HC_MEM_UNSHARE` hypercalls as their layout allows. No page table
+//! bit changes: privacy is enforced by the host.
+//!
+//! Failure policy: the host is not trusted. A conversion the host refuses
+//! fails `set_memory_*()` with -EIO, whose callers leak the pages; the pages
+//! are counted here and the first failure WARNs. If the boot-time bounce
+//! pool cannot be shared, DMA cannot work: the guest panics with one
+//! precise message rather than boot with broken I/O.
+//!
+//! Stable dmesg lines (tests grep them), all prefixed `kvm_protmem: `:
+//! `enabled: ...`, `not offered by the host...`, `disabled on the command
+//! line...`, `enable failed: ...`, `swiotlb pool shared: ...`,
+//! `share failed: ...`, `unshare failed: ...`.
+//!
+//! C header: [`arch/x86/include/asm/kvm_protmem.h`](srctree/arch/x86/include/asm/kvm_protmem.h)
+
+use core::ptr::addr_of;
+use kernel::{
+    bindings,
+    debugfs::{Dir, File},
+    ffi::{c_int, c_ulong, c_void},
+    prelude::*,
+    sync::atomic::{Atomic, Relaxed},
+};
 
 #[path = "hypercall_abi.rs"]
 pub mod abi;
+pub mod hv;
+#[path = "share_ranges.rs"]
+pub mod ranges;
 
-#[cfg(CONFIG_KVM_PROTMEM_KUNIT_TEST)]
-#[kernel::macros::kunit_tests(kvm_protmem_abi)]
-mod tests {
-    use super::abi::*;
-    use kernel::bindings;
+use abi::Hypercall;
+use ranges::{Direction, Failed, RangeSet, Stats};
 
-    #[test]
-    fn uapi_header_matches_abi() {
-        assert_eq!(
-            u64::from(bindings::KVM_HC_ENABLE_MEM_PROTECTED),
-            KVM_HC_ENABLE_MEM_PROTECTED
-        );
-        assert_eq!(u64::from(bindings::KVM_HC_MEM_SHARE), KVM_HC_MEM_SHARE);
-        assert_eq!(u64::from(bindings::KVM_HC_MEM_UNSHARE), KVM_HC_MEM_UNSHARE);
-        assert_eq!(bindings::KVM_FEATURE_MEM_PROTECTED, KVM_FEATURE_MEM_PROTECTED);
-        assert_eq!(u64::from(bindings::KVM_ENOSYS), KVM_ENOSYS);
-        assert_eq!(u64::from(bindings::KVM_EINVAL), KVM_EINVAL);
-        assert_eq!(u64::from(bindings::KVM_EFAULT), KVM_EFAULT);
-        assert_eq!(u64::from(bindings::KVM_EPERM), KVM_EPERM);
-        assert_eq!(bindings::KVM_CPUID_FEATURES, KVM_CPUID_FEATURES);
-        assert_eq!(bindings::KVM_CPUID_SIGNATURE, KVM_CPUID_SIGNATURE);
-    }
+module! {
+    type: KvmProtmem,
+    name: "kvm_protmem",
+    authors: ["KVM protected memory developers"],
+    description: "KVM protected memory guest support",
+    license: "GPL",
+}
 
-    #[test]
-    fn return_values_decode() {
-        assert_eq!(decode_ret(0), Ok(()));
-        assert_eq!(decode_ret(KVM_ENOSYS.wrapping_neg()), Err(Error::NotSupported));
-        assert_eq!(decode_ret(KVM_EINVAL.wrapping_neg()), Err(Error::Invalid));
-        assert_eq!(decode_ret(KVM_EFAULT.wrapping_neg()), Err(Error::Fault));
-        assert_eq!(decode_ret(KVM_EPERM.wrapping_neg()), Err(Error::Permission));
-        // A hostile or newer host: never mistaken for success.
-        assert_eq!(decode_ret(1), Err(Error::Unexpected(1)));
-        assert_eq!(decode_ret(1 << 63), Err(Error::Unexpected(1 << 63)));
-        // -1 is -KVM_EPERM, not garbage.
-        assert_eq!(decode_ret(u64::MAX), Err(Error::Permission));
-        assert_eq!(encode_ret(Err(Error::Invalid)), KVM_EINVAL.wrapping_neg());
-    }
+const _: () = assert!(bindings::PAGE_SIZE as u64 == abi::PAGE_SIZE);
 
-    #[test]
-    fn ranges_are_checked() -> Result<(), Error> {
-        assert_eq!(GpaRange::new(0x1001, 1), Err(Error::Invalid));
-        assert_eq!(GpaRange::new(0x1000, 0), Err(Error::Invalid));
-        assert_eq!(GpaRange::new(0, 1 << 52), Err(Error::Invalid));
-        assert_eq!(GpaRange::new(!0xfff_u64, 1), Err(Error::Invalid));
-        let r = GpaRange::new(0x20_0000, 512)?;
-        assert_eq!(r.first_pfn(), 0x200);
-        assert_eq!(r.end_pfn(), 0x400);
-        assert!(r.contains(0x3f_ffff) && !r.contains(0x40_0000));
-        Ok(())
-    }
+/// What early boot decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum State {
+    /// Early boot did not run: not a KVM guest.
+    Unprobed = 0,
+    /// The host does not offer the feature.
+    NotOffered = 1,
+    /// `kvm_protmem=off`.
+    OptedOut = 2,
+    /// The host refused `KVM_HC_ENABLE_MEM_PROTECTED`.
+    EnableFailed = 3,
+    /// All guest memory is private.
+    Enabled = 4,
+}
 
-    /// A software host that records what the guest side put in registers.
-    struct Recorder {
-        calls: [(u64, [u64; 3]); 2],
-        n: usize,
-    }
+static STATE: Atomic<u32> = Atomic::new(State::Unprobed as u32);
 
-    impl Hypervisor for Recorder {
-        fn hypercall(&mut self, nr: u64, args: [u64; 3]) -> u64 {
-            if let Some(slot) = self.calls.get_mut(self.n) {
-                *slot = (nr, args);
-            }
-            self.n += 1;
-            match Hypercall::decode(nr, args) {
-                Some(Ok(_)) => 0,
-                Some(Err(e)) => e.to_ret(),
-                None => Error::NotSupported.to_ret(),
-            }
-        }
-    }
-
-    #[test]
-    fn calls_encode_and_host_decodes() -> Result<(), Error> {
-        let mut hv = Recorder {
-            calls: [(0, [0; 3]); 2],
-            n: 0,
-        };
-        issue(&mut hv, Hypercall::Enable)?;
-        issue(&mut hv, Hypercall::Share(GpaRange::new(0x7000, 3)?))?;
-        assert_eq!(hv.n, 2);
-        assert_eq!(hv.calls[0].0, 13);
-        assert_eq!(hv.calls[1].0, 14);
-        assert_eq!(hv.calls[1].1, [0x7000, 3, 0]);
-        assert_eq!(
-            Hypercall::decode(KVM_HC_MEM_UNSHARE, [0x7000, 3, 1]),
-            Some(Err(Error::Invalid))
-        );
-        Ok(())
+/// The current state.
+pub fn state() -> State {
+    match STATE.load(Relaxed) {
+        1 => State::NotOffered,
+        2 => State::OptedOut,
+        3 => State::EnableFailed,
+        4 => State::Enabled,
+        _ => State::Unprobed,
     }
 }
+
+fn set_state(s: State) {
+    STATE.store(s as u32, Relaxed);
+}
+
+impl State {
+    fn describe(self) -> &'static str {
+        match self {
+            State::Unprobed | State::NotOffered => "not offered",
+            State::OptedOut => "disabled",
+            State::EnableFailed => "enable failed",
+            State::Enabled => "enabled",
+        }
+    }
+}
+
+/// Runs the shared-range set can hold: the bounce pool, the decrypted
+/// sections, a run per CPU, DMA-coherent buffers and dynamic pools.
+const MAX_RUNS: usize = 256;
+
+/// Failures logged one by one; later ones are only counted.
+const LOGGED_FAILURES: u64 = 10;
+
+/// What is shared, and the counters.
+pub struct Shared {
+    set: RangeSet<MAX_RUNS>,
+    stats: Stats,
+}
+
+impl Shared {
+    const fn new() -> Self {
+        Shared {
+            set: RangeSet::new(),
+            stats: Stats::new(),
+        }
+    }
+}
+
+kernel::sync::global_lock! {
+    // SAFETY: `lock_init()` initializes it before any use; early boot and
+    // the module initializer both call it before touching the lock.
+    unsafe(uninit) static SHARED: SpinLock<Shared> = Shared::new();
+}
+
+static LOCK_READY: Atomic<bool> = Atomic::new(false);
+
+fn lock_init() {
+    if !LOCK_READY.xchg(true, Relaxed) {
+        // SAFETY: the flag makes this the only call; it happens on the boot
+        // CPU, first in early boot or else in the module initializer.
+        unsafe { SHARED.init() };
+    }
+}
+
+/// A copy of the counters.
+pub fn stats() -> Stats {
+    SHARED.lock().stats
+}
+
+/// Whether frame `pfn` is recorded as shared.
+pub fn is_shared(pfn: u64) -> bool {
+    SHARED.lock().set.contains(pfn)
+}
+
+/// Physical frame behind a mapped kernel virtual address.
+///
+/// # Safety
+///
+/// `vaddr` must be mapped in the kernel page tables.
+unsafe fn virt_to_pfn(vaddr: usize) -> u64 {
+    // SAFETY: the caller guarantees a mapping; `slow_virt_to_phys()` walks
+    // the page tables (direct map, vmalloc, kernel image alike).
+    let phys = unsafe { bindings::slow_virt_to_phys(vaddr as *mut c_void) };
+    phys >> abi::PAGE_SHIFT
+}
+
+/// First frame and size of the boot-time swiotlb pool, once shared.
+static POOL_PFN: Atomic<u64> = Atomic::new(0);
+static POOL_PAGES: Atomic<u64> = Atomic::new(0);
+
+/// The boot-time swiotlb pool as (first frame, frames), once shared.
+pub fn boot_pool() -> Option<(u64, u64)> {
+    let n = POOL_PAGES.load(Relaxed);
+    (n > 0).then(|| (POOL_PFN.load(Relaxed), n))
+}
+
+/// Whether a share of `npages` is the boot-time bounce pool: during
+/// `start_kernel()`, before the scheduler, the only caller of
+/// `set_memory_decrypted()` is `mem_encrypt_init()` sharing the default
+/// swiotlb pool (this file shares its own early pages directly).
+fn is_boot_pool_share(npages: usize) -> bool {
+    // SAFETY: `system_state` is written only by the boot CPU during init;
+    // `swiotlb_size_or_default()` only reads the pool size.
+    unsafe {
+        bindings::system_state == bindings::system_states_SYSTEM_BOOTING
+            && npages as u64 * abi::PAGE_SIZE == bindings::swiotlb_size_or_default() as u64
+    }
+}
+
+/// Converts the pages behind `[vaddr, vaddr + npages * PAGE_SIZE)`.
+///
+/// # Safety
+///
+/// The range must be mapped in the kernel page tables.
+unsafe fn convert_virt(vaddr: usize, npages: usize, dir: Direction) -> Result<u64, Failed> {
+    let mut kvm = hv::Kvm::get().ok_or(Failed {
+        run: ranges::PfnRun { pfn: 0, npages: 0 },
+        error: abi::Error::NotSupported,
+        done: 0,
+    })?;
+    let page = abi::PAGE_SIZE as usize;
+    // SAFETY: every page of the range is mapped (caller).
+    let frames = (0..npages).map(|i| unsafe { virt_to_pfn(vaddr + i * page) });
+    let mut guard = SHARED.lock();
+    let shared = &mut *guard;
+    ranges::convert(&mut kvm, frames, npages as u64, dir, &mut shared.set, &mut shared.stats)
+}
+
+fn report_failure(dir: Direction, vaddr: usize, npages: usize, f: &Failed) {
+    let what = match dir {
+        Direction::Share => "share",
+        Direction::Unshare => "unshare",
+    };
+    let failures = stats().failures;
+    if failures <= LOGGED_FAILURES {
+        pr_err!(
+            "{what} failed: {npages} pages at {vaddr:#x}: host returned {} ({:#x}) for pfn {:#x}+{}; pages leaked\n",
+            f.error.name(),
+            f.error.to_ret(),
+            f.run.pfn,
+            f.run.npages
+        );
+    }
+    if failures == 1 {
+        kernel::warn_on!(true);
+    }
+}
+
+/// Shares or unshares for a hook; maps failure to -EIO.
+///
+/// # Safety
+///
+/// The range must be mapped in the kernel page tables.
+unsafe fn hook_convert(vaddr: c_ulong, npages: c_int, dir: Direction) -> c_int {
+    let (vaddr, npages) = (vaddr, npages.max(0) as usize);
+    let pool = dir == Direction::Share && is_boot_pool_share(npages);
+    // SAFETY: the range is mapped (caller).
+    match unsafe { convert_virt(vaddr, npages, dir) } {
+        Ok(calls) => {
+            if pool {
+                // SAFETY: as above.
+                let first = unsafe { virt_to_pfn(vaddr) };
+                POOL_PFN.store(first, Relaxed);
+                POOL_PAGES.store(npages as u64, Relaxed);
+                pr_info!(
+                    "swiotlb pool shared: {} MiB at {:#x} in {} hypercalls\n",
+                    (npages as u64 * abi::PAGE_SIZE) >> 20,
+                    first << abi::PAGE_SHIFT,
+                    calls
+                );
+            }
+            0
+        }
+        Err(f) => {
+            if pool {
+                pr_emerg!(
+                    "swiotlb pool not shared: host returned {} ({:#x}) for pfn {:#x}+{} of {} MiB at {:#x}\n",
+                    f.error.name(),
+                    f.error.to_ret(),
+                    f.run.pfn,
+                    f.run.npages,
+                    (npages as u64 * abi::PAGE_SIZE) >> 20,
+                    vaddr
+                );
+                // SAFETY: a constant format without conversions.
+                unsafe {
+                    bindings::panic(
+                        c"kvm_protmem: cannot share the swiotlb bounce pool; refusing to boot with broken DMA\n"
+                            .as_ptr()
+                            .cast(),
+                    )
+                };
+            }
+            report_failure(dir, vaddr, npages, &f);
+            EIO.to_errno()
+        }
+    }
+}
+
+/// `x86_platform.guest.enc_status_change_prepare`: unshare before
+/// `set_memory_encrypted()` returns the pages to private use.
+///
+/// # Safety
+///
+/// Called by `__set_memory_enc_pgtable()` with a mapped kernel range.
+unsafe extern "C" fn enc_status_change_prepare(vaddr: c_ulong, npages: c_int, enc: bool) -> c_int {
+    if !enc {
+        return 0;
+    }
+    // SAFETY: the range is mapped (caller).
+    unsafe { hook_convert(vaddr, npages, Direction::Unshare) }
+}
+
+/// `x86_platform.guest.enc_status_change_finish`: share after
+/// `set_memory_decrypted()`.
+///
+/// # Safety
+///
+/// Called by `__set_memory_enc_pgtable()` with a mapped kernel range.
+unsafe extern "C" fn enc_status_change_finish(vaddr: c_ulong, npages: c_int, enc: bool) -> c_int {
+    if enc {
+        return 0;
+    }
+    // SAFETY: the range is mapped (caller).
+    unsafe { hook_convert(vaddr, npages, Direction::Share) }
+}
+
+/// No page table bit changes, so no TLB flush is needed.
+extern "C" fn enc_tlb_flush_required(_enc: bool) -> bool {
+    false
+}
+
+/// No encryption, so no cache flush is needed.
+extern "C" fn enc_cache_flush_required() -> bool {
+    false
+}
+
+/// Before kexec: stop new conversions and wait for those in flight.
+extern "C" fn enc_kexec_begin() {
+    // SAFETY: plain call; it only takes the conversion lock.
+    if !unsafe { bindings::set_memory_enc_stop_conversion() } {
+        pr_warn!("kexec: conversions still in flight\n");
+    }
+}
+
+/// Before jumping to the next kernel: make all memory private again and
+/// drop every share, so that the next kernel starts clean.
+extern "C" fn enc_kexec_finish() {
+    let Some(mut kvm) = hv::Kvm::get() else {
+        return;
+    };
+    match abi::issue(&mut kvm, Hypercall::Enable) {
+        Ok(()) => {
+            let mut g = SHARED.lock();
+            g.set = RangeSet::new();
+            g.stats.pages_shared = 0;
+            drop(g);
+            pr_info!("kexec: all memory private again\n");
+        }
+        Err(e) => pr_err!("kexec: re-enable failed: host returned {}\n", e.name()),
+    }
+}
+
+/// Whether the command line says `kvm_protmem=off`.
+///
+/// In `.init.text`: it reads `boot_command_line`, which is init data.
+#[link_section = ".init.text"]
+fn opted_out() -> bool {
+    let mut buf = [0u8; 8];
+    // SAFETY: `boot_command_line` is a NUL-terminated array filled before
+    // `setup_arch()` parses it; `buf` is writable for its length.
+    let n = unsafe {
+        bindings::cmdline_find_option(
+            addr_of!(bindings::boot_command_line).cast(),
+            c"kvm_protmem".as_ptr().cast(),
+            buf.as_mut_ptr().cast(),
+            buf.len() as c_int,
+        )
+    };
+    if n < 0 {
+        return false;
+    }
+    match &buf[..(n as usize).min(buf.len() - 1)] {
+        b"off" => true,
+        b"on" => false,
+        _ => {
+            pr_warn!("ignoring unknown kvm_protmem= value (use off)\n");
+            false
+        }
+    }
+}
+
+/// Shares the pages of `[start, end)` during early boot; logs failures.
+fn share_section(what: &str, start: usize, end: usize) {
+    let page = abi::PAGE_SIZE as usize;
+    let start = start & !(page - 1);
+    let npages = end.saturating_sub(start).div_ceil(page);
+    if npages == 0 {
+        return;
+    }
+    // SAFETY: the section is part of the mapped kernel image.
+    if let Err(f) = unsafe { convert_virt(start, npages, Direction::Share) } {
+        report_failure(Direction::Share, start, npages, &f);
+        pr_err!("{what}: the host cannot update it\n");
+    }
+}
+
+/// Detects the feature and enables protection; called once, early, on the
+/// boot CPU from `kvm_init_platform()`.
+///
+/// # Safety
+///
+/// Must be called once, from `setup_arch()` on the boot CPU, before
+/// anything shares memory with the host or sets up DMA.
+#[export]
+#[link_section = ".init.text"]
+pub unsafe extern "C" fn kvm_protmem_init() {
+    lock_init();
+    let Some(features) = hv::kvm_features() else {
+        set_state(State::NotOffered);
+        pr_info!("not offered by the host (no KVM signature)\n");
+        return;
+    };
+    if !abi::has_mem_protected(features) {
+        set_state(State::NotOffered);
+        pr_info!("not offered by the host\n");
+        return;
+    }
+    if opted_out() {
+        set_state(State::OptedOut);
+        pr_info!("disabled on the command line (kvm_protmem=off)\n");
+        return;
+    }
+    let Some(mut kvm) = hv::Kvm::probe() else {
+        set_state(State::NotOffered);
+        return;
+    };
+    if let Err(e) = abi::issue(&mut kvm, Hypercall::Enable) {
+        set_state(State::EnableFailed);
+        pr_warn!(
+            "enable failed: host returned {} ({:#x}); booting unprotected\n",
+            e.name(),
+            e.to_ret()
+        );
+        return;
+    }
+    // SAFETY: single-threaded early boot; nothing has yet made a decision
+    // on `cc_vendor` that this changes, and the hooks are installed before
+    // anything can call them (no `set_memory_*()` before `mm_core_init()`).
+    unsafe {
+        bindings::cc_vendor = bindings::cc_vendor_CC_VENDOR_KVM;
+        let guest = &mut (*core::ptr::addr_of_mut!(bindings::x86_platform)).guest;
+        guest.enc_status_change_prepare = Some(enc_status_change_prepare);
+        guest.enc_status_change_finish = Some(enc_status_change_finish);
+        guest.enc_tlb_flush_required = Some(enc_tlb_flush_required);
+        guest.enc_cache_flush_required = Some(enc_cache_flush_required);
+        guest.enc_kexec_begin = Some(enc_kexec_begin);
+        guest.enc_kexec_finish = Some(enc_kexec_finish);
+    }
+    set_state(State::Enabled);
+    pr_info!("enabled: all guest memory is private, DMA bounces through swiotlb\n");
+    // kvmclock's boot-time pages (hv_clock_boot, wall_clock): linker
+    // symbols, only their addresses are taken.
+    let start = addr_of!(bindings::__start_bss_decrypted) as usize;
+    let end = addr_of!(bindings::__start_bss_decrypted_unused) as usize;
+    share_section("kvmclock", start, end);
+}
+
+/// Shares the page(s) of per-CPU data the host writes (steal time, async
+/// PF reason, PV EOI), for every possible CPU, from
+/// `kvm_smp_prepare_boot_cpu()`.
+///
+/// # Safety
+///
+/// `ptr..ptr + size` must be mapped kernel memory in a
+/// `DEFINE_PER_CPU_DECRYPTED` section, which holds nothing private.
+#[export]
+pub unsafe extern "C" fn kvm_protmem_share_early(ptr: *mut c_void, size: c_ulong) {
+    let start = ptr as usize;
+    share_section("per-cpu PV data", start, start + size);
+}
+
+/// Keeps the debugfs directory alive.
+struct KvmProtmem {
+    _dir: Dir,
+    _files: KVec<Pin<KBox<File<()>>>>,
+}
+
+/// A debugfs file: name and what it prints.
+type Show = fn(&Shared) -> u64;
+
+const COUNTERS: [(&CStr, Show); 6] = [
+    (c"shares", |s| s.stats.shares),
+    (c"unshares", |s| s.stats.unshares),
+    (c"pages_shared", |s| s.stats.pages_shared),
+    (c"failures", |s| s.stats.failures),
+    (c"pages_leaked", |s| s.stats.pages_leaked),
+    (c"untracked", |s| s.stats.untracked),
+];
+
+macro_rules! counter_file {
+    ($dir:expr, $i:literal) => {
+        KBox::pin_init(
+            $dir.read_callback_file(COUNTERS[$i].0, (), &|_: &(), f| {
+                writeln!(f, "{}", (COUNTERS[$i].1)(&SHARED.lock()))
+            }),
+            GFP_KERNEL,
+        )?
+    };
+}
+
+impl kernel::Module for KvmProtmem {
+    fn init(_module: &'static ThisModule) -> Result<Self> {
+        lock_init();
+        if state() == State::Unprobed {
+            set_state(State::NotOffered);
+            pr_info!("not offered by the host (not running on KVM)\n");
+        }
+        let dir = Dir::new(c"kvm_protmem");
+        let mut files = KVec::new();
+        files.push(
+            KBox::pin_init(
+                dir.read_callback_file(c"state", (), &|_: &(), f| writeln!(f, "{}", state().describe())),
+                GFP_KERNEL,
+            )?,
+            GFP_KERNEL,
+        )?;
+        files.push(
+            KBox::pin_init(
+                dir.read_callback_file(c"shared_runs", (), &|_: &(), f| {
+                    for r in SHARED.lock().set.runs() {
+                        writeln!(f, "{:#x} {}", r.pfn << abi::PAGE_SHIFT, r.npages)?;
+                    }
+                    Ok(())
+                }),
+                GFP_KERNEL,
+            )?,
+            GFP_KERNEL,
+        )?;
+        files.push(counter_file!(dir, 0), GFP_KERNEL)?;
+        files.push(counter_file!(dir, 1), GFP_KERNEL)?;
+        files.push(counter_file!(dir, 2), GFP_KERNEL)?;
+        files.push(counter_file!(dir, 3), GFP_KERNEL)?;
+        files.push(counter_file!(dir, 4), GFP_KERNEL)?;
+        files.push(counter_file!(dir, 5), GFP_KERNEL)?;
+        Ok(KvmProtmem {
+            _dir: dir,
+            _files: files,
+        })
+    }
+}
+
+#[cfg(CONFIG_KVM_PROTMEM_KUNIT_TEST)]
+mod tests;

@@ -1,0 +1,156 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The one safe wrapper around CPUID and the KVM hypercall instruction.
+//!
+//! No other code of the KVM protected memory guest executes `cpuid`,
+//! `vmcall` or `vmmcall`.
+//!
+//! C header: [`arch/x86/include/asm/kvm_para.h`](srctree/arch/x86/include/asm/kvm_para.h)
+
+use crate::abi::{self, Hypervisor};
+use core::arch::asm;
+use kernel::sync::atomic::{Atomic, Relaxed};
+
+/// Registers returned by CPUID.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuidResult {
+    /// EAX.
+    pub eax: u32,
+    /// EBX.
+    pub ebx: u32,
+    /// ECX.
+    pub ecx: u32,
+    /// EDX.
+    pub edx: u32,
+}
+
+/// Executes CPUID for `leaf` (subleaf 0).
+pub fn cpuid(leaf: u32) -> CpuidResult {
+    let (eax, ebx, ecx, edx): (u32, u32, u32, u32);
+    // SAFETY: CPUID is available on every x86-64 CPU, has no memory side
+    // effects and writes only the four output registers. RBX is reserved
+    // by LLVM, so it is saved in a scratch register around the instruction.
+    unsafe {
+        asm!(
+            "mov {tmp:r}, rbx",
+            "cpuid",
+            "xchg {tmp:r}, rbx",
+            tmp = out(reg) ebx,
+            inout("eax") leaf => eax,
+            inout("ecx") 0u32 => ecx,
+            out("edx") edx,
+            options(nostack, preserves_flags, nomem),
+        );
+    }
+    CpuidResult { eax, ebx, ecx, edx }
+}
+
+/// CPUID.1:ECX bit 31: running under a hypervisor.
+const HYPERVISOR_BIT: u32 = 1 << 31;
+
+/// Finds the base of the KVM CPUID leaves, as `kvm_cpuid_base()` does:
+/// the KVM signature may sit at 0x40000000 or, next to another
+/// hypervisor's leaves, at a multiple of 0x100 above it.
+pub fn kvm_cpuid_base() -> Option<u32> {
+    if cpuid(1).ecx & HYPERVISOR_BIT == 0 {
+        return None;
+    }
+    (abi::KVM_CPUID_SIGNATURE..0x4001_0000)
+        .step_by(0x100)
+        .find(|&base| {
+            let r = cpuid(base);
+            [r.ebx, r.ecx, r.edx] == abi::KVM_SIGNATURE
+        })
+}
+
+/// The KVM paravirt feature bits (`KVM_CPUID_FEATURES` EAX), if on KVM.
+pub fn kvm_features() -> Option<u32> {
+    let base = kvm_cpuid_base()?;
+    let offset = abi::KVM_CPUID_FEATURES - abi::KVM_CPUID_SIGNATURE;
+    Some(cpuid(base + offset).eax)
+}
+
+/// Whether the CPU is AMD or Hygon: those take `vmmcall`, as the
+/// `X86_FEATURE_VMMCALL` alternative in `kvm_hypercall*()` picks.
+fn uses_vmmcall() -> bool {
+    let r = cpuid(0);
+    let vendor = [r.ebx, r.edx, r.ecx];
+    // "AuthenticAMD", "HygonGenuine".
+    vendor == [0x6874_7541, 0x6974_6e65, 0x444d_4163] || vendor == [0x6f67_7948, 0x6e65_476e, 0x656e_6975]
+}
+
+/// The KVM hypercall instruction of this CPU.
+///
+/// # Invariants
+///
+/// Only constructed when CPUID showed the KVM signature.
+pub struct Kvm {
+    vmmcall: bool,
+}
+
+/// What [`Kvm::probe`] found: 0 not probed or not KVM, 1 `vmcall`, 2 `vmmcall`.
+static PROBED: Atomic<u32> = Atomic::new(0);
+
+impl Kvm {
+    /// Returns the hypercall interface if running on KVM, and remembers it
+    /// for [`Kvm::get`].
+    pub fn probe() -> Option<Self> {
+        kvm_cpuid_base()?;
+        let vmmcall = uses_vmmcall();
+        PROBED.store(if vmmcall { 2 } else { 1 }, Relaxed);
+        // INVARIANT: the KVM signature was found.
+        Some(Kvm { vmmcall })
+    }
+
+    /// The interface [`Kvm::probe`] found, without executing CPUID (which
+    /// traps to the host).
+    pub fn get() -> Option<Self> {
+        match PROBED.load(Relaxed) {
+            // INVARIANT: `probe()` found the KVM signature.
+            1 => Some(Kvm { vmmcall: false }),
+            2 => Some(Kvm { vmmcall: true }),
+            _ => None,
+        }
+    }
+}
+
+impl Hypervisor for Kvm {
+    fn hypercall(&mut self, nr: u64, args: [u64; 3]) -> u64 {
+        let ret: u64;
+        let [a0, a1, a2] = args;
+        if self.vmmcall {
+            // SAFETY: on KVM (type invariant) a hypercall traps to the host,
+            // which writes only RAX; the protected-memory hypercalls take
+            // their arguments in RBX, RCX, RDX and touch no guest memory the
+            // compiler knows about. RBX is swapped in and out around the
+            // instruction because LLVM reserves it.
+            unsafe {
+                asm!(
+                    "xchg {a0}, rbx",
+                    "vmmcall",
+                    "xchg {a0}, rbx",
+                    a0 = inout(reg) a0 => _,
+                    inout("rax") nr => ret,
+                    in("rcx") a1,
+                    in("rdx") a2,
+                    options(nostack),
+                );
+            }
+        } else {
+            // SAFETY: as above, with the Intel instruction.
+            unsafe {
+                asm!(
+                    "xchg {a0}, rbx",
+                    "vmcall",
+                    "xchg {a0}, rbx",
+                    a0 = inout(reg) a0 => _,
+                    inout("rax") nr => ret,
+                    in("rcx") a1,
+                    in("rdx") a2,
+                    options(nostack),
+                );
+            }
+        }
+        ret
+    }
+}

@@ -1,0 +1,237 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! KUnit suites of the KVM protected memory guest.
+//!
+//! `kvm_protmem_abi` and `kvm_protmem_ranges` need no host; the suite
+//! `kvm_protmem_live` runs against the real host when protection is on and
+//! skips, rather than passes, when it is off.
+
+use kernel::bindings;
+
+/// Marks the running KUnit case skipped with `reason` unless protection is
+/// enabled; returns whether it was skipped.
+fn skip_unless_enabled(reason: &[u8]) -> bool {
+    if super::state() == super::State::Enabled {
+        return false;
+    }
+    // SAFETY: `kunit_get_current_test()` is always safe to call.
+    let test = unsafe { bindings::kunit_get_current_test() };
+    if !test.is_null() {
+        // SAFETY: `test` is the running test case, owned by KUnit for the
+        // duration of this call; only its status fields are written.
+        unsafe {
+            (*test).status = bindings::kunit_status_KUNIT_SKIPPED;
+            let comment = &mut (*test).status_comment;
+            let n = reason.len().min(comment.len() - 1);
+            for (d, s) in comment.iter_mut().zip(&reason[..n]) {
+                *d = *s as _;
+            }
+            comment[n] = 0;
+        }
+    }
+    true
+}
+
+#[kernel::macros::kunit_tests(kvm_protmem_abi)]
+mod abi_tests {
+    use crate::abi::*;
+    use kernel::bindings;
+
+    #[test]
+    fn uapi_header_matches_abi() {
+        assert_eq!(
+            u64::from(bindings::KVM_HC_ENABLE_MEM_PROTECTED),
+            KVM_HC_ENABLE_MEM_PROTECTED
+        );
+        assert_eq!(u64::from(bindings::KVM_HC_MEM_SHARE), KVM_HC_MEM_SHARE);
+        assert_eq!(u64::from(bindings::KVM_HC_MEM_UNSHARE), KVM_HC_MEM_UNSHARE);
+        assert_eq!(bindings::KVM_FEATURE_MEM_PROTECTED, KVM_FEATURE_MEM_PROTECTED);
+        assert_eq!(u64::from(bindings::KVM_ENOSYS), KVM_ENOSYS);
+        assert_eq!(u64::from(bindings::KVM_EINVAL), KVM_EINVAL);
+        assert_eq!(u64::from(bindings::KVM_EFAULT), KVM_EFAULT);
+        assert_eq!(u64::from(bindings::KVM_EPERM), KVM_EPERM);
+        assert_eq!(bindings::KVM_CPUID_FEATURES, KVM_CPUID_FEATURES);
+        assert_eq!(bindings::KVM_CPUID_SIGNATURE, KVM_CPUID_SIGNATURE);
+    }
+
+    #[test]
+    fn return_values_decode() {
+        assert_eq!(decode_ret(0), Ok(()));
+        assert_eq!(decode_ret(KVM_ENOSYS.wrapping_neg()), Err(Error::NotSupported));
+        assert_eq!(decode_ret(KVM_EINVAL.wrapping_neg()), Err(Error::Invalid));
+        assert_eq!(decode_ret(KVM_EFAULT.wrapping_neg()), Err(Error::Fault));
+        assert_eq!(decode_ret(KVM_EPERM.wrapping_neg()), Err(Error::Permission));
+        // A hostile or newer host: never mistaken for success.
+        assert_eq!(decode_ret(1), Err(Error::Unexpected(1)));
+        assert_eq!(decode_ret(1 << 63), Err(Error::Unexpected(1 << 63)));
+        // -1 is -KVM_EPERM, not garbage.
+        assert_eq!(decode_ret(u64::MAX), Err(Error::Permission));
+        assert_eq!(encode_ret(Err(Error::Invalid)), KVM_EINVAL.wrapping_neg());
+    }
+
+    #[test]
+    fn ranges_are_checked() -> Result<(), Error> {
+        assert_eq!(GpaRange::new(0x1001, 1), Err(Error::Invalid));
+        assert_eq!(GpaRange::new(0x1000, 0), Err(Error::Invalid));
+        assert_eq!(GpaRange::new(0, 1 << 52), Err(Error::Invalid));
+        assert_eq!(GpaRange::new(!0xfff_u64, 1), Err(Error::Invalid));
+        let r = GpaRange::new(0x20_0000, 512)?;
+        assert_eq!(r.first_pfn(), 0x200);
+        assert_eq!(r.end_pfn(), 0x400);
+        assert!(r.contains(0x3f_ffff) && !r.contains(0x40_0000));
+        Ok(())
+    }
+
+    #[test]
+    fn host_decodes_what_guest_encodes() -> Result<(), Error> {
+        let share = Hypercall::Share(GpaRange::new(0x7000, 3)?);
+        assert_eq!(share.nr(), 14);
+        assert_eq!(share.args(), [0x7000, 3, 0]);
+        assert_eq!(Hypercall::decode(share.nr(), share.args()), Some(Ok(share)));
+        assert_eq!(
+            Hypercall::decode(KVM_HC_MEM_UNSHARE, [0x7000, 3, 1]),
+            Some(Err(Error::Invalid))
+        );
+        assert_eq!(Hypercall::decode(KVM_HC_MAP_GPA_RANGE_NR, [0; 3]), None);
+        Ok(())
+    }
+
+    /// Mainline's MAP_GPA_RANGE: not ours.
+    const KVM_HC_MAP_GPA_RANGE_NR: u64 = bindings::KVM_HC_MAP_GPA_RANGE as u64;
+}
+
+#[kernel::macros::kunit_tests(kvm_protmem_ranges)]
+mod range_tests {
+    use crate::abi::{Error, Hypercall, Hypervisor};
+    use crate::ranges::*;
+
+    /// A software host that accepts everything and counts calls.
+    struct Host {
+        calls: u64,
+        fail_at: u64,
+    }
+
+    impl Hypervisor for Host {
+        fn hypercall(&mut self, nr: u64, args: [u64; 3]) -> u64 {
+            self.calls += 1;
+            match Hypercall::decode(nr, args) {
+                Some(Ok(_)) if self.calls == self.fail_at => Error::Fault.to_ret(),
+                Some(Ok(_)) => 0,
+                Some(Err(e)) => e.to_ret(),
+                None => Error::NotSupported.to_ret(),
+            }
+        }
+    }
+
+    #[test]
+    fn coalescing_follows_physical_layout() {
+        let mut it = coalesce([5u64, 6, 7, 9, 3], 8);
+        assert_eq!(it.next(), Some(PfnRun { pfn: 5, npages: 3 }));
+        assert_eq!(it.next(), Some(PfnRun { pfn: 9, npages: 1 }));
+        assert_eq!(it.next(), Some(PfnRun { pfn: 3, npages: 1 }));
+        assert_eq!(it.next(), None);
+        assert_eq!(coalesce(0u64..5, 2).count(), 3);
+    }
+
+    #[test]
+    fn pool_of_64_mib_takes_one_hypercall() {
+        let mut host = Host { calls: 0, fail_at: 0 };
+        let mut set = RangeSet::<4>::new();
+        let mut stats = Stats::new();
+        let n = (64u64 << 20) >> 12;
+        let res = convert(&mut host, 0x10000..0x10000 + n, n, Direction::Share, &mut set, &mut stats);
+        assert_eq!(res, Ok(1));
+        assert_eq!(host.calls, 1);
+        assert_eq!(stats.pages_shared, n);
+    }
+
+    #[test]
+    fn refusal_leaks_the_request() {
+        let mut host = Host { calls: 0, fail_at: 2 };
+        let mut set = RangeSet::<4>::new();
+        let mut stats = Stats::new();
+        let res = convert(&mut host, [1u64, 2, 5, 9], 4, Direction::Share, &mut set, &mut stats);
+        assert!(res.is_err());
+        assert_eq!(stats.failures, 1);
+        assert_eq!(stats.pages_leaked, 4);
+        assert_eq!(stats.pages_shared, 2);
+    }
+
+    #[test]
+    fn range_set_splits_and_merges() {
+        let mut s = RangeSet::<3>::new();
+        assert_eq!(s.insert(PfnRun { pfn: 10, npages: 10 }), Ok(10));
+        assert_eq!(s.remove(PfnRun { pfn: 12, npages: 2 }), Ok(2));
+        assert_eq!(s.runs().len(), 2);
+        assert_eq!(s.insert(PfnRun { pfn: 11, npages: 4 }), Ok(2));
+        assert_eq!(s.runs(), [PfnRun { pfn: 10, npages: 10 }]);
+    }
+}
+
+#[kernel::macros::kunit_tests(kvm_protmem_live)]
+mod live_tests {
+    use super::skip_unless_enabled;
+    use crate::{abi, boot_pool, is_shared, stats, virt_to_pfn};
+    use kernel::bindings;
+
+    #[test]
+    fn pool_is_shared() {
+        if skip_unless_enabled(b"protection is off") {
+            return;
+        }
+        let pool = boot_pool();
+        assert!(pool.is_some());
+        if let Some((start, n)) = pool {
+            assert!(n > 0);
+            assert!((start..start + n).all(is_shared));
+        }
+    }
+
+    #[test]
+    fn set_memory_round_trip_issues_hypercalls() {
+        if skip_unless_enabled(b"protection is off") {
+            return;
+        }
+        // SAFETY: plain page allocation; freed below.
+        let addr = unsafe { bindings::get_zeroed_page_noprof(bindings::GFP_KERNEL) };
+        assert!(addr != 0);
+        if addr == 0 {
+            return;
+        }
+        // SAFETY: `addr` is a mapped page of the direct map we own.
+        let pfn = unsafe { virt_to_pfn(addr as usize) };
+        let before = stats();
+        assert!(!is_shared(pfn));
+        // SAFETY: `addr` is a page we own.
+        assert_eq!(unsafe { bindings::set_memory_decrypted(addr, 1) }, 0);
+        let mid = stats();
+        assert_eq!(mid.shares, before.shares + 1);
+        assert_eq!(mid.pages_shared, before.pages_shared + 1);
+        assert!(is_shared(pfn));
+        // SAFETY: as above.
+        assert_eq!(unsafe { bindings::set_memory_encrypted(addr, 1) }, 0);
+        let after = stats();
+        assert_eq!(after.unshares, before.unshares + 1);
+        assert_eq!(after.pages_shared, before.pages_shared);
+        assert!(!is_shared(pfn));
+        // SAFETY: the page is private again and ours to free.
+        unsafe { bindings::free_pages(addr, 0) };
+    }
+
+    #[test]
+    fn hypercalls_reject_bad_arguments() {
+        if skip_unless_enabled(b"protection is off") {
+            return;
+        }
+        let Some(mut kvm) = crate::hv::Kvm::get() else {
+            assert!(false);
+            return;
+        };
+        // Unaligned GPA and nonzero flags: the host must refuse, not act.
+        use abi::Hypervisor as _;
+        let ret = kvm.hypercall(abi::KVM_HC_MEM_SHARE, [0x1001, 1, 0]);
+        assert_eq!(abi::decode_ret(ret), Err(abi::Error::Invalid));
+        let ret = kvm.hypercall(abi::KVM_HC_MEM_UNSHARE, [0x1000, 1, 7]);
+        assert_eq!(abi::decode_ret(ret), Err(abi::Error::Invalid));
+    }
+}
