@@ -3,7 +3,7 @@
 use crate::ctx::Ctx;
 use crate::initramfs;
 use crate::kernel::Kernel;
-use crate::ktap::{self, Summary};
+use crate::ktap::{self, Status, Summary};
 use crate::sh;
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Write};
@@ -147,6 +147,39 @@ impl KunitBoot {
                 self.console.tail(30)
             );
         }
+        Ok(())
+    }
+
+    /// Checks what a boot without the feature must show: the "not offered"
+    /// line, no conversion at all in debugfs, the live suite skipped.
+    pub fn check_feature_absent(&self) -> Result<()> {
+        let text = &self.console.text;
+        let mut problems = Vec::new();
+        if !text.contains(NOT_OFFERED) {
+            problems.push(format!("no `{NOT_OFFERED}` line"));
+        }
+        for counter in ["shares", "unshares", "pages_shared", "failures"] {
+            let line = format!("kpm-init: debugfs {counter}: 0");
+            if !text.lines().any(|l| l.trim_end() == line) {
+                problems.push(format!("debugfs {counter} is not 0 (no `{line}`)"));
+            }
+        }
+        let live_ran = self
+            .ktap
+            .cases
+            .iter()
+            .any(|c| c.suite == "kvm_protmem_live" && c.status != Status::Skip);
+        if live_ran {
+            problems.push("kvm_protmem_live ran instead of skipping".into());
+        }
+        if !problems.is_empty() {
+            bail!(
+                "feature-absent boot: {}\n(log: {})",
+                problems.join("; "),
+                self.console.log.display()
+            );
+        }
+        println!("boot: feature absent: `{NOT_OFFERED}`, 0 hypercalls, live suite skipped");
         Ok(())
     }
 }

@@ -73,7 +73,8 @@ fn run(cli: Cli) -> Result<()> {
             let tools = setup::run(&ctx)?;
             let k = kernel::build(&ctx, &tools)?;
             let report = boot::tcg_kunit(&ctx, &k, !quiet, timeout, &append)?;
-            report.check()
+            report.check()?;
+            report.check_feature_absent()
         }
         Cmd::Ktap { log } => {
             let text = std::fs::read_to_string(&log)

@@ -127,7 +127,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         let t = Instant::now();
         let step = match boot::tcg_kunit(ctx, k, false, 180, "") {
             Ok(b) => {
-                let res = b.check();
+                let res = b.check().and_then(|()| b.check_feature_absent());
                 if let Err(e) = &res {
                     eprintln!("test: TCG boot + KUnit: {e:#}");
                 }
