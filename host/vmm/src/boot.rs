@@ -21,7 +21,7 @@
 
 use std::io::{Read, Seek};
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_regs, kvm_segment, kvm_sregs};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -403,6 +403,33 @@ pub fn fpu() -> kvm_fpu {
     }
 }
 
+/// Local APIC LVT0 and LVT1 register offsets.
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+/// LVT delivery modes (bits 8-10).
+const APIC_MODE_EXTINT: u32 = 0x7;
+const APIC_MODE_NMI: u32 = 0x4;
+
+fn lapic_reg(l: &kvm_lapic_state, off: usize) -> u32 {
+    u32::from_le_bytes(std::array::from_fn(|i| l.regs[off + i] as u8))
+}
+
+fn set_lapic_reg(l: &mut kvm_lapic_state, off: usize, v: u32) {
+    for (i, b) in v.to_le_bytes().into_iter().enumerate() {
+        l.regs[off + i] = b as _;
+    }
+}
+
+/// Wires LINT0 as ExtINT (the 8259 PIC) and LINT1 as NMI, as a PC's
+/// firmware does, so PIC interrupts reach the boot CPU before the guest
+/// programs its I/O APIC.
+pub fn set_lint(l: &mut kvm_lapic_state) {
+    let lvt0 = lapic_reg(l, APIC_LVT0);
+    set_lapic_reg(l, APIC_LVT0, (lvt0 & !0x700) | (APIC_MODE_EXTINT << 8));
+    let lvt1 = lapic_reg(l, APIC_LVT1);
+    set_lapic_reg(l, APIC_LVT1, (lvt1 & !0x700) | (APIC_MODE_NMI << 8));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -526,6 +553,17 @@ mod tests {
         let mut initrd = Cursor::new(vec![0u8; 48 << 20]);
         let err = load(&m, RAM, &mut k, Some((&mut initrd, 48 << 20)), &cmdline).unwrap_err();
         assert!(matches!(err, BootError::InitrdTooBig { .. }), "{err}");
+    }
+
+    #[test]
+    fn lint_delivery_modes() {
+        let mut l = kvm_lapic_state::default();
+        set_lapic_reg(&mut l, APIC_LVT0, 0x0001_0000); // masked
+        set_lapic_reg(&mut l, APIC_LVT1, 0x0001_0700);
+        set_lint(&mut l);
+        assert_eq!(lapic_reg(&l, APIC_LVT0), 0x0001_0700);
+        assert_eq!(lapic_reg(&l, APIC_LVT1), 0x0001_0400);
+        assert_eq!(lapic_reg(&l, 0x340), 0, "neighbours untouched");
     }
 
     #[test]

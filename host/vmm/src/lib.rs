@@ -13,6 +13,7 @@
 #![warn(rust_2018_idioms)]
 
 pub mod boot;
+pub mod cli;
 pub mod cpuid;
 pub mod exit;
 pub mod hypercalls;
@@ -23,3 +24,4 @@ pub mod ram;
 pub mod serial;
 pub mod stats;
 pub mod virtio;
+pub mod vmm;

@@ -1,0 +1,188 @@
+//! Command line of `protmem-vmm`.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::boot::MMIO_HOLE;
+use crate::hypercalls::FailPolicy;
+
+/// Command line the guest gets unless `--cmdline` is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+/// Smallest RAM accepted.
+const MIN_MEM: u64 = 16 << 20;
+
+/// Errors in command-line values.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// `--mem` did not parse or is out of range.
+    #[error(
+        "--mem {0:?}: expected MiB (`512`, `512M`) or GiB (`1G`), at least 16 MiB and \
+         below the MMIO hole at 3 GiB"
+    )]
+    Mem(String),
+}
+
+/// Parses `--mem`: a number of MiB, or a number with an `M` or `G` suffix.
+pub fn parse_mem(s: &str) -> Result<u64, CliError> {
+    let err = || CliError::Mem(s.to_string());
+    let (num, shift) = match s.strip_suffix(['G', 'g']) {
+        Some(n) => (n, 30),
+        None => (s.strip_suffix(['M', 'm']).unwrap_or(s), 20),
+    };
+    let bytes = num
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(err)?;
+    if !(MIN_MEM..=MMIO_HOLE).contains(&bytes) {
+        return Err(err());
+    }
+    Ok(bytes)
+}
+
+/// Boots a Linux bzImage on KVM with virtio-mmio devices and, with
+/// `--protect`, enforces the guest's protected-memory hypercalls.
+///
+/// Exit code: 0 when the guest resets (i8042) or shuts down (triple
+/// fault), 1 on a VMM error, 2 on a guest kernel panic, 3 on `--timeout`.
+#[derive(Debug, Parser)]
+#[command(name = "protmem-vmm", version)]
+pub struct Cli {
+    /// Linux bzImage to boot (64-bit boot protocol).
+    #[arg(long, value_name = "BZIMAGE")]
+    pub kernel: PathBuf,
+    /// initramfs to load below the top of RAM.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; `virtio_mmio.device=` entries are appended.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Guest RAM from GPA 0: MiB, or with an M/G suffix; below 3 GiB.
+    #[arg(long, default_value = "512M", value_parser = parse_mem)]
+    pub mem: u64,
+    /// Number of vCPUs (an MP table describes them).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=32))]
+    pub cpus: u8,
+    /// Disk image for virtio-blk (slot 0: 0xd0000000, IRQ 5), opened read-write.
+    #[arg(long, value_name = "PATH")]
+    pub disk: Option<PathBuf>,
+    /// Add a virtio-rng device fed from /dev/urandom (slot 1: 0xd0001000, IRQ 6).
+    #[arg(long)]
+    pub rng: bool,
+    /// Offer protected memory (CPUID 0x40000001 EAX bit 18) and enforce the
+    /// ENABLE/SHARE/UNSHARE hypercalls; needs a host kernel with the KVM
+    /// protected-memory patch.
+    #[arg(long)]
+    pub protect: bool,
+    /// Write the serial console to PATH instead of stdout.
+    #[arg(long, value_name = "PATH")]
+    pub serial_log: Option<PathBuf>,
+    /// Write run statistics as JSON to PATH at exit.
+    #[arg(long, value_name = "PATH")]
+    pub stats_json: Option<PathBuf>,
+    /// Stop the VM after SECS seconds (exit code 3).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// TEST ONLY: ENABLE returns -KVM_ENOSYS and changes nothing.
+    #[arg(long, requires = "protect", help_heading = "Test-only options")]
+    pub fail_enable: bool,
+    /// TEST ONLY: SHARE calls (after argument and state checks) fail with
+    /// -KVM_EFAULT, changing nothing: every call, or every N-th.
+    #[arg(
+        long,
+        value_name = "always|every:N",
+        requires = "protect",
+        help_heading = "Test-only options"
+    )]
+    pub fail_share: Option<FailPolicy>,
+    /// TEST ONLY: the same for UNSHARE.
+    #[arg(
+        long,
+        value_name = "always|every:N",
+        requires = "protect",
+        help_heading = "Test-only options"
+    )]
+    pub fail_unshare: Option<FailPolicy>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("protmem-vmm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&["--kernel", "bz"]).unwrap();
+        assert_eq!(c.mem, 512 << 20);
+        assert_eq!(c.cpus, 1);
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        assert!(!c.protect && !c.rng && c.disk.is_none() && c.timeout.is_none());
+    }
+
+    #[test]
+    fn full_command_line() {
+        let c = parse(&[
+            "--kernel",
+            "bz",
+            "--initrd",
+            "i.cpio",
+            "--mem",
+            "1G",
+            "--cpus",
+            "2",
+            "--disk",
+            "d.img",
+            "--rng",
+            "--protect",
+            "--serial-log",
+            "s.log",
+            "--stats-json",
+            "s.json",
+            "--timeout",
+            "60",
+            "--fail-share",
+            "every:3",
+            "--fail-unshare",
+            "always",
+            "--fail-enable",
+        ])
+        .unwrap();
+        assert_eq!(c.mem, 1 << 30);
+        assert_eq!(c.fail_share, Some(FailPolicy::Every(3)));
+        assert_eq!(c.fail_unshare, Some(FailPolicy::Always));
+        assert!(c.fail_enable && c.protect && c.rng);
+        assert_eq!(c.timeout, Some(60));
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for args in [
+            &["--kernel", "bz", "--mem", "3073"][..],
+            &["--kernel", "bz", "--mem", "8M"],
+            &["--kernel", "bz", "--mem", "lots"],
+            &["--kernel", "bz", "--cpus", "0"],
+            &["--kernel", "bz", "--fail-share", "every:0", "--protect"],
+            &["--kernel", "bz", "--fail-enable"],
+            &["--mem", "512"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?}");
+        }
+        assert_eq!(parse_mem("3G").unwrap(), MMIO_HOLE);
+        let e = parse(&["--kernel", "bz", "--mem", "4G"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"4G\""), "{e}");
+    }
+
+    #[test]
+    fn help_marks_test_only_options() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("Test-only options"), "{help}");
+        assert!(help.contains("TEST ONLY: ENABLE returns -KVM_ENOSYS"));
+    }
+}
