@@ -81,7 +81,7 @@ pub enum BootError {
     /// The kernel and its decompression space do not fit in RAM.
     #[error("kernel needs {need:#x} bytes from {load:#x} but RAM ends at {ram:#x}")]
     KernelTooBig {
-        /// Load address.
+        /// Where the kernel runs (load or preferred address).
         load: u64,
         /// init_size from the header.
         need: u64,
@@ -180,8 +180,11 @@ where
         return Err(BootError::Not64Bit(xloadflags));
     }
     let load = loaded.kernel_load.0;
+    // A relocatable kernel decompresses at max(load address, pref_address)
+    // (LOAD_PHYSICAL_ADDR, usually 16 MiB) and needs init_size bytes there.
+    let runtime_start = load.max(hdr.pref_address);
     let need = u64::from(hdr.init_size).max(loaded.kernel_end - load);
-    let kernel_end = load + need;
+    let kernel_end = runtime_start.saturating_add(need);
     if kernel_end > ram_size {
         return Err(BootError::KernelTooBig {
             load,
@@ -442,7 +445,12 @@ mod tests {
     /// A bzImage-shaped file: a setup header and `payload` as the
     /// protected-mode kernel.
     fn bzimage(payload: &[u8], init_size: u32, xloadflags: u16) -> Vec<u8> {
+        bzimage_at(payload, init_size, xloadflags, 0)
+    }
+
+    fn bzimage_at(payload: &[u8], init_size: u32, xloadflags: u16, pref: u64) -> Vec<u8> {
         let hdr = setup_header {
+            pref_address: pref,
             setup_sects: SETUP_SECTS,
             boot_flag: 0xaa55,
             header: 0x5372_6448,
@@ -553,6 +561,23 @@ mod tests {
         let mut initrd = Cursor::new(vec![0u8; 48 << 20]);
         let err = load(&m, RAM, &mut k, Some((&mut initrd, 48 << 20)), &cmdline).unwrap_err();
         assert!(matches!(err, BootError::InitrdTooBig { .. }), "{err}");
+        // 40 MiB of initrd (at 24 MiB) fits above 1 + 16 MiB, not above 16 + 16 MiB.
+        let mut k = Cursor::new(bzimage(&[0; 512], 0x100_0000, XLF_KERNEL_64));
+        let mut initrd = Cursor::new(vec![0u8; 40 << 20]);
+        assert!(load(&m, RAM, &mut k, Some((&mut initrd, 40 << 20)), &cmdline).is_ok());
+        let mut k = Cursor::new(bzimage_at(&[0; 512], 0x100_0000, XLF_KERNEL_64, 0x100_0000));
+        let mut initrd = Cursor::new(vec![0u8; 40 << 20]);
+        let err = load(&m, RAM, &mut k, Some((&mut initrd, 40 << 20)), &cmdline).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BootError::InitrdTooBig {
+                    kernel_end: 0x200_0000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]

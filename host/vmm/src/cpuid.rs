@@ -4,8 +4,9 @@
 //!
 //! XSAVE is hidden (PLATFORM.md TRAP 2): under nested TCG the sizes in leaf
 //! 0xD do not match what the guest kernel computes, and it panics. So leaf 1
-//! loses XSAVE, OSXSAVE and AVX (which needs XSAVE) and leaf 0xD is dropped;
-//! Linux then clears every feature that depends on XSAVE by itself.
+//! loses XSAVE, OSXSAVE and AVX, leaf 0xD is dropped, and leaf 7 loses the
+//! features whose register state lives in XSAVE components (AVX2, AVX-512,
+//! PKU, AMX), so the guest sees a consistent CPU without them.
 
 use hypercall::{
     KVM_CPUID_FEATURES, KVM_CPUID_SIGNATURE, KVM_FEATURE_MEM_PROTECTED, KVM_SIGNATURE,
@@ -24,6 +25,25 @@ const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const ECX_XSAVE: u32 = 1 << 26;
 const ECX_OSXSAVE: u32 = 1 << 27;
 const ECX_AVX: u32 = 1 << 28;
+/// Leaf 7: structured extended features.
+const LEAF_EXT_FEATURES: u32 = 7;
+/// Leaf 7.0 EBX: AVX2, AVX512F, DQ, IFMA, PF, ER, CD, BW, VL.
+const L7_EBX_XSTATE: u32 = (1 << 5)
+    | (1 << 16)
+    | (1 << 17)
+    | (1 << 21)
+    | (1 << 26)
+    | (1 << 27)
+    | (1 << 28)
+    | (1 << 30)
+    | (1 << 31);
+/// Leaf 7.0 ECX: AVX512_VBMI, PKU, OSPKE, AVX512_VBMI2, VNNI, BITALG, VPOPCNTDQ.
+const L7_ECX_XSTATE: u32 =
+    (1 << 1) | (1 << 3) | (1 << 4) | (1 << 6) | (1 << 11) | (1 << 12) | (1 << 14);
+/// Leaf 7.0 EDX: AVX512_4VNNIW, 4FMAPS, AMX_BF16, AVX512_FP16, AMX_TILE, AMX_INT8.
+const L7_EDX_XSTATE: u32 = (1 << 2) | (1 << 3) | (1 << 22) | (1 << 23) | (1 << 24) | (1 << 25);
+/// Leaf 7.1 EAX: AVX_VNNI, AVX512_BF16.
+const L7_1_EAX_XSTATE: u32 = (1 << 4) | (1 << 5);
 /// Leaf 1 EDX: more than one logical processor per package.
 const EDX_HTT: u32 = 1 << 28;
 /// `KVM_CPUID_FLAG_SIGNIFCANT_INDEX`: the entry depends on ECX.
@@ -58,6 +78,12 @@ pub fn patch(supported: &[kvm_cpuid_entry2], cfg: CpuidConfig) -> Vec<kvm_cpuid_
                     e.edx &= !EDX_HTT;
                 }
             }
+            LEAF_EXT_FEATURES if e.index == 0 => {
+                e.ebx &= !L7_EBX_XSTATE;
+                e.ecx &= !L7_ECX_XSTATE;
+                e.edx &= !L7_EDX_XSTATE;
+            }
+            LEAF_EXT_FEATURES if e.index == 1 => e.eax &= !L7_1_EAX_XSTATE,
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => e.edx = cfg.vcpu_id,
             _ => {}
         }
@@ -128,6 +154,17 @@ mod tests {
                     0x178b_fbff,
                 ],
             ),
+            e(
+                7,
+                0,
+                [
+                    0,
+                    0x219c_07ab | (1 << 5) | (1 << 16),
+                    0x0040_0004 | (1 << 3),
+                    0x10,
+                ],
+            ),
+            e(7, 1, [0x30, 0, 0, 0]),
             e(0xb, 0, [1, 1, 0x100, 0]),
             e(0xb, 1, [0, 0, 0x201, 0]),
             e(0xd, 0, [0x7, 0x340, 0x340, 0]),
@@ -157,6 +194,16 @@ mod tests {
         assert_ne!(l1.edx & EDX_HTT, 0);
         assert!(out.iter().all(|x| x.function != 0xd));
         assert_eq!(find(&out, 0xb, 1).unwrap().edx, 2, "x2APIC id");
+        let l7 = find(&out, 7, 0).unwrap();
+        assert_eq!(
+            l7.ebx,
+            0x219c_07ab & !L7_EBX_XSTATE,
+            "AVX2, AVX512F gone; SMEP, BMI kept"
+        );
+        assert_ne!(l7.ebx & (1 << 7), 0, "SMEP kept");
+        assert_eq!(l7.ecx, 0x0040_0004, "PKU gone, UMIP and RDPID kept");
+        assert_eq!(l7.edx, 0x10);
+        assert_eq!(find(&out, 7, 1).unwrap().eax, 0);
         assert_eq!(out.len(), supported().len() - 2);
     }
 
