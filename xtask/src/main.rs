@@ -4,9 +4,11 @@
 
 mod boot;
 mod ctx;
+mod e2e;
 mod initramfs;
 mod kernel;
 mod ktap;
+mod nested;
 mod overlay;
 mod setup;
 mod sh;
@@ -46,7 +48,26 @@ enum Cmd {
         /// The log file to parse.
         log: std::path::PathBuf,
     },
-    /// Run every test: cargo checks and tests, kernel build, TCG boot with KUnit.
+    /// Boot a protected guest on the real host path (QEMU TCG -> our kernel
+    /// as KVM host -> our VMM -> our kernel as guest) and verify it.
+    Demo {
+        /// Echo the consoles (always written to the log).
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// Run end-to-end scenarios in one L1 boot (all when none is named).
+    Scenarios {
+        /// Scenario names (see `cargo xtask scenarios --list`).
+        names: Vec<String>,
+        /// List the scenarios and exit.
+        #[arg(long)]
+        list: bool,
+        /// Echo the consoles (always written to the log).
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// Run every test: cargo checks and tests, kernel build, TCG boot with
+    /// KUnit, and the end-to-end scenarios.
     Test,
 }
 
@@ -82,6 +103,45 @@ fn run(cli: Cli) -> Result<()> {
             let s = ktap::parse(&text);
             println!("{}", s.summary_line());
             s.check(&[])
+        }
+        Cmd::Demo { verbose } => {
+            let tools = setup::run(&ctx)?;
+            let k = kernel::build(&ctx, &tools)?;
+            let vmm = nested::build_vmm(&ctx)?;
+            e2e::run(
+                &ctx,
+                &k,
+                &vmm,
+                vec![e2e::protected()],
+                verbose,
+                "demo-l1.log",
+            )
+            .map(|_| ())
+        }
+        Cmd::Scenarios {
+            names,
+            list,
+            verbose,
+        } => {
+            let mut all = e2e::all();
+            if list {
+                for s in &all {
+                    println!("{:<24} {}", s.name, s.expect);
+                }
+                return Ok(());
+            }
+            if !names.is_empty() {
+                for n in &names {
+                    if !all.iter().any(|s| s.name == n) {
+                        anyhow::bail!("no scenario named {n} (see --list)");
+                    }
+                }
+                all.retain(|s| names.iter().any(|n| n == s.name));
+            }
+            let tools = setup::run(&ctx)?;
+            let k = kernel::build(&ctx, &tools)?;
+            let vmm = nested::build_vmm(&ctx)?;
+            e2e::run(&ctx, &k, &vmm, all, verbose, "scenarios-l1.log").map(|_| ())
         }
         Cmd::Test => test::run(&ctx),
     }

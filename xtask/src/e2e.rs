@@ -1,0 +1,474 @@
+//! End-to-end scenarios on the real host path (L0 TCG -> L1 KVM -> L2) and
+//! the checks a user would make, one row each: what was expected, what was
+//! seen, and the figure behind it.
+
+use crate::ctx::Ctx;
+use crate::kernel::Kernel;
+use crate::ktap::{self, Status};
+use crate::nested::{self, L2Outcome, L2Run};
+use anyhow::{bail, Result};
+use serde_json::Value;
+use std::path::Path;
+
+/// The L2 kernel command line common to all scenarios.
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 kpm.io";
+
+/// KUnit restricted to our suites (fast on the nested console).
+const OUR_KUNIT: &str = "kunit.enable=1 kunit.filter_glob=kvm_protmem*";
+
+/// Our suites, which every KUnit run in L2 must report.
+pub const OUR_SUITES: &[&str] = &["kvm_protmem_abi", "kvm_protmem_ranges", "kvm_protmem_live"];
+
+/// One verification row.
+pub struct Row {
+    pub check: String,
+    pub ok: bool,
+    pub figure: String,
+}
+
+fn row(check: &str, ok: bool, figure: impl Into<String>) -> Row {
+    Row {
+        check: check.to_string(),
+        ok,
+        figure: figure.into(),
+    }
+}
+
+/// A scenario: the L2 boot it needs and how to judge it.
+pub struct Scenario {
+    pub name: &'static str,
+    pub expect: &'static str,
+    pub run: L2Run,
+    pub judge: fn(&L2Outcome) -> Vec<Row>,
+}
+
+fn scenario(
+    name: &'static str,
+    expect: &'static str,
+    args: &[&str],
+    extra: &str,
+    judge: fn(&L2Outcome) -> Vec<Row>,
+) -> Scenario {
+    Scenario {
+        name,
+        expect,
+        run: L2Run {
+            name: name.to_string(),
+            vmm_args: args.iter().map(|s| s.to_string()).collect(),
+            cmdline: format!("{BASE_CMDLINE} {extra}").trim().to_string(),
+        },
+        judge,
+    }
+}
+
+/// The protected boot of the demo: every KUnit suite, full checks.
+pub fn protected() -> Scenario {
+    scenario(
+        "protected",
+        "boots protected; pool shared; all DMA bounced; disk I/O intact; KUnit all pass; no denied access",
+        &["--protect"],
+        "kunit.enable=1",
+        judge_protected,
+    )
+}
+
+/// Every scenario `cargo xtask test` runs, in one L1 boot.
+pub fn all() -> Vec<Scenario> {
+    vec![
+        protected(),
+        scenario(
+            "unprotected",
+            "without --protect: not offered, no protected-memory hypercalls, live suite skips, I/O works",
+            &[],
+            OUR_KUNIT,
+            judge_unprotected,
+        ),
+        scenario(
+            "no-bounce",
+            "swiotlb=noforce hands devices private addresses: the disk gives errors, never data; the VMM counts denials",
+            &["--protect"],
+            "swiotlb=noforce",
+            judge_no_bounce,
+        ),
+        scenario(
+            "enable-fails",
+            "the host refuses ENABLE: the guest says `enable failed` and boots unprotected with working I/O",
+            &["--protect", "--fail-enable"],
+            "",
+            judge_enable_fails,
+        ),
+        scenario(
+            "pool-share-fails",
+            "every SHARE fails: the guest refuses to boot with broken DMA, with its precise panic message",
+            &["--protect", "--fail-share", "always"],
+            "",
+            judge_pool_share_fails,
+        ),
+        scenario(
+            "share-every-7th-fails",
+            "every 7th SHARE fails at runtime: no crash, leaked pages counted, I/O still correct",
+            &["--protect", "--fail-share", "every:7"],
+            OUR_KUNIT,
+            judge_flaky_share,
+        ),
+        scenario(
+            "opt-out",
+            "kvm_protmem=off under --protect: a normal guest with working I/O; ENABLE never came",
+            &["--protect"],
+            "kvm_protmem=off",
+            judge_opt_out,
+        ),
+    ]
+}
+
+/// Reads a number at a JSON path like `hypercalls.13.0`.
+fn num(v: &Value, path: &str) -> u64 {
+    let mut cur = v;
+    for k in path.split('.') {
+        cur = match cur.get(k) {
+            Some(x) => x,
+            None => return 0,
+        };
+    }
+    cur.as_u64().unwrap_or(0)
+}
+
+fn stats(o: &L2Outcome) -> Value {
+    o.stats
+        .as_deref()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// Calls of hypercall `nr` by result, e.g. "0: 1, -22: 1".
+fn calls(v: &Value, nr: u64) -> (u64, u64) {
+    let ok = num(v, &format!("hypercalls.{nr}.0"));
+    let all = v
+        .get("hypercalls")
+        .and_then(|h| h.get(nr.to_string()))
+        .and_then(Value::as_object)
+        .map(|m| m.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0);
+    (ok, all)
+}
+
+fn dmesg_has(o: &L2Outcome, text: &str) -> bool {
+    o.console.contains(text)
+}
+
+fn kv<'a>(o: &'a L2Outcome, key: &str) -> Option<&'a str> {
+    o.lines_after(&format!("kpm-init: {key} ")).next()
+}
+
+fn debugfs(o: &L2Outcome, name: &str) -> Option<u64> {
+    o.lines_after(&format!("kpm-init: debugfs {name}: "))
+        .next()
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn booted(o: &L2Outcome) -> Row {
+    let up = dmesg_has(o, "kpm-init: done");
+    row(
+        "guest reached userspace and reset cleanly",
+        up && o.exit == Some(0),
+        format!("VMM exit {:?}", o.exit),
+    )
+}
+
+fn disk_rows(o: &L2Outcome) -> Vec<Row> {
+    let known = nested::known_sha256();
+    let read = kv(o, "disk-read")
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or("none");
+    let back = kv(o, "disk-readback")
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or("none");
+    let host = o.disk_copy_sha.as_deref().unwrap_or("none");
+    vec![
+        row(
+            "virtio-blk read matches the image's checksum",
+            read == known,
+            format!("sha256 {}", &read[..read.len().min(16)]),
+        ),
+        row(
+            "virtio-blk write comes back intact (guest re-read and host file)",
+            back == known && host == known,
+            format!(
+                "guest {} host {}",
+                &back[..back.len().min(16)],
+                &host[..host.len().min(16)]
+            ),
+        ),
+    ]
+}
+
+fn access_platform_rows(o: &L2Outcome) -> Row {
+    let feats: Vec<&str> = o.lines_after("kpm-init: virtio ").collect();
+    // sysfs prints the feature bits as a string of 0/1, bit 0 first.
+    let with_ap = feats
+        .iter()
+        .filter(|l| {
+            l.split(" features ")
+                .nth(1)
+                .is_some_and(|f| f.as_bytes().get(33) == Some(&b'1'))
+        })
+        .count();
+    row(
+        "virtio devices negotiated VIRTIO_F_ACCESS_PLATFORM",
+        !feats.is_empty() && with_ap == feats.len(),
+        format!("{with_ap}/{} devices", feats.len()),
+    )
+}
+
+fn kunit_row(o: &L2Outcome, suites: &[&str], live_must_pass: bool) -> Row {
+    let s = ktap::parse(&o.console);
+    let mut ok = s.check(suites).is_ok();
+    let live: Vec<_> = s
+        .cases
+        .iter()
+        .filter(|c| c.suite == "kvm_protmem_live")
+        .collect();
+    if live_must_pass {
+        ok &= !live.is_empty() && live.iter().all(|c| c.status == Status::Pass);
+    } else {
+        ok &= live.iter().all(|c| c.status == Status::Skip);
+    }
+    let live_state = if live_must_pass {
+        "live suite ran"
+    } else {
+        "live suite skipped"
+    };
+    row(
+        "KUnit in L2 (KTAP parsed, our suites present)",
+        ok,
+        format!("{}; {live_state}", s.summary_line()),
+    )
+}
+
+fn judge_protected(o: &L2Outcome) -> Vec<Row> {
+    let v = stats(o);
+    let (enable_ok, _) = calls(&v, 13);
+    let (share_ok, share_all) = calls(&v, 14);
+    let pool = o
+        .lines_after("kvm_protmem: swiotlb pool shared: ")
+        .next()
+        .unwrap_or("");
+    let hiwater = kv(o, "swiotlb io_tlb_used_hiwater")
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let mut rows = vec![
+        booted(o),
+        row(
+            "feature detected and ENABLE succeeded",
+            dmesg_has(o, "kvm_protmem: enabled") && enable_ok == 1 && num(&v, "enable_count") == 1,
+            format!("ENABLE calls ok {enable_ok}, dmesg `enabled`"),
+        ),
+        row(
+            "swiotlb forced, bounce pool shared",
+            !pool.is_empty(),
+            if pool.is_empty() {
+                "no `swiotlb pool shared` line".to_string()
+            } else {
+                pool.to_string()
+            },
+        ),
+        access_platform_rows(o),
+    ];
+    rows.extend(disk_rows(o));
+    let denied = num(&v, "device_accesses.denied");
+    let allowed = num(&v, "device_accesses.allowed");
+    rows.push(row(
+        "all DMA was bounced through shared memory",
+        denied == 0 && allowed > 0 && hiwater > 0,
+        format!("device accesses allowed {allowed}, denied {denied}; swiotlb high water {hiwater} slabs"),
+    ));
+    rows.push(kunit_row(
+        o,
+        &[OUR_SUITES, &["rust_doctests_kernel"]].concat(),
+        true,
+    ));
+    rows.push(row(
+        "VMM stats: no denied access, pages shared at exit",
+        denied == 0 && num(&v, "pages_shared") > 0,
+        format!(
+            "denied {denied}; shared now {} pages, peak {}; SHARE calls {share_ok}/{share_all} ok; UNSHARE {}",
+            num(&v, "pages_shared"),
+            num(&v, "pages_shared_peak"),
+            calls(&v, 15).0
+        ),
+    ));
+    rows
+}
+
+fn judge_unprotected(o: &L2Outcome) -> Vec<Row> {
+    let v = stats(o);
+    let ours: u64 = [13, 14, 15].iter().map(|&nr| calls(&v, nr).1).sum();
+    let mut rows = vec![
+        booted(o),
+        row(
+            "guest says `not offered`",
+            dmesg_has(o, "kvm_protmem: not offered by the host"),
+            "dmesg",
+        ),
+        row(
+            "no protected-memory hypercalls",
+            ours == 0 && o.stats.is_some(),
+            format!("{ours} calls of 13-15"),
+        ),
+        kunit_row(o, OUR_SUITES, false),
+    ];
+    rows.extend(disk_rows(o));
+    rows
+}
+
+fn judge_no_bounce(o: &L2Outcome) -> Vec<Row> {
+    let v = stats(o);
+    let denied = num(&v, "device_accesses.denied") + num(&v, "virtio.blk.transport.ring_denials");
+    let read = kv(o, "disk-read")
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or("none");
+    let ioerr = num(&v, "virtio.blk.requests.ioerr");
+    vec![
+        row(
+            "guest enabled protection",
+            dmesg_has(o, "kvm_protmem: enabled"),
+            "dmesg",
+        ),
+        row(
+            "the disk never returned the image's data",
+            read != nested::known_sha256(),
+            format!("guest read sha256 {}", &read[..read.len().min(16)]),
+        ),
+        row(
+            "the VMM denied and counted the accesses to private memory",
+            denied > 0,
+            format!("denied {denied}, blk IOERR {ioerr}"),
+        ),
+    ]
+}
+
+fn judge_enable_fails(o: &L2Outcome) -> Vec<Row> {
+    let mut rows = vec![
+        booted(o),
+        row(
+            "guest says `enable failed` and boots unprotected",
+            dmesg_has(o, "kvm_protmem: enable failed: host returned KVM_ENOSYS"),
+            "dmesg",
+        ),
+    ];
+    rows.extend(disk_rows(o));
+    rows
+}
+
+fn judge_pool_share_fails(o: &L2Outcome) -> Vec<Row> {
+    let msg = "Kernel panic - not syncing: kvm_protmem: cannot share the swiotlb bounce pool";
+    vec![
+        row(
+            "guest panics with the precise message",
+            dmesg_has(o, msg),
+            msg.to_string(),
+        ),
+        row(
+            "the VMM reports a guest panic",
+            o.exit == Some(2),
+            format!("VMM exit {:?}", o.exit),
+        ),
+        row(
+            "no userspace ran",
+            !dmesg_has(o, "kpm-init: userspace up"),
+            "no `kpm-init` line",
+        ),
+    ]
+}
+
+fn judge_flaky_share(o: &L2Outcome) -> Vec<Row> {
+    let v = stats(o);
+    let (ok, all) = calls(&v, 14);
+    let leaked = debugfs(o, "pages_leaked").unwrap_or(0);
+    let failures = debugfs(o, "failures").unwrap_or(0);
+    let mut rows = vec![
+        booted(o),
+        row(
+            "refused SHAREs are counted and their pages leaked",
+            all > ok && failures > 0 && leaked > 0,
+            format!("SHARE {ok}/{all} ok; guest failures {failures}, pages leaked {leaked}"),
+        ),
+        kunit_row(o, OUR_SUITES, true),
+    ];
+    rows.extend(disk_rows(o));
+    rows
+}
+
+fn judge_opt_out(o: &L2Outcome) -> Vec<Row> {
+    let v = stats(o);
+    let mut rows = vec![
+        booted(o),
+        row(
+            "guest says it opted out",
+            dmesg_has(o, "kvm_protmem: disabled on the command line"),
+            "dmesg",
+        ),
+        row(
+            "the VMM reports that ENABLE never came",
+            o.stats.is_some()
+                && num(&v, "enable_count") == 0
+                && !v["protection_enabled"].as_bool().unwrap_or(true),
+            format!("enable_count {}", num(&v, "enable_count")),
+        ),
+    ];
+    rows.extend(disk_rows(o));
+    rows
+}
+
+/// Prints a scenario's table; returns whether every row passed.
+pub fn report(s: &Scenario, o: &L2Outcome) -> bool {
+    let rows = (s.judge)(o);
+    println!("\nscenario {}: {}", s.name, s.expect);
+    let width = rows.iter().map(|r| r.check.len()).max().unwrap_or(10);
+    for r in &rows {
+        println!(
+            "  {:<width$}  {}  {}",
+            r.check,
+            if r.ok { "pass" } else { "FAIL" },
+            r.figure
+        );
+    }
+    let ok = rows.iter().all(|r| r.ok);
+    println!("scenario {}: {}", s.name, if ok { "pass" } else { "FAIL" });
+    if !ok {
+        println!("--- {} console tail ---\n{}", s.name, o.tail());
+    }
+    ok
+}
+
+/// Runs `scenarios` in one L1 boot and prints their tables; fails if any
+/// row failed. Returns (passed, failed) scenario counts.
+pub fn run(
+    ctx: &Ctx,
+    k: &Kernel,
+    vmm: &Path,
+    scenarios: Vec<Scenario>,
+    echo: bool,
+    log: &str,
+) -> Result<(usize, usize)> {
+    let runs: Vec<L2Run> = scenarios.iter().map(|s| s.run.clone()).collect();
+    let (console, outcomes) = nested::run(ctx, k, vmm, &runs, echo, log)?;
+    let mut passed = 0;
+    let mut failed = Vec::new();
+    for s in &scenarios {
+        let o = outcomes.iter().find(|o| o.name == s.name);
+        match o {
+            Some(o) if report(s, o) => passed += 1,
+            _ => failed.push(s.name),
+        }
+    }
+    println!(
+        "\nscenarios: {passed} passed, {} failed (L1 log {})",
+        failed.len(),
+        console.log.display()
+    );
+    if !failed.is_empty() {
+        bail!("scenarios failed: {}", failed.join(", "));
+    }
+    Ok((passed, failed.len()))
+}
