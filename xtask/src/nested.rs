@@ -68,7 +68,7 @@ impl L2Outcome {
         let prefix = prefix.to_string();
         self.console.lines().filter_map(move |l| {
             let l = l.trim_end_matches('\r');
-            l.find(prefix).map(|i| &l[i + prefix.len()..])
+            l.find(prefix.as_str()).map(|i| &l[i + prefix.len()..])
         })
     }
 
