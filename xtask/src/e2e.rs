@@ -16,6 +16,9 @@ const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 kpm.io";
 /// KUnit restricted to our suites (fast on the nested console).
 const OUR_KUNIT: &str = "kunit.enable=1 kunit.filter_glob=kvm_protmem*";
 
+/// No KUnit, for scenarios that check something else.
+const NO_KUNIT: &str = "kunit.enable=0";
+
 /// Our suites, which every KUnit run in L2 must report.
 pub const OUR_SUITES: &[&str] = &["kvm_protmem_abi", "kvm_protmem_ranges", "kvm_protmem_live"];
 
@@ -87,21 +90,21 @@ pub fn all() -> Vec<Scenario> {
             "no-bounce",
             "swiotlb=noforce hands devices private addresses: the disk gives errors, never data; the VMM counts denials",
             &["--protect"],
-            "swiotlb=noforce",
+            "swiotlb=noforce kunit.enable=0",
             judge_no_bounce,
         ),
         scenario(
             "enable-fails",
             "the host refuses ENABLE: the guest says `enable failed` and boots unprotected with working I/O",
             &["--protect", "--fail-enable"],
-            "",
+            NO_KUNIT,
             judge_enable_fails,
         ),
         scenario(
             "pool-share-fails",
             "every SHARE fails: the guest refuses to boot with broken DMA, with its precise panic message",
             &["--protect", "--fail-share", "always"],
-            "",
+            NO_KUNIT,
             judge_pool_share_fails,
         ),
         scenario(
@@ -115,7 +118,7 @@ pub fn all() -> Vec<Scenario> {
             "opt-out",
             "kvm_protmem=off under --protect: a normal guest with working I/O; ENABLE never came",
             &["--protect"],
-            "kvm_protmem=off",
+            "kvm_protmem=off kunit.enable=0",
             judge_opt_out,
         ),
     ]
@@ -420,6 +423,26 @@ fn judge_opt_out(o: &L2Outcome) -> Vec<Row> {
     rows
 }
 
+/// Prints the KVM host-handler test's checks; returns whether all passed.
+fn report_kvm_test(o: &L2Outcome) -> bool {
+    println!("\nscenario {}: KVM forwards 13-15 with the cap, rejects malformed ranges with -KVM_EINVAL, and answers -KVM_ENOSYS without the cap", nested::KVM_TEST);
+    for l in o.lines_after("protmem-kvm-test: ") {
+        println!("  {l}");
+    }
+    let summary = o
+        .console
+        .lines()
+        .find(|l| l.ends_with(" failed") && l.contains(" passed, "))
+        .unwrap_or("no summary");
+    let ok = o.exit == Some(0) && summary.ends_with(" 0 failed");
+    println!(
+        "scenario {}: {} ({summary})",
+        nested::KVM_TEST,
+        if ok { "pass" } else { "FAIL" }
+    );
+    ok
+}
+
 /// Prints a scenario's table; returns whether every row passed.
 pub fn report(s: &Scenario, o: &L2Outcome) -> bool {
     let rows = (s.judge)(o);
@@ -455,6 +478,10 @@ pub fn run(
     let (console, outcomes) = nested::run(ctx, k, vmm, &runs, echo, log)?;
     let mut passed = 0;
     let mut failed = Vec::new();
+    match outcomes.iter().find(|o| o.name == nested::KVM_TEST) {
+        Some(o) if report_kvm_test(o) => passed += 1,
+        _ => failed.push(nested::KVM_TEST),
+    }
     for s in &scenarios {
         let o = outcomes.iter().find(|o| o.name == s.name);
         match o {
