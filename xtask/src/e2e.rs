@@ -88,7 +88,7 @@ pub fn all() -> Vec<Scenario> {
         ),
         scenario(
             "no-bounce",
-            "swiotlb=noforce hands devices private addresses: the disk gives errors, never data; the VMM counts denials",
+            "swiotlb=noforce hands devices private addresses: the disk never returns data; the VMM refuses and counts every access",
             &["--protect"],
             "swiotlb=noforce kunit.enable=0",
             judge_no_bounce,

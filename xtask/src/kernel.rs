@@ -22,6 +22,10 @@ pub const FRAGMENTS: &[&str] = &[
 
 /// A built kernel.
 pub struct Kernel {
+    /// The tree the kernel was built from (pristine + overlay).
+    pub tree: PathBuf,
+    /// The `O=` build directory.
+    pub build: PathBuf,
     /// The bootable image.
     pub bzimage: PathBuf,
 }
@@ -55,7 +59,11 @@ pub fn build(ctx: &Ctx, tools: &Tools) -> Result<Kernel> {
         bail!("the build finished but {} is missing", bzimage.display());
     }
     println!("kernel: {}", bzimage.display());
-    Ok(Kernel { bzimage })
+    Ok(Kernel {
+        tree,
+        build: out,
+        bzimage,
+    })
 }
 
 /// Parses a config fragment into wanted symbol values (`n` for "is not set").

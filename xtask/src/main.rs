@@ -13,6 +13,7 @@ mod overlay;
 mod setup;
 mod sh;
 mod test;
+mod uapi;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

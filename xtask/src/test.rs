@@ -1,7 +1,7 @@
 //! `cargo xtask test`: every test the project has, in one command.
 
 use crate::ctx::Ctx;
-use crate::{boot, kernel, setup, sh};
+use crate::{boot, e2e, kernel, nested, setup, sh, uapi};
 use anyhow::{bail, Result};
 use std::process::Command;
 use std::time::Instant;
@@ -75,6 +75,31 @@ fn cargo(ctx: &Ctx, name: &'static str, args: &[&str]) -> Step {
     }
 }
 
+fn step(name: &'static str, t: Instant, res: Result<(usize, usize, String)>) -> Step {
+    let secs = t.elapsed().as_secs();
+    match res {
+        Ok((passed, failed, note)) => Step {
+            name,
+            ok: failed == 0,
+            passed,
+            failed,
+            note,
+            secs,
+        },
+        Err(e) => {
+            eprintln!("test: {name}: {e:#}");
+            Step {
+                name,
+                ok: false,
+                passed: 0,
+                failed: 1,
+                note: "failed".into(),
+                secs,
+            }
+        }
+    }
+}
+
 pub fn run(ctx: &Ctx) -> Result<()> {
     let start = Instant::now();
     let mut steps = vec![
@@ -96,69 +121,44 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     ];
 
     let t = Instant::now();
-    let built = setup::run(ctx).and_then(|tools| kernel::build(ctx, &tools));
-    let kernel = match built {
-        Ok(k) => {
-            steps.push(Step {
-                name: "kernel build",
-                ok: true,
-                passed: 0,
-                failed: 0,
-                note: String::new(),
-                secs: t.elapsed().as_secs(),
-            });
-            Some(k)
+    let built = setup::run(ctx).and_then(|tools| kernel::build(ctx, &tools).map(|k| (tools, k)));
+    let (tools, k) = match built {
+        Ok(tk) => {
+            steps.push(step("kernel build", t, Ok((0, 0, String::new()))));
+            tk
         }
         Err(e) => {
-            eprintln!("test: kernel build: {e:#}");
-            steps.push(Step {
-                name: "kernel build",
-                ok: false,
-                passed: 0,
-                failed: 1,
-                note: "failed".into(),
-                secs: t.elapsed().as_secs(),
-            });
-            None
+            steps.push(step("kernel build", t, Err(e)));
+            return finish(start, &steps);
         }
     };
 
-    if let Some(k) = &kernel {
-        let t = Instant::now();
-        let step = match boot::tcg_kunit(ctx, k, false, 180, "") {
-            Ok(b) => {
-                let res = b.check().and_then(|()| b.check_feature_absent());
-                if let Err(e) = &res {
-                    eprintln!("test: TCG boot + KUnit: {e:#}");
-                }
-                Step {
-                    name: "TCG boot + KUnit",
-                    ok: res.is_ok(),
-                    passed: b.ktap.count(crate::ktap::Status::Pass),
-                    failed: b.ktap.failed().max(usize::from(res.is_err())),
-                    note: b.ktap.summary_line(),
-                    secs: t.elapsed().as_secs(),
-                }
-            }
-            Err(e) => {
-                eprintln!("test: TCG boot + KUnit: {e:#}");
-                Step {
-                    name: "TCG boot + KUnit",
-                    ok: false,
-                    passed: 0,
-                    failed: 1,
-                    note: "boot failed".into(),
-                    secs: t.elapsed().as_secs(),
-                }
-            }
-        };
-        steps.push(step);
-    }
+    let t = Instant::now();
+    let res = uapi::check(&tools, &k).map(|n| (n, 0, format!("{n} constants equal")));
+    steps.push(step("uapi vs ABI (bindgen)", t, res));
 
-    println!("\n{:<20} {:<6} {:>6}  figures", "step", "result", "time");
-    for s in &steps {
+    let t = Instant::now();
+    let res = boot::tcg_kunit(ctx, &k, false, 180, "").and_then(|b| {
+        let verdict = b.check().and_then(|()| b.check_feature_absent());
+        let (p, f) = (b.ktap.count(crate::ktap::Status::Pass), b.ktap.failed());
+        verdict.map(|()| (p, f, b.ktap.summary_line()))
+    });
+    steps.push(step("TCG boot + KUnit", t, res));
+
+    let t = Instant::now();
+    let res = nested::build_vmm(ctx)
+        .and_then(|vmm| e2e::run(ctx, &k, &vmm, e2e::all(), false, "test-l1.log"));
+    let res = res.map(|(p, f)| (p, f, format!("{p} scenarios passed, {f} failed")));
+    steps.push(step("nested L1/L2 scenarios", t, res));
+
+    finish(start, &steps)
+}
+
+fn finish(start: Instant, steps: &[Step]) -> Result<()> {
+    println!("\n{:<24} {:<6} {:>6}  figures", "step", "result", "time");
+    for s in steps {
         println!(
-            "{:<20} {:<6} {:>5}s  {}",
+            "{:<24} {:<6} {:>5}s  {}",
             s.name,
             if s.ok { "pass" } else { "FAIL" },
             s.secs,

@@ -8,27 +8,33 @@
 
 use kernel::bindings;
 
-/// Marks the running KUnit case skipped with `reason` unless protection is
-/// enabled; returns whether it was skipped.
+/// Marks the running KUnit case skipped, with `reason` as its comment.
+fn skip(reason: &[u8]) {
+    // SAFETY: `kunit_get_current_test()` is always safe to call.
+    let test = unsafe { bindings::kunit_get_current_test() };
+    if test.is_null() {
+        return;
+    }
+    // SAFETY: `test` is the running test case, owned by KUnit for the
+    // duration of this call; only its status fields are written.
+    unsafe {
+        (*test).status = bindings::kunit_status_KUNIT_SKIPPED;
+        let comment = &mut (*test).status_comment;
+        let n = reason.len().min(comment.len() - 1);
+        for (d, s) in comment.iter_mut().zip(&reason[..n]) {
+            *d = *s as _;
+        }
+        comment[n] = 0;
+    }
+}
+
+/// Skips the running case with `reason` unless protection is enabled;
+/// returns whether it skipped.
 fn skip_unless_enabled(reason: &[u8]) -> bool {
     if super::state() == super::State::Enabled {
         return false;
     }
-    // SAFETY: `kunit_get_current_test()` is always safe to call.
-    let test = unsafe { bindings::kunit_get_current_test() };
-    if !test.is_null() {
-        // SAFETY: `test` is the running test case, owned by KUnit for the
-        // duration of this call; only its status fields are written.
-        unsafe {
-            (*test).status = bindings::kunit_status_KUNIT_SKIPPED;
-            let comment = &mut (*test).status_comment;
-            let n = reason.len().min(comment.len() - 1);
-            for (d, s) in comment.iter_mut().zip(&reason[..n]) {
-                *d = *s as _;
-            }
-            comment[n] = 0;
-        }
-    }
+    skip(reason);
     true
 }
 
@@ -170,7 +176,7 @@ mod range_tests {
 
 #[kernel::macros::kunit_tests(kvm_protmem_live)]
 mod live_tests {
-    use super::skip_unless_enabled;
+    use super::{skip, skip_unless_enabled};
     use crate::{abi, boot_pool, is_shared, stats, virt_to_pfn};
     use kernel::bindings;
 
@@ -216,6 +222,126 @@ mod live_tests {
         assert!(!is_shared(pfn));
         // SAFETY: the page is private again and ours to free.
         unsafe { bindings::free_pages(addr, 0) };
+    }
+
+    /// The reference VMM's probe device (host/vmm/src/probe.rs): write a GPA
+    /// at 0x00, read 1/0 (device view may/may not access it) at 0x08 and
+    /// the first 8 bytes at 0x10; 0x18 holds the magic "prob".
+    const PROBE_BASE: u64 = 0xd000_f000;
+    const PROBE_MAGIC: u64 = 0x626f_7270;
+
+    /// Asks the probe about `gpa`: (allowed, bytes seen).
+    ///
+    /// # Safety
+    ///
+    /// `probe` must be the ioremapped probe window.
+    unsafe fn probe(probe: *mut kernel::ffi::c_void, gpa: u64) -> (u64, u64) {
+        let base = probe.cast::<u8>();
+        // SAFETY: registers inside the 4 KiB window (caller).
+        unsafe {
+            bindings::writeq(gpa, base.cast());
+            (bindings::readq(base.add(8).cast()), bindings::readq(base.add(16).cast()))
+        }
+    }
+
+    #[test]
+    fn device_view_cannot_read_private_memory() {
+        if skip_unless_enabled(b"protection is off") {
+            return;
+        }
+        // SAFETY: mapping an MMIO window; unmapped below.
+        let win = unsafe { bindings::ioremap(PROBE_BASE, 0x1000) };
+        assert!(!win.is_null());
+        if win.is_null() {
+            return;
+        }
+        // SAFETY: inside the window.
+        let magic = unsafe { bindings::readl(win.cast::<u8>().add(0x18).cast()) };
+        if u64::from(magic) != PROBE_MAGIC {
+            // SAFETY: mapped above.
+            unsafe { bindings::iounmap(win) };
+            skip(b"no probe device (not the reference VMM)");
+            return;
+        }
+        const SECRET: u64 = 0x5ec2_e75e_c2e7_5ec2;
+        // SAFETY: plain page allocation; freed below.
+        let addr = unsafe { bindings::get_zeroed_page_noprof(bindings::GFP_KERNEL) };
+        assert!(addr != 0);
+        if addr == 0 {
+            return;
+        }
+        // SAFETY: `addr` is our mapped page.
+        let gpa = unsafe { virt_to_pfn(addr) } << abi::PAGE_SHIFT;
+        // SAFETY: our page, 8-byte aligned.
+        unsafe { core::ptr::write_volatile(addr as *mut u64, SECRET) };
+        // SAFETY: `win` is the probe window.
+        let (allowed, seen) = unsafe { probe(win, gpa) };
+        assert_eq!(allowed, 0);
+        assert_eq!(seen, 0);
+        // A shared page is visible: the probe is not blind.
+        if let Some((pool, _)) = boot_pool() {
+            // SAFETY: as above.
+            assert_eq!(unsafe { probe(win, pool << abi::PAGE_SHIFT) }.0, 1);
+        }
+        // SAFETY: our page.
+        assert_eq!(unsafe { bindings::set_memory_decrypted(addr, 1) }, 0);
+        // SAFETY: our page; contents are unspecified after SHARE.
+        unsafe { core::ptr::write_volatile(addr as *mut u64, SECRET) };
+        // SAFETY: as above.
+        assert_eq!(unsafe { probe(win, gpa) }, (1, SECRET));
+        // SAFETY: our page.
+        assert_eq!(unsafe { bindings::set_memory_encrypted(addr, 1) }, 0);
+        // SAFETY: as above.
+        assert_eq!(unsafe { probe(win, gpa) }, (0, 0));
+        // SAFETY: private again, ours to free; the window is ours to unmap.
+        unsafe {
+            bindings::free_pages(addr, 0);
+            bindings::iounmap(win);
+        }
+    }
+
+    #[test]
+    fn streaming_dma_lands_in_the_bounce_pool() {
+        if skip_unless_enabled(b"protection is off") {
+            return;
+        }
+        let Some((pool, pages)) = boot_pool() else {
+            assert!(false);
+            return;
+        };
+        // SAFETY: called from a running test case.
+        let dev = unsafe {
+            bindings::kunit_device_register(bindings::kunit_get_current_test(), c"kvm_protmem_dma".as_ptr().cast())
+        };
+        assert!(!dev.is_null() && (dev as usize) < usize::MAX - 4095);
+        if dev.is_null() || (dev as usize) >= usize::MAX - 4095 {
+            return;
+        }
+        const DATA: u64 = 0x0123_4567_89ab_cdef;
+        // SAFETY: a fresh device owned by this test (KUnit frees it at the
+        // end); its masks are set before any mapping. The page is ours.
+        unsafe {
+            (*dev).coherent_dma_mask = u64::MAX;
+            (*dev).dma_mask = &raw mut (*dev).coherent_dma_mask;
+            let addr = bindings::get_zeroed_page_noprof(bindings::GFP_KERNEL);
+            assert!(addr != 0);
+            if addr == 0 {
+                return;
+            }
+            core::ptr::write_volatile(addr as *mut u64, DATA);
+            let phys = virt_to_pfn(addr) << abi::PAGE_SHIFT;
+            let dma = bindings::dma_map_phys(dev, phys, 64, bindings::dma_data_direction_DMA_TO_DEVICE, 0);
+            assert!(dma != u64::MAX);
+            let slot = dma >> abi::PAGE_SHIFT;
+            // The device gets a bounce slot in the shared pool, not the page.
+            assert!(slot >= pool && slot < pool + pages);
+            assert!(dma != phys);
+            // The bounce slot holds the data (copied at map time).
+            let bounced = core::ptr::read_volatile((dma as usize + bindings::page_offset_base) as *const u64);
+            assert_eq!(bounced, DATA);
+            bindings::dma_unmap_phys(dev, dma, 64, bindings::dma_data_direction_DMA_TO_DEVICE, 0);
+            bindings::free_pages(addr, 0);
+        }
     }
 
     #[test]
