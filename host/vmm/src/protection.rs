@@ -232,6 +232,21 @@ impl Protection {
         self.set_prot(0, self.ram_end, false)
     }
 
+    /// Back to the power-on state for a reboot: protection off, no page
+    /// private, the shared map empty and the whole device view
+    /// `PROT_READ|PROT_WRITE` again, so the next kernel starts as a normal
+    /// VM until it issues ENABLE. Counters, the peak and the ENABLE count
+    /// stay cumulative over the run.
+    ///
+    /// Call it only with every vCPU stopped and after guest RAM was cleared
+    /// (see [`crate::ram::clear`]): it reopens every page to devices.
+    pub fn reset(&mut self) -> Result<(), ProtectionError> {
+        self.set_prot(0, self.ram_end, true)?;
+        self.shared.clear();
+        self.enabled = false;
+        Ok(())
+    }
+
     /// Shares `range` with the host (devices may then access it).
     pub fn share(&mut self, range: GpaRange) -> Result<(), AbiError> {
         self.check_request(range)?;
@@ -624,6 +639,42 @@ mod tests {
                 "page {pfn}: {perm} (all: {perms:?})"
             );
         }
+    }
+
+    #[test]
+    fn reset_reopens_a_real_memfd_and_empties_the_map() {
+        let (_kvm, dev) = crate::ram::GuestRam::new(NPAGES * PAGE_SIZE)
+            .unwrap()
+            .into_views();
+        let mut p = Protection::new(dev);
+        let base = p.raw_view().get_host_address(GuestAddress(0)).unwrap() as u64;
+        p.enable().unwrap();
+        p.share(range(1, 3)).unwrap();
+        p.share(range(12, 1)).unwrap();
+        p.write_obj(0x1234_u32, GuestAddress(0x1000)).unwrap();
+        assert!(page_perms(base, NPAGES).iter().any(|s| s.starts_with("--")));
+        let before = p.stats();
+
+        p.reset().unwrap();
+        let perms = page_perms(base, NPAGES);
+        assert!(
+            perms.iter().all(|s| s.starts_with("rw")),
+            "every page RW after reset: {perms:?}"
+        );
+        assert!(!p.enabled());
+        assert_eq!(p.shared_pages(), 0, "map empty");
+        assert_eq!(p.classify(0, NPAGES * PAGE_SIZE), Access::Allowed);
+        assert_eq!(read_in_child(&p, 0x5000), None, "really readable");
+        assert_eq!(p.share(range(0, 1)), Err(AbiError::Permission), "normal VM");
+        assert_eq!(p.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0x1234);
+        assert_eq!(p.enable_count(), 1, "cumulative");
+        assert_eq!(p.shared_peak(), 4, "cumulative");
+        assert_eq!(p.stats().allowed, before.allowed + 1, "counters kept");
+
+        p.enable().unwrap();
+        assert_eq!(p.shared_pages(), 0);
+        assert_eq!(p.classify(0x1000, 4), Access::Private, "ENABLE works again");
+        assert_eq!(read_in_child(&p, 0x1000), Some(libc::SIGSEGV));
     }
 
     /// Forks a child that reads one byte of `gpa` through the unchecked

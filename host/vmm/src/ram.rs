@@ -16,8 +16,8 @@ use std::os::fd::FromRawFd;
 
 use vm_memory::mmap::MmapRegionError;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionCollectionError,
-    GuestRegionMmap, MmapRegion,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionCollectionError, GuestRegionMmap, MmapRegion,
 };
 
 /// Page size of the shared-page map (the hypercall ABI's page).
@@ -74,6 +74,16 @@ pub enum RamError {
     /// Duplicating the memfd for the second view failed.
     #[error("duplicating the guest RAM memfd failed: {0}")]
     Dup(io::Error),
+    /// Zeroing a range of guest RAM for a reboot failed.
+    #[error("clearing guest RAM GPAs {start:#x}..{end:#x} (punching the memfd) failed: {err}")]
+    Clear {
+        /// First GPA of the range.
+        start: u64,
+        /// One past the last GPA.
+        end: u64,
+        /// The OS error (`InvalidInput` if the range is not file backed).
+        err: io::Error,
+    },
 }
 
 /// Guest RAM from GPA 0: a memfd with a KVM view and a device view.
@@ -147,6 +157,44 @@ impl GuestRam {
     }
 }
 
+/// Zeroes all guest RAM of `view` (either view of one [`GuestRam`]) for a
+/// reboot, by punching the memfd: the pages go back to the host and read as
+/// zero through both views; the memfd keeps its size and seals.
+///
+/// A reboot reopens every page to devices (protection starts off again), so
+/// without this the previous kernel's private pages would become readable by
+/// the device view. Call it only with every vCPU stopped.
+pub fn clear(view: &GuestMemoryMmap) -> Result<(), RamError> {
+    for region in view.iter() {
+        let start = region.start_addr().0;
+        let end = start + region.len();
+        let err = |err| RamError::Clear { start, end, err };
+        let fo = region
+            .file_offset()
+            .ok_or_else(|| err(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        let (offset, len) = (fo.start(), region.len());
+        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+        else {
+            return Err(err(io::Error::from(io::ErrorKind::InvalidInput)));
+        };
+        // SAFETY: fallocate on a descriptor the region owns; it changes file
+        // contents, never our memory layout: both mappings stay valid and
+        // read the punched range as zeros. The seals allow it (KEEP_SIZE).
+        let rc = unsafe {
+            libc::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(fo.file()),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+        };
+        if rc != 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
 fn memfd(size: u64) -> Result<File, RamError> {
     // SAFETY: the name is a NUL-terminated string literal that outlives the
     // call; the flags are valid memfd_create flags.
@@ -213,6 +261,39 @@ mod tests {
                 "size {size:#x}"
             );
         }
+    }
+
+    #[test]
+    fn clear_zeroes_both_views_and_keeps_the_memfd() {
+        let ram = GuestRam::new(8 * PAGE_SIZE).unwrap();
+        let (kvm, dev) = ram.into_views();
+        let pattern = [0xa5u8; 64];
+        for page in 0..8 {
+            kvm.write_slice(&pattern, GuestAddress(page * PAGE_SIZE + 100))
+                .unwrap();
+        }
+        let kvm_ptr = kvm.get_host_address(GuestAddress(0)).unwrap();
+        clear(&dev).unwrap();
+        for view in [&kvm, &dev] {
+            let mut all = vec![0xffu8; (8 * PAGE_SIZE) as usize];
+            view.read_slice(&mut all, GuestAddress(0)).unwrap();
+            assert!(all.iter().all(|b| *b == 0), "zeroed");
+        }
+        assert_eq!(kvm.get_host_address(GuestAddress(0)).unwrap(), kvm_ptr);
+        kvm.write_obj(7u64, GuestAddress(0x10)).unwrap();
+        assert_eq!(
+            dev.read_obj::<u64>(GuestAddress(0x10)).unwrap(),
+            7,
+            "still aliased"
+        );
+        let region = kvm.iter().next().unwrap();
+        let file = region.file_offset().unwrap().file();
+        assert_eq!(file.metadata().unwrap().len(), 8 * PAGE_SIZE);
+        assert!(file.set_len(PAGE_SIZE).is_err(), "seals kept");
+
+        let anon = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let e = clear(&anon).unwrap_err().to_string();
+        assert!(e.contains("0x0..0x1000"), "{e}");
     }
 
     #[test]
