@@ -2,7 +2,10 @@
 //! sink that watches the stream for a guest kernel panic.
 //!
 //! The UART is generic over its interrupt trigger and the sink over its
-//! output, so tests drive it with a counting trigger and a `Vec<u8>`.
+//! output, so tests drive it with a counting trigger and a `Vec<u8>`. The
+//! UART writes into a small buffer that is moved to the console after every
+//! register write, so that a reboot can replace the UART with a power-on
+//! one while the console stream (and its panic watch) goes on.
 
 use std::io::{self, Write};
 
@@ -124,15 +127,28 @@ impl<W: Write> Write for Console<W> {
 
 /// COM1: a 16550A whose output goes to a [`Console`].
 pub struct SerialPort<T: Trigger, W: Write> {
-    uart: Serial<T, NoEvents, Console<W>>,
+    uart: Serial<T, NoEvents, Vec<u8>>,
+    console: Console<W>,
 }
 
 impl<T: Trigger, W: Write> SerialPort<T, W> {
     /// A UART raising `irq` and writing to `out`.
     pub fn new(irq: T, out: W) -> Self {
         SerialPort {
-            uart: Serial::new(irq, Console::new(out)),
+            uart: Serial::new(irq, Vec::new()),
+            console: Console::new(out),
         }
+    }
+
+    /// Machine reset: the UART goes back to its power-on registers (no
+    /// interrupt enabled, default divisor, empty FIFO); the console keeps
+    /// its output, byte count and panic state, and drops a partial line.
+    pub fn reset(&mut self)
+    where
+        T: Clone,
+    {
+        self.uart = Serial::new(self.uart.interrupt_evt().clone(), Vec::new());
+        self.console.line.clear();
     }
 
     /// Guest `in` from register `offset`.
@@ -142,23 +158,31 @@ impl<T: Trigger, W: Write> SerialPort<T, W> {
 
     /// Guest `out` to register `offset`.
     pub fn write(&mut self, offset: u8, value: u8) -> Result<(), SerialError> {
+        let err = |msg: String| SerialError::Write { offset, value, msg };
         self.uart
             .write(offset, value)
-            .map_err(|e| SerialError::Write {
-                offset,
-                value,
-                msg: format!("{e:?}"),
-            })
+            .map_err(|e| err(format!("{e:?}")))?;
+        let out = self.uart.writer_mut();
+        if out.is_empty() {
+            return Ok(());
+        }
+        // Flushed at once as vm-superio does, so output is never held back.
+        let res = self
+            .console
+            .write_all(out)
+            .and_then(|()| self.console.flush());
+        out.clear();
+        res.map_err(|e| err(e.to_string()))
     }
 
     /// The console behind the UART.
     pub fn console(&self) -> &Console<W> {
-        self.uart.writer()
+        &self.console
     }
 
     /// Flushes the console output.
     pub fn flush(&mut self) -> io::Result<()> {
-        self.uart.writer_mut().flush()
+        self.console.flush()
     }
 }
 
@@ -238,6 +262,44 @@ pub(crate) mod tests {
             b"[    1.1] ---[ end Kernel panic - not syncing: VFS ]---\n",
         );
         assert_eq!(port.console().panic_state(), PanicState::Ended);
+    }
+
+    #[test]
+    fn reset_restores_power_on_registers_and_keeps_the_console() {
+        use vm_superio::serial::SerialState;
+        const LCR: u8 = 3;
+        const SCR: u8 = 7;
+        let irq = CountingIrq::default();
+        let mut port = SerialPort::new(irq.clone(), Vec::new());
+        let power_on = port.uart.state();
+        assert_eq!(power_on, SerialState::default());
+        port.write(LCR, 0x80).unwrap(); // DLAB: set the divisor
+        port.write(0, 1).unwrap();
+        port.write(LCR, 0x03).unwrap(); // 8n1
+        port.write(IER, 0x03).unwrap();
+        port.write(SCR, 0x5a).unwrap();
+        type_str(&mut port, b"first boot\nhalf a li");
+        assert_ne!(port.uart.state(), power_on);
+        let fired = irq.count();
+
+        port.reset();
+        assert_eq!(port.uart.state(), power_on);
+        assert_eq!(port.read(IER), 0);
+        assert_eq!(port.read(SCR), 0);
+        assert_eq!(irq.count(), fired, "a reset raises nothing");
+        type_str(&mut port, b"ne\nsecond boot\n");
+        assert_eq!(
+            port.console().output().as_slice(),
+            b"first boot\nhalf a line\nsecond boot\n"
+        );
+        assert_eq!(port.console().bytes(), 35);
+        assert_eq!(port.console().panic_state(), PanicState::None);
+        port.write(IER, 0x02).unwrap();
+        assert_eq!(
+            irq.count(),
+            fired + 1,
+            "the same interrupt line after reset"
+        );
     }
 
     #[test]

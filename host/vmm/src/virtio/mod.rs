@@ -159,7 +159,12 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
         self.queues.get_mut(self.queue_sel as usize)
     }
 
-    fn reset(&mut self) {
+    /// Device reset: status 0, features unnegotiated, every queue
+    /// unconfigured (not ready, maximum size, addresses and indices zero),
+    /// no interrupt pending. The guest triggers it by writing 0 to Status;
+    /// the VMM calls it on a reboot. The device model and the counters are
+    /// kept (a disk stays a disk).
+    pub fn reset(&mut self) {
         self.status = 0;
         self.driver_features = 0;
         self.device_features_sel = 0;
@@ -602,6 +607,68 @@ pub(crate) mod tests {
         assert_eq!(irq.count(), 1, "nothing new, no interrupt");
         assert_eq!(t.stats().chains, 2);
         assert_eq!(t.stats().notifies, 2);
+    }
+
+    /// Every register value the driver can read, for each queue selected.
+    fn registers<D: VirtioDevice, T: Trigger>(t: &mut MmioTransport<D, T>) -> Vec<(u32, u32, u32)> {
+        let m = mem();
+        let mut out = Vec::new();
+        for sel in 0..2 {
+            w(t, &m, VIRTIO_MMIO_QUEUE_SEL, sel);
+            for fsel in 0..2 {
+                w(t, &m, VIRTIO_MMIO_DEVICE_FEATURES_SEL, fsel);
+                out.push((
+                    sel,
+                    VIRTIO_MMIO_DEVICE_FEATURES + 0x100 * fsel,
+                    r(t, VIRTIO_MMIO_DEVICE_FEATURES),
+                ));
+            }
+            w(t, &m, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+            for reg in (0..VIRTIO_MMIO_CONFIG + 8).step_by(4) {
+                out.push((sel, reg, r(t, reg)));
+            }
+        }
+        w(t, &m, VIRTIO_MMIO_QUEUE_SEL, 0);
+        out
+    }
+
+    #[test]
+    fn reset_returns_an_active_device_to_its_initial_registers() {
+        let m = mem();
+        let irq = CountingIrq::default();
+        let mut t = MmioTransport::new(Echo, irq.clone());
+        let initial = registers(&mut t);
+        let mut rings = Rings::new(0x1000, 16);
+        activate(&mut t, &m, &rings);
+        rings.add_chain(&m, &[(0x9000, 16, true)]);
+        rings.add_chain(&m, &[(0xa000, 16, true)]);
+        kick(&mut t, &m);
+        assert_eq!(rings.used_idx(&m), 2);
+        assert_ne!(registers(&mut t), initial, "activated");
+
+        t.reset();
+        assert_eq!(registers(&mut t), initial);
+        assert_eq!(t.status(), 0);
+        assert_eq!(t.driver_features, 0, "features unnegotiated");
+        let q = &t.queues[0];
+        assert!(!q.ready());
+        assert_eq!(
+            (q.size(), q.desc_table(), q.avail_ring(), q.used_ring()),
+            (16, 0, 0, 0)
+        );
+        assert_eq!((q.next_avail(), q.next_used()), (0, 0));
+        kick(&mut t, &m);
+        assert_eq!(t.stats().chains, 2, "a reset device ignores notifications");
+        assert_eq!(t.stats().notifies, 2, "counters are cumulative");
+
+        // A new driver (the next kernel) sets it up on other rings from index 0.
+        let mut rings = Rings::new(0x20000, 8);
+        activate(&mut t, &m, &rings);
+        let head = rings.add_chain(&m, &[(0xb000, 4, true)]);
+        kick(&mut t, &m);
+        assert_eq!(rings.used_idx(&m), 1);
+        assert_eq!(rings.used_elem(&m, 0), (u32::from(head), 4));
+        assert_eq!(irq.count(), 2);
     }
 
     #[test]
