@@ -6,11 +6,17 @@
 //! in [`crate::vmm`] only converts and forwards (Firecracker's
 //! `handle_kvm_exit` pattern).
 //!
-//! Port I/O: COM1 at 0x3f8; a minimal i8042 at 0x60/0x64 whose command
-//! 0xFE (pulse reset) ends the VM; CMOS at 0x70/0x71 reads 0 (so Linux does
-//! not spin on the RTC update flag); any other port reads all-ones.
-//! MMIO: virtio-blk in slot 0, virtio-rng in slot 1, the probe device;
-//! anything else reads 0.
+//! Port I/O: COM1 at 0x3f8; a minimal, stateless i8042 at 0x60/0x64 whose
+//! command 0xFE (pulse reset) resets the machine; CMOS at 0x70/0x71 reads 0
+//! (so Linux does not spin on the RTC update flag); any other port reads
+//! all-ones. MMIO: virtio-blk in slot 0, virtio-rng in slot 1, the probe
+//! device; anything else reads 0.
+//!
+//! A guest reset (i8042 0xFE, a triple fault, a reset system event) becomes
+//! [`Action::Reboot`] while `--reboots` has reboots left, else it stops the
+//! VM; a panic seen on the console always stops it. The KVM shell then stops
+//! every vCPU, calls [`Machine::settle`] and [`Machine::reset`], and boots
+//! again.
 
 use std::io::{Read, Write};
 
@@ -19,7 +25,7 @@ use vm_superio::Trigger;
 
 use crate::hypercalls::HypercallHandler;
 use crate::probe::{Probe, PROBE_BASE, PROBE_SIZE};
-use crate::protection::Protection;
+use crate::protection::{Protection, ProtectionError};
 use crate::serial::{PanicState, SerialPort, COM1_BASE, COM1_LEN};
 use crate::virtio::blk::Block;
 use crate::virtio::rng::Rng;
@@ -148,8 +154,59 @@ impl StopReason {
 pub enum Action {
     /// Re-enter the guest.
     Continue,
+    /// The guest reset the machine (`Reset` or `Shutdown`, the reason that
+    /// would have stopped it) and reboots are left: restart it in place.
+    Reboot(StopReason),
     /// Stop the VM.
     Stop(StopReason),
+}
+
+/// One reboot done, as the stats file lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ResetRecord {
+    /// The boot that ended (1 = first).
+    pub boot: u64,
+    /// How it ended: `reset` (i8042, reset event) or `shutdown` (triple fault).
+    pub reason: &'static str,
+    /// Pages shared when it ended; the reset dropped them.
+    pub pages_shared: u64,
+    /// Whether protection was enabled when it ended.
+    pub protection_enabled: bool,
+}
+
+/// Which boot the VM is in, how many guest resets still reboot it, and what
+/// each reboot ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Boots {
+    current: u64,
+    reboots_left: u64,
+    resets: Vec<ResetRecord>,
+}
+
+impl Boots {
+    /// First boot, with `reboots` reboots allowed (`--reboots`).
+    pub fn new(reboots: u64) -> Self {
+        Boots {
+            current: 1,
+            reboots_left: reboots,
+            resets: Vec::new(),
+        }
+    }
+
+    /// The current boot: 1 + reboots done.
+    pub fn current(&self) -> u64 {
+        self.current
+    }
+
+    /// Reboots still allowed.
+    pub fn reboots_left(&self) -> u64 {
+        self.reboots_left
+    }
+
+    /// The reboots done, in order.
+    pub fn resets(&self) -> &[ResetRecord] {
+        &self.resets
+    }
 }
 
 /// Exit counters for the stats file.
@@ -189,6 +246,8 @@ pub struct Machine<T: Trigger, W: Write> {
     pub hypercalls: HypercallHandler,
     /// Exit counters.
     pub exits: ExitCounts,
+    /// Boot count and reboots left.
+    pub boots: Boots,
 }
 
 fn in_window(addr: u64, base: u64, size: u64) -> Option<u64> {
@@ -231,10 +290,12 @@ impl<T: Trigger, W: Write> Machine<T, W> {
                 }
             }
             Exit::Hlt => self.guest_stop(StopReason::Halt),
-            Exit::Shutdown => self.guest_stop(StopReason::Shutdown),
+            // A triple fault resets a PC.
+            Exit::Shutdown => self.guest_reset(StopReason::Shutdown),
             Exit::SystemEvent { kind } => match kind {
+                // Power off: not a reset.
                 SYSTEM_EVENT_SHUTDOWN => self.guest_stop(StopReason::Shutdown),
-                SYSTEM_EVENT_RESET => self.guest_stop(StopReason::Reset),
+                SYSTEM_EVENT_RESET => self.guest_reset(StopReason::Reset),
                 other => Action::Stop(StopReason::Error(format!("KVM system event {other}"))),
             },
             Exit::FailEntry { reason } => Action::Stop(StopReason::Error(format!(
@@ -253,6 +314,42 @@ impl<T: Trigger, W: Write> Machine<T, W> {
             Action::Stop(StopReason::Panic)
         } else {
             Action::Stop(reason)
+        }
+    }
+
+    /// A guest reset: a reboot while reboots are left, else a stop; a panic
+    /// seen on the console always stops.
+    fn guest_reset(&self, reason: StopReason) -> Action {
+        match self.guest_stop(reason) {
+            Action::Stop(r @ (StopReason::Reset | StopReason::Shutdown))
+                if self.boots.reboots_left > 0 =>
+            {
+                Action::Reboot(r)
+            }
+            other => other,
+        }
+    }
+
+    /// How the boot ended, once every vCPU stopped: `first` is the action
+    /// that ended it, `later` what other vCPUs reported before they stopped.
+    /// A reboot gives way to an error or a panic (reported or on the
+    /// console); anything else stands.
+    pub fn settle(&self, first: Action, later: impl IntoIterator<Item = Action>) -> Action {
+        if !matches!(first, Action::Reboot(_)) {
+            return first;
+        }
+        let mut panic = self.serial.console().panic_state() != PanicState::None;
+        for action in later {
+            match action {
+                Action::Stop(e @ StopReason::Error(_)) => return Action::Stop(e),
+                Action::Stop(StopReason::Panic) => panic = true,
+                _ => {}
+            }
+        }
+        if panic {
+            Action::Stop(StopReason::Panic)
+        } else {
+            first
         }
     }
 
@@ -285,7 +382,7 @@ impl<T: Trigger, W: Write> Machine<T, W> {
             return Action::Continue;
         }
         if port == I8042_CMD && value == I8042_RESET {
-            return self.guest_stop(StopReason::Reset);
+            return self.guest_reset(StopReason::Reset);
         }
         Action::Continue
     }
@@ -335,6 +432,39 @@ impl<T: Trigger, W: Write> Machine<T, W> {
     }
 }
 
+impl<T: Trigger + Clone, W: Write> Machine<T, W> {
+    /// Machine reset for a reboot after `reason`: records the boot that
+    /// ended, counts the reboot, and puts every device back to its power-on
+    /// state: UART registers, virtio transports (status 0, queues
+    /// unconfigured, features unnegotiated), the probe's GPA register, and
+    /// protection (off, map empty, device view RW). The i8042 and CMOS
+    /// models hold no state. The disk file, the console stream and every
+    /// counter carry on.
+    ///
+    /// Call it only with every vCPU stopped and guest RAM cleared; then load
+    /// the kernel again and start fresh vCPUs.
+    pub fn reset(&mut self, reason: &StopReason) -> Result<(), ProtectionError> {
+        self.boots.resets.push(ResetRecord {
+            boot: self.boots.current,
+            reason: reason.name(),
+            pages_shared: self.prot.shared_pages(),
+            protection_enabled: self.prot.enabled(),
+        });
+        self.boots.current += 1;
+        self.boots.reboots_left = self.boots.reboots_left.saturating_sub(1);
+        self.serial.reset();
+        if let Some(blk) = self.blk.as_mut() {
+            blk.reset();
+        }
+        if let Some(rng) = self.rng.as_mut() {
+            rng.reset();
+        }
+        self.probe = Probe::default();
+        self.hypercalls.start_boot(self.boots.current);
+        self.prot.reset()
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -360,6 +490,7 @@ pub(crate) mod tests {
             prot: Protection::new(view),
             hypercalls: HypercallHandler::new(FailKnobs::default()),
             exits: ExitCounts::default(),
+            boots: Boots::new(0),
         }
     }
 
@@ -503,6 +634,148 @@ pub(crate) mod tests {
             data: &mut magic,
         });
         assert_eq!(magic, [0; 4], "absent device");
+    }
+
+    #[test]
+    fn resets_reboot_while_reboots_are_left() {
+        let mut m = machine(false);
+        m.boots = Boots::new(2);
+        let reboot = Action::Reboot(StopReason::Reset);
+        assert_eq!(out(&mut m, 0x64, &[0xfe]), reboot, "i8042");
+        assert_eq!(
+            m.handle_exit(Exit::Shutdown),
+            Action::Reboot(StopReason::Shutdown),
+            "triple fault"
+        );
+        assert_eq!(
+            m.handle_exit(Exit::SystemEvent {
+                kind: SYSTEM_EVENT_RESET
+            }),
+            reboot
+        );
+        assert_eq!(
+            m.handle_exit(Exit::SystemEvent {
+                kind: SYSTEM_EVENT_SHUTDOWN
+            }),
+            Action::Stop(StopReason::Shutdown),
+            "power off is no reset"
+        );
+        assert_eq!(out(&mut m, 0x64, &[0xfd]), Action::Continue);
+        assert_eq!(m.boots.reboots_left(), 2, "deciding consumes nothing");
+
+        m.reset(&StopReason::Reset).unwrap();
+        assert_eq!(out(&mut m, 0x64, &[0xfe]), reboot);
+        m.reset(&StopReason::Shutdown).unwrap();
+        assert_eq!((m.boots.current(), m.boots.reboots_left()), (3, 0));
+        assert_eq!(
+            out(&mut m, 0x64, &[0xfe]),
+            Action::Stop(StopReason::Reset),
+            "the reset after the last reboot ends the VM"
+        );
+        assert_eq!(
+            m.handle_exit(Exit::Shutdown),
+            Action::Stop(StopReason::Shutdown)
+        );
+        assert_eq!(StopReason::Reset.exit_code(), 0);
+    }
+
+    #[test]
+    fn a_panic_never_reboots() {
+        let mut m = machine(false);
+        m.boots = Boots::new(5);
+        out(&mut m, 0x3f8, b"Kernel panic - not syncing: oops\n");
+        assert_eq!(out(&mut m, 0x64, &[0xfe]), Action::Stop(StopReason::Panic));
+        assert_eq!(
+            m.handle_exit(Exit::Shutdown),
+            Action::Stop(StopReason::Panic)
+        );
+        assert_eq!(StopReason::Panic.exit_code(), 2);
+    }
+
+    #[test]
+    fn settle_lets_errors_and_panics_beat_a_reboot() {
+        let mut m = machine(false);
+        let reboot = Action::Reboot(StopReason::Reset);
+        let err = Action::Stop(StopReason::Error("KVM_RUN: boom".into()));
+        let panic = Action::Stop(StopReason::Panic);
+        assert_eq!(m.settle(reboot.clone(), []), reboot);
+        assert_eq!(
+            m.settle(reboot.clone(), [Action::Reboot(StopReason::Shutdown)]),
+            reboot,
+            "the first reset wins"
+        );
+        assert_eq!(m.settle(reboot.clone(), [panic.clone(), err.clone()]), err);
+        assert_eq!(m.settle(reboot.clone(), [panic.clone()]), panic);
+        assert_eq!(m.settle(panic.clone(), [reboot.clone()]), panic);
+        let stop = Action::Stop(StopReason::Reset);
+        assert_eq!(m.settle(stop.clone(), [err.clone()]), stop, "a stop stands");
+        out(&mut m, 0x3f8, b"Kernel panic - not syncing: late\n");
+        assert_eq!(m.settle(reboot, []), panic, "panic on the console");
+    }
+
+    #[test]
+    fn reset_puts_devices_and_protection_back_to_power_on() {
+        use crate::virtio::tests::{activate, Rings};
+        use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_STATUS};
+        let mut m = machine(true);
+        m.boots = Boots::new(1);
+        let guest = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        activate(m.blk.as_mut().unwrap(), &guest, &Rings::new(0x1000, 16));
+        activate(m.rng.as_mut().unwrap(), &guest, &Rings::new(0x4000, 16));
+        out(&mut m, 0x3f9, &[0x02]); // IER
+        m.handle_exit(Exit::MmioWrite {
+            addr: PROBE_BASE,
+            data: &0x3000u64.to_le_bytes(),
+        });
+        assert_eq!(hypercall(&mut m, KVM_HC_ENABLE_MEM_PROTECTED, [0; 3]), 0);
+        assert_eq!(hypercall(&mut m, KVM_HC_MEM_SHARE, [0x1000, 3, 0]), 0);
+        let exits = m.exits;
+
+        m.reset(&StopReason::Shutdown).unwrap();
+        for t in [
+            r(m.blk.as_mut().unwrap(), VIRTIO_MMIO_STATUS),
+            r(m.rng.as_mut().unwrap(), VIRTIO_MMIO_STATUS),
+            r(m.blk.as_mut().unwrap(), VIRTIO_MMIO_QUEUE_READY),
+        ] {
+            assert_eq!(t, 0);
+        }
+        let mut ier = [0xffu8];
+        m.handle_exit(Exit::IoIn {
+            port: 0x3f9,
+            data: &mut ier,
+        });
+        assert_eq!(ier, [0], "UART at power-on");
+        let mut gpa = [0xffu8; 8];
+        m.handle_exit(Exit::MmioRead {
+            addr: PROBE_BASE,
+            data: &mut gpa,
+        });
+        assert_eq!(gpa, [0; 8], "probe GPA register");
+        assert!(!m.prot.enabled());
+        assert_eq!(m.prot.shared_pages(), 0);
+        assert_eq!(
+            hypercall(&mut m, KVM_HC_MEM_SHARE, [0x1000, 1, 0]),
+            KVM_EPERM.wrapping_neg(),
+            "a normal VM until ENABLE"
+        );
+        assert_eq!(m.boots.current(), 2);
+        assert_eq!(
+            m.boots.resets(),
+            [ResetRecord {
+                boot: 1,
+                reason: "shutdown",
+                pages_shared: 3,
+                protection_enabled: true,
+            }]
+        );
+        assert_eq!(hypercall(&mut m, KVM_HC_ENABLE_MEM_PROTECTED, [0; 3]), 0);
+        let boots: Vec<u64> = m.hypercalls.enables().iter().map(|e| e.boot).collect();
+        assert_eq!(boots, [1, 2]);
+        assert_eq!(
+            m.exits.hypercall,
+            exits.hypercall + 2,
+            "exit counters carry on"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::str::FromStr;
 use hypercall::{
     Error as AbiError, Hypercall, KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE, KVM_HC_MEM_UNSHARE,
 };
+use serde::Serialize;
 
 use crate::protection::{Protection, ProtectionError};
 
@@ -124,27 +125,62 @@ pub struct FailKnobs {
 /// Hypercall results by number, then by the signed value returned.
 pub type ResultCounts = BTreeMap<u64, BTreeMap<i64, u64>>;
 
+/// One ENABLE hypercall, as the stats file lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct EnableRecord {
+    /// Boot of the VM it came from (1 = first boot, 2 after one reboot...).
+    pub boot: u64,
+    /// Pages shared just before it (0 before a boot's first ENABLE: a reboot
+    /// clears the map).
+    pub pages_shared_before: u64,
+    /// The value returned in RAX, signed (0, -1000 with `--fail-enable`).
+    pub result: i64,
+}
+
 /// Decides protected-memory hypercalls and counts their results.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HypercallHandler {
     knobs: FailKnobs,
     share_calls: u64,
     unshare_calls: u64,
     results: ResultCounts,
+    boot: u64,
+    enables: Vec<EnableRecord>,
+}
+
+impl Default for HypercallHandler {
+    fn default() -> Self {
+        Self::new(FailKnobs::default())
+    }
 }
 
 impl HypercallHandler {
-    /// A handler with the given test knobs.
+    /// A handler with the given test knobs, in boot 1.
     pub fn new(knobs: FailKnobs) -> Self {
         HypercallHandler {
             knobs,
-            ..Default::default()
+            share_calls: 0,
+            unshare_calls: 0,
+            results: ResultCounts::new(),
+            boot: 1,
+            enables: Vec::new(),
         }
     }
 
     /// Results so far: `{nr: {ret: count}}`.
     pub fn results(&self) -> &ResultCounts {
         &self.results
+    }
+
+    /// Every ENABLE so far, in order, over all boots.
+    pub fn enables(&self) -> &[EnableRecord] {
+        &self.enables
+    }
+
+    /// Tags the following ENABLEs with boot number `boot`. Counters and the
+    /// `every:N` knobs keep counting over the whole run.
+    pub fn start_boot(&mut self, boot: u64) {
+        self.boot = boot;
     }
 
     /// Handles hypercall `nr` with arguments `args`; returns the guest's RAX.
@@ -157,12 +193,14 @@ impl HypercallHandler {
         nr: u64,
         args: [u64; 3],
     ) -> Result<u64, HypercallError> {
+        let shared_before = prot.shared_pages();
         let res = match Hypercall::decode(nr, args) {
             None => Err(AbiError::NotSupported),
             Some(Err(e)) => Err(e),
             Some(Ok(Hypercall::Enable)) if self.knobs.enable => Err(AbiError::NotSupported),
             Some(Ok(Hypercall::Enable)) => {
                 self.record(nr, 0);
+                self.record_enable(shared_before, 0);
                 prot.enable()?;
                 return Ok(0);
             }
@@ -172,7 +210,18 @@ impl HypercallHandler {
         };
         let ret = hypercall::encode_ret(res);
         self.record(nr, ret);
+        if nr == KVM_HC_ENABLE_MEM_PROTECTED {
+            self.record_enable(shared_before, ret);
+        }
         Ok(ret)
+    }
+
+    fn record_enable(&mut self, pages_shared_before: u64, ret: u64) {
+        self.enables.push(EnableRecord {
+            boot: self.boot,
+            pages_shared_before,
+            result: ret as i64,
+        });
     }
 
     fn share_or_unshare(&mut self, prot: &mut Protection, call: Hypercall) -> Result<(), AbiError> {
@@ -346,6 +395,42 @@ mod tests {
             neg(KVM_EFAULT)
         );
         assert_eq!(p.shared_pages(), 2);
+    }
+
+    #[test]
+    fn enables_are_recorded_with_boot_and_prior_shares() {
+        let mut p = prot();
+        let enable = |h: &mut HypercallHandler, p: &mut Protection| {
+            h.handle(p, KVM_HC_ENABLE_MEM_PROTECTED, [0; 3]).unwrap()
+        };
+        let mut h = HypercallHandler::default();
+        assert_eq!(enable(&mut h, &mut p), 0);
+        h.handle(&mut p, KVM_HC_MEM_SHARE, [0x2000, 5, 0]).unwrap();
+        assert_eq!(enable(&mut h, &mut p), 0, "kexec: ENABLE again");
+        h.handle(&mut p, KVM_HC_MEM_SHARE, [0x2000, 2, 0]).unwrap();
+        p.reset().unwrap();
+        h.start_boot(2);
+        h.handle(&mut p, KVM_HC_MEM_SHARE, [0x2000, 1, 0]).unwrap();
+        assert_eq!(enable(&mut h, &mut p), 0);
+        let rec = |boot, pages_shared_before, result| EnableRecord {
+            boot,
+            pages_shared_before,
+            result,
+        };
+        assert_eq!(h.enables(), [rec(1, 0, 0), rec(1, 5, 0), rec(2, 0, 0)]);
+        assert_eq!(h.results()[&KVM_HC_ENABLE_MEM_PROTECTED][&0], 3);
+
+        let mut h = HypercallHandler::new(FailKnobs {
+            enable: true,
+            ..Default::default()
+        });
+        assert_eq!(enable(&mut h, &mut p), neg(KVM_ENOSYS));
+        assert_eq!(h.enables(), [rec(1, 0, -1000)], "failed ENABLEs too");
+        let v = serde_json::to_value(h.enables()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!([{"boot": 1, "pages_shared_before": 0, "result": -1000}])
+        );
     }
 
     fn arb_call() -> impl Strategy<Value = (u64, [u64; 3])> {

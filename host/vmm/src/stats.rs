@@ -1,6 +1,9 @@
 //! Run statistics: the `--stats-json` file and the one-line summary.
 //!
-//! Schema (all counts are integers; map keys are decimal strings):
+//! Schema (all counts are integers; map keys are decimal strings). Every
+//! count covers the whole run, over all boots (`--reboots`); `exit_*` is how
+//! the last boot ended, `protection_enabled` and `pages_shared` its state
+//! then.
 //!
 //! ```json
 //! {
@@ -8,8 +11,13 @@
 //!   "exit_detail": "error text or null",
 //!   "exit_code": 0,
 //!   "protect": true,
-//!   "hypercalls": {"13": {"0": 1}, "14": {"0": 37, "-22": 1}},
-//!   "enable_count": 1,
+//!   "boots": 2,
+//!   "hypercalls": {"13": {"0": 2}, "14": {"0": 37, "-22": 1}},
+//!   "enable_count": 2,
+//!   "enables": [{"boot": 1, "pages_shared_before": 0, "result": 0},
+//!               {"boot": 2, "pages_shared_before": 0, "result": 0}],
+//!   "resets": [{"boot": 1, "reason": "reset", "pages_shared": 19,
+//!               "protection_enabled": true}],
 //!   "protection_enabled": true,
 //!   "pages_shared": 12, "pages_shared_peak": 16400,
 //!   "device_accesses": {"allowed": 0, "denied": 0, "not_ram": 0},
@@ -23,6 +31,14 @@
 //!   "console_bytes": 0
 //! }
 //! ```
+//!
+//! `boots` is 1 + the reboots done (0 only if the VMM failed before
+//! booting). `enables` has one entry per ENABLE hypercall, failed ones
+//! included, with the boot it came from and the pages shared just before it;
+//! since a reboot clears the shared map, a boot's first ENABLE always finds 0
+//! there. `resets` has one entry per reboot done: the boot that ended, how
+//! (`reset`: i8042 or reset event, `shutdown`: triple fault), and the shares
+//! and protection state it left, which the reboot dropped.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -31,8 +47,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use vm_superio::Trigger;
 
-use crate::exit::{ExitCounts, Machine, StopReason};
-use crate::hypercalls::ResultCounts;
+use crate::exit::{ExitCounts, Machine, ResetRecord, StopReason};
+use crate::hypercalls::{EnableRecord, ResultCounts};
 use crate::virtio::blk::BlockStats;
 use crate::virtio::rng::RngStats;
 use crate::virtio::TransportStats;
@@ -108,10 +124,16 @@ pub struct Stats {
     pub exit_code: i32,
     /// `--protect` given.
     pub protect: bool,
+    /// Boots run: 1 + reboots done.
+    pub boots: u64,
     /// Hypercall results by number and signed return value.
     pub hypercalls: ResultCounts,
     /// Successful ENABLEs.
     pub enable_count: u64,
+    /// Every ENABLE hypercall, in order.
+    pub enables: Vec<EnableRecord>,
+    /// Every reboot done, in order.
+    pub resets: Vec<ResetRecord>,
     /// Protection enabled at exit.
     pub protection_enabled: bool,
     /// Pages shared at exit.
@@ -157,8 +179,11 @@ impl Stats {
     ) -> Self {
         let a = m.prot.stats();
         Stats {
+            boots: m.boots.current(),
             hypercalls: m.hypercalls.results().clone(),
             enable_count: m.prot.enable_count(),
+            enables: m.hypercalls.enables().to_vec(),
+            resets: m.boots.resets().to_vec(),
             protection_enabled: m.prot.enabled(),
             pages_shared: m.prot.shared_pages(),
             pages_shared_peak: m.prot.shared_peak(),
@@ -214,7 +239,7 @@ impl Stats {
         format!(
             "protmem-vmm: exit={}{detail} code={} protect={} hypercalls={calls} enable={} \
              shared={} peak={} device allowed={} denied={} bytes read={} written={} \
-             probe allowed={} denied={}",
+             probe allowed={} denied={} boots={}",
             self.exit_reason,
             self.exit_code,
             self.protect,
@@ -227,6 +252,7 @@ impl Stats {
             self.bytes.written_to_guest,
             self.probe.allowed,
             self.probe.denied,
+            self.boots,
         )
     }
 }
@@ -235,8 +261,10 @@ impl Stats {
 mod tests {
     use super::*;
     use crate::exit::tests::machine;
-    use crate::exit::Exit;
+    use crate::exit::{Action, Boots, Exit};
+    use crate::serial::tests::CountingIrq;
     use hypercall::{KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE};
+    use serde_json::json;
 
     #[test]
     fn json_has_the_documented_shape() {
@@ -282,6 +310,72 @@ mod tests {
             .write_json(Path::new("/nonexistent/dir/stats.json"))
             .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/dir/stats.json"));
+    }
+
+    type TestMachine = Machine<CountingIrq, Vec<u8>>;
+
+    fn hypercall(m: &mut TestMachine, nr: u64, gpa: u64, npages: u64) {
+        let mut ret = 0;
+        m.handle_exit(Exit::Hypercall {
+            nr,
+            args: [gpa, npages, 0, 0, 0, 0],
+            ret: &mut ret,
+        });
+    }
+
+    fn i8042_reset(m: &mut TestMachine) -> Action {
+        m.handle_exit(Exit::IoOut {
+            port: 0x64,
+            data: &[0xfe],
+        })
+    }
+
+    #[test]
+    fn boots_and_enables_over_a_reboot() {
+        let mut m = machine(true);
+        m.boots = Boots::new(1);
+        let s = Stats::collect(&m, &StopReason::Reset, true);
+        assert_eq!((s.boots, s.enables.len(), s.resets.len()), (1, 0, 0));
+
+        hypercall(&mut m, KVM_HC_ENABLE_MEM_PROTECTED, 0, 0);
+        hypercall(&mut m, KVM_HC_MEM_SHARE, 0x1000, 4);
+        hypercall(&mut m, KVM_HC_MEM_SHARE, 0x8000, 1);
+        hypercall(&mut m, KVM_HC_ENABLE_MEM_PROTECTED, 0, 0);
+        hypercall(&mut m, KVM_HC_MEM_SHARE, 0x2000, 2);
+        assert_eq!(i8042_reset(&mut m), Action::Reboot(StopReason::Reset));
+        m.reset(&StopReason::Reset).unwrap();
+        hypercall(&mut m, KVM_HC_ENABLE_MEM_PROTECTED, 0, 0);
+        hypercall(&mut m, KVM_HC_MEM_SHARE, 0x3000, 3);
+        assert_eq!(i8042_reset(&mut m), Action::Stop(StopReason::Reset));
+
+        let s = Stats::collect(&m, &StopReason::Reset, true);
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["boots"], 2);
+        assert_eq!(
+            v["enables"],
+            json!([
+                {"boot": 1, "pages_shared_before": 0, "result": 0},
+                {"boot": 1, "pages_shared_before": 5, "result": 0},
+                {"boot": 2, "pages_shared_before": 0, "result": 0},
+            ])
+        );
+        assert_eq!(
+            v["resets"],
+            json!([{"boot": 1, "reason": "reset", "pages_shared": 2, "protection_enabled": true}])
+        );
+        assert_eq!(v["enable_count"], 3, "cumulative");
+        assert_eq!(v["hypercalls"]["13"]["0"], 3);
+        assert_eq!(v["hypercalls"]["14"]["0"], 4);
+        assert_eq!(v["pages_shared"], 3, "the last boot's shares");
+        assert_eq!(v["pages_shared_peak"], 5);
+        assert_eq!(
+            (&v["exit_reason"], &v["exit_code"]),
+            (&json!("reset"), &json!(0))
+        );
+        assert!(s.summary().ends_with(" boots=2"), "{}", s.summary());
+
+        let none = serde_json::to_value(Stats::stopped(&StopReason::Timeout, false)).unwrap();
+        assert_eq!((&none["boots"], &none["enables"]), (&json!(0), &json!([])));
     }
 
     #[test]

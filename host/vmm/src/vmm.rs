@@ -26,7 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::boot::{self, BootError};
 use crate::cli::Cli;
 use crate::cpuid::{self, CpuidConfig};
-use crate::exit::{Action, EntropySource, Exit, Machine, StopReason, BLK_SLOT, RNG_SLOT};
+use crate::exit::{Action, Boots, EntropySource, Exit, Machine, StopReason, BLK_SLOT, RNG_SLOT};
 use crate::hypercalls::{self, FailKnobs, HypercallError, HypercallHandler};
 use crate::mptable::{self, MptableError};
 use crate::probe::Probe;
@@ -265,6 +265,7 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
             unshare: cli.fail_unshare.unwrap_or_default(),
         }),
         exits: Default::default(),
+        boots: Boots::new(0),
     };
     let machine: SharedMachine = Arc::new(Mutex::new(machine));
     let (tx, rx) = mpsc::channel();
