@@ -16,6 +16,10 @@ const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 kpm.io";
 /// KUnit restricted to our suites (fast on the nested console).
 const OUR_KUNIT: &str = "kunit.enable=1 kunit.filter_glob=kvm_protmem*";
 
+/// A guest whose devices cannot reach its buffers waits for them forever
+/// (hwrng, device shutdown); the checks only need its first seconds.
+const NO_BOUNCE_TIMEOUT: u64 = 60;
+
 /// No KUnit, for scenarios that check something else.
 const NO_KUNIT: &str = "kunit.enable=0";
 
@@ -59,6 +63,11 @@ fn scenario(
             name: name.to_string(),
             vmm_args: args.iter().map(|s| s.to_string()).collect(),
             cmdline: format!("{BASE_CMDLINE} {extra}").trim().to_string(),
+            timeout: if name == "no-bounce" {
+                NO_BOUNCE_TIMEOUT
+            } else {
+                240
+            },
         },
         judge,
     }
