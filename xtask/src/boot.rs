@@ -40,6 +40,8 @@ pub struct Console {
     pub log: PathBuf,
     pub end: End,
     pub elapsed: Duration,
+    /// Host wall-clock arrival time of each `kpm-` marker line.
+    pub markers: Vec<(Duration, String)>,
 }
 
 impl Console {
@@ -96,6 +98,7 @@ pub fn run_console(
     }
     drop(tx);
     let mut text = String::new();
+    let mut markers = Vec::new();
     let mut end = None;
     while end.is_none() {
         match rx.recv_timeout(Duration::from_millis(200)) {
@@ -103,6 +106,9 @@ pub fn run_console(
                 writeln!(file, "{line}")?;
                 if echo {
                     println!("  | {line}");
+                }
+                if line.starts_with("kpm-") {
+                    markers.push((start.elapsed(), line.clone()));
                 }
                 text.push_str(&line);
                 text.push('\n');
@@ -126,6 +132,7 @@ pub fn run_console(
         log: log.to_path_buf(),
         end: end.unwrap_or(End::TimedOut),
         elapsed: start.elapsed(),
+        markers,
     })
 }
 

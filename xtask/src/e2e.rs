@@ -466,7 +466,14 @@ pub fn report(s: &Scenario, o: &L2Outcome) -> bool {
         );
     }
     let ok = rows.iter().all(|r| r.ok);
-    println!("scenario {}: {}", s.name, if ok { "pass" } else { "FAIL" });
+    let secs = |t: Option<f64>| t.map_or("-".to_string(), |t| format!("{t:.1}s"));
+    println!(
+        "scenario {}: {} (host wall clock: VMM start to L2 userspace {}, whole run {})",
+        s.name,
+        if ok { "pass" } else { "FAIL" },
+        secs(o.secs_to_userspace),
+        secs(o.secs_total)
+    );
     if !ok {
         println!("--- {} console tail ---\n{}", s.name, o.tail());
     }

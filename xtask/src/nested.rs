@@ -62,6 +62,10 @@ pub struct L2Outcome {
     pub console: String,
     /// SHA-256 of the disk's second MiB after the run.
     pub disk_copy_sha: Option<String>,
+    /// Host wall-clock seconds from `begin` to the guest's userspace and
+    /// to the VMM's exit, as the markers reached L0.
+    pub secs_to_userspace: Option<f64>,
+    pub secs_total: Option<f64>,
 }
 
 impl L2Outcome {
@@ -301,7 +305,30 @@ pub fn run(
             console.tail(40)
         );
     }
-    let outcomes = split_runs(&console.text, runs);
+    let mut outcomes = split_runs(&console.text, runs);
+    for o in &mut outcomes {
+        let at = |prefix: &str| {
+            console
+                .markers
+                .iter()
+                .find(|(_, l)| l.starts_with(prefix))
+                .map(|(t, _)| *t)
+        };
+        let begin = at(&format!("kpm-l1: begin {}", o.name));
+        let up = console
+            .markers
+            .iter()
+            .skip_while(|(_, l)| !l.starts_with(&format!("kpm-l1: begin {}", o.name)))
+            .find(|(_, l)| l.starts_with("kpm-init: userspace up"))
+            .map(|(t, _)| *t);
+        let exit = at(&format!("kpm-l1: exit {}", o.name));
+        if let Some(b) = begin {
+            o.secs_to_userspace = up
+                .filter(|u| Some(*u) < exit)
+                .map(|u| (u - b).as_secs_f64());
+            o.secs_total = exit.map(|e| (e - b).as_secs_f64());
+        }
+    }
     Ok((console, outcomes))
 }
 
