@@ -45,7 +45,8 @@ pub fn parse_mem(s: &str) -> Result<u64, CliError> {
 /// `--protect`, enforces the guest's protected-memory hypercalls.
 ///
 /// Exit code: 0 when the guest resets (i8042) or shuts down (triple
-/// fault), 1 on a VMM error, 2 on a guest kernel panic, 3 on `--timeout`.
+/// fault) with no `--reboots` left, 1 on a VMM error, 2 on a guest kernel
+/// panic, 3 on `--timeout`.
 #[derive(Debug, Parser)]
 #[command(name = "protmem-vmm", version)]
 pub struct Cli {
@@ -81,9 +82,17 @@ pub struct Cli {
     /// Write run statistics as JSON to PATH at exit.
     #[arg(long, value_name = "PATH")]
     pub stats_json: Option<PathBuf>,
-    /// Stop the VM after SECS seconds (exit code 3).
+    /// Stop the VM after SECS seconds (exit code 3), reboots included.
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
+    /// Restart the VM in place on the first N guest resets (i8042 0xFE,
+    /// triple fault), as a machine reset would: every vCPU stopped, RAM
+    /// cleared and the kernel and initrd loaded again, devices and protection
+    /// back to power-on (ENABLE needed again), fresh vCPUs; the disk keeps
+    /// its contents and the stats count the whole run. The next reset ends
+    /// the VMM with exit code 0; a panic still ends it.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub reboots: u64,
     /// TEST ONLY: ENABLE returns -KVM_ENOSYS and changes nothing.
     #[arg(long, requires = "protect", help_heading = "Test-only options")]
     pub fail_enable: bool,
@@ -121,6 +130,22 @@ mod tests {
         assert_eq!(c.cpus, 1);
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
         assert!(!c.protect && !c.rng && c.disk.is_none() && c.timeout.is_none());
+        assert_eq!(c.reboots, 0);
+    }
+
+    #[test]
+    fn reboots_flag() {
+        let c = parse(&["--kernel", "bz", "--reboots", "3", "--cpus", "4"]).unwrap();
+        assert_eq!((c.reboots, c.cpus), (3, 4), "any number of vCPUs");
+        for bad in ["two", "", "18446744073709551616"] {
+            let e = parse(&["--kernel", "bz", "--reboots", bad]).unwrap_err();
+            assert!(e.to_string().contains("--reboots <N>"), "{e}");
+        }
+        assert!(parse(&["--kernel", "bz", "--reboots", "-1"]).is_err());
+        assert!(parse(&["--kernel", "bz", "--reboots"]).is_err());
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("--reboots <N>"), "{help}");
     }
 
     #[test]

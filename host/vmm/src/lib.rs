@@ -17,6 +17,7 @@ pub mod cli;
 pub mod cpuid;
 pub mod exit;
 pub mod hypercalls;
+pub mod kick;
 pub mod mptable;
 pub mod probe;
 pub mod protection;

@@ -5,11 +5,34 @@
 //! decision is taken by [`Machine::handle_exit`] and the modules it uses,
 //! which are tested without KVM. This file needs a real `/dev/kvm` and is
 //! exercised only by booting a guest.
+//!
+//! A reboot (`--reboots`) restarts the machine in place, in this order:
+//! 1. a vCPU's exit handler returns [`Action::Reboot`]; its thread reports
+//!    it and ends;
+//! 2. the main thread stops every other vCPU thread ([`kick`]: stop flag,
+//!    `SIGRTMIN` and `immediate_exit`) and joins them all, so no vCPU is in
+//!    KVM_RUN and every vCPU fd is closed;
+//! 3. [`Machine::settle`] lets a panic or error reported meanwhile win;
+//! 4. the old VM fd is closed (KVM destroys the VM: vCPUs, irqchip, PIT,
+//!    irqfds, memslot);
+//! 5. guest RAM is cleared ([`ram::clear`]) while the old kernel's private
+//!    pages are still closed to devices, then [`Machine::reset`] puts the
+//!    devices and protection back to power-on (device view RW again);
+//! 6. the kernel, initrd, zero page, page tables and MP table are loaded as
+//!    at first boot, and a new VM is built exactly as the first one (same
+//!    memfd mapping as memslot 0, same irq eventfds, vCPUs with fresh
+//!    CPUID, LAPIC LINTs and boot registers), and its vCPU threads start.
+//!
+//! A fresh KVM VM rather than re-initialised vCPUs guarantees that no state
+//! of the old kernel survives in KVM: MSRs (kvm-clock, steal time, async PF
+//! and PV EOI areas that KVM would keep writing into guest RAM), LAPIC and
+//! I/O APIC, PIT, pending events, AP wait-for-SIPI states.
 
 use std::fs::File;
-use std::io::{self, Write};
-use std::path::Path;
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::io::{self, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -19,6 +42,7 @@ use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use linux_loader::cmdline::Cmdline;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -28,10 +52,11 @@ use crate::cli::Cli;
 use crate::cpuid::{self, CpuidConfig};
 use crate::exit::{Action, Boots, EntropySource, Exit, Machine, StopReason, BLK_SLOT, RNG_SLOT};
 use crate::hypercalls::{self, FailKnobs, HypercallError, HypercallHandler};
+use crate::kick::{self, KickError, VcpuThreads};
 use crate::mptable::{self, MptableError};
 use crate::probe::Probe;
-use crate::protection::Protection;
-use crate::ram::{GuestRam, RamError};
+use crate::protection::{Protection, ProtectionError};
+use crate::ram::{self, GuestRam, RamError};
 use crate::serial::{PanicState, SerialPort, COM1_IRQ};
 use crate::stats::Stats;
 use crate::virtio::blk::{Block, BlockError};
@@ -46,6 +71,8 @@ const TSS_ADDRESS: usize = 0xfffb_d000;
 const PANIC_GRACE: Duration = Duration::from_secs(5);
 /// How often the main thread checks the timeout and panic grace.
 const TICK: Duration = Duration::from_millis(100);
+/// How long the vCPU threads of a rebooting VM may take to stop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors setting up or running the VM.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +137,29 @@ pub enum VmmError {
     /// Entropy source.
     #[error(transparent)]
     Rng(#[from] RngError),
+    /// Rewinding the kernel or initrd to load it again for a reboot failed.
+    #[error("rewinding {what} {path} to load it for boot {boot}: {err}")]
+    Rewind {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// The boot it was loaded for.
+        boot: u64,
+        /// The OS error.
+        err: io::Error,
+    },
+    /// Resetting protection for a reboot failed.
+    #[error("resetting protection for the reboot after boot {boot}: {err}")]
+    Reset {
+        /// The boot that ended.
+        boot: u64,
+        /// The mprotect error.
+        err: ProtectionError,
+    },
+    /// Stopping the vCPU threads for a reboot failed.
+    #[error(transparent)]
+    Kick(#[from] KickError),
 }
 
 fn kvm_err(op: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -125,8 +175,17 @@ fn open(what: &'static str, path: &Path) -> Result<File, VmmError> {
     })
 }
 
-/// An interrupt line: an eventfd registered with KVM as an irqfd.
-pub struct IrqEvent(EventFd);
+/// An interrupt line: an eventfd registered as an irqfd with each VM the
+/// run creates (one per boot). Clones share the eventfd.
+#[derive(Clone)]
+pub struct IrqEvent(Arc<EventFd>);
+
+impl IrqEvent {
+    fn new(gsi: u32) -> Result<Self, VmmError> {
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(|err| VmmError::EventFd { irq: gsi, err })?;
+        Ok(IrqEvent(Arc::new(evt)))
+    }
+}
 
 impl Trigger for IrqEvent {
     type E = io::Error;
@@ -134,13 +193,6 @@ impl Trigger for IrqEvent {
     fn trigger(&self) -> io::Result<()> {
         self.0.write(1)
     }
-}
-
-fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqEvent, VmmError> {
-    let evt = EventFd::new(EFD_NONBLOCK).map_err(|err| VmmError::EventFd { irq: gsi, err })?;
-    vm.register_irqfd(&evt, gsi)
-        .map_err(kvm_err(format!("KVM_IRQFD for IRQ {gsi}")))?;
-    Ok(IrqEvent(evt))
 }
 
 /// The machine as the vCPU threads share it.
@@ -154,11 +206,138 @@ pub struct Outcome {
     pub stats: Stats,
 }
 
+/// What every boot of the run is built from.
+struct Setup<'a> {
+    cli: &'a Cli,
+    kvm: Kvm,
+    supported: CpuId,
+    /// The KVM view of guest RAM: memslot 0 of every VM, where boots load.
+    ram: &'static GuestMemoryMmap,
+    kernel: File,
+    initrd: Option<(File, u64)>,
+    cmdline: Cmdline,
+    /// GSI and eventfd of each interrupt line.
+    irqs: Vec<(u32, IrqEvent)>,
+}
+
+impl Setup<'_> {
+    /// Loads the kernel, initrd, command line, zero page, page tables, GDT
+    /// and MP table into RAM, the same for every boot; returns the entry.
+    fn load(&mut self, boot: u64) -> Result<u64, VmmError> {
+        let rewind = |what, path: &Path, file: &mut File| {
+            file.rewind().map_err(|err| VmmError::Rewind {
+                what,
+                path: path.to_path_buf(),
+                boot,
+                err,
+            })
+        };
+        rewind("kernel", &self.cli.kernel, &mut self.kernel)?;
+        if let (Some((f, _)), Some(path)) = (self.initrd.as_mut(), self.cli.initrd.as_deref()) {
+            rewind("initrd", path, f)?;
+        }
+        let initrd = self.initrd.as_mut().map(|(f, len)| (f, *len));
+        let info = boot::load(
+            self.ram,
+            self.cli.mem,
+            &mut self.kernel,
+            initrd,
+            &self.cmdline,
+        )?;
+        mptable::write(self.ram, self.cli.cpus)?;
+        Ok(info.entry)
+    }
+
+    /// Creates a KVM VM over guest RAM and the interrupt lines, with its
+    /// vCPUs set up to enter the kernel at `entry`.
+    fn create_vm(&self, entry: u64) -> Result<(VmFd, Vec<VcpuFd>), VmmError> {
+        let cli = self.cli;
+        let vm = self.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        if cli.protect {
+            let offered = vm.check_extension_int(Cap::ExitHypercall).max(0) as u64;
+            let mask = hypercalls::exit_hypercall_mask(offered)?;
+            let cap = kvm_enable_cap {
+                cap: KVM_CAP_EXIT_HYPERCALL,
+                args: [mask, 0, 0, 0],
+                ..Default::default()
+            };
+            vm.enable_cap(&cap).map_err(kvm_err(format!(
+                "KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL, {mask:#x})"
+            )))?;
+        }
+        vm.set_tss_address(TSS_ADDRESS)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_pit2(kvm_pit_config::default())
+            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let host = self
+            .ram
+            .get_host_address(GuestAddress(0))
+            .map_err(|_| RamError::BadSize(cli.mem))?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: cli.mem,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: `host .. host + cli.mem` is the KVM view's shared mapping
+        // of the memfd, leaked by `run` so it stays mapped as long as any VM
+        // exists; the guest may write it at any time, and the VMM only
+        // reaches it through vm-memory's volatile accessors, never through
+        // references.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        for (gsi, evt) in &self.irqs {
+            vm.register_irqfd(&evt.0, *gsi)
+                .map_err(kvm_err(format!("KVM_IRQFD for IRQ {gsi}")))?;
+        }
+
+        let mut vcpus = Vec::new();
+        for id in 0..cli.cpus {
+            vcpus.push(create_vcpu(&vm, &self.supported, id, cli, entry)?);
+        }
+        Ok((vm, vcpus))
+    }
+
+    /// Steps 4-6 of the reboot sequence (module docs): `vm` must be the old
+    /// VM with every vCPU thread joined.
+    fn reboot(
+        &mut self,
+        vm: VmFd,
+        machine: &SharedMachine,
+        why: &StopReason,
+    ) -> Result<(VmFd, Vec<VcpuFd>), VmmError> {
+        drop(vm);
+        ram::clear(self.ram)?;
+        let boot = {
+            let mut m = lock(machine);
+            let ended = m.boots.current();
+            m.reset(why)
+                .map_err(|err| VmmError::Reset { boot: ended, err })?;
+            m.boots.current()
+        };
+        eprintln!(
+            "protmem-vmm: guest {} ended boot {}; booting again (boot {boot})",
+            why.name(),
+            boot - 1
+        );
+        let entry = self.load(boot)?;
+        self.create_vm(entry)
+    }
+}
+
 /// Builds the VM described by `cli`, runs it until it stops, and returns why.
+///
+/// Errors before the first boot runs are returned; anything failing later
+/// (a reboot included) stops the VM with [`StopReason::Error`] and keeps
+/// the stats.
 pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
     // Inputs first: a typo fails before anything touches KVM.
-    let mut kernel = open("kernel", &cli.kernel)?;
-    let mut initrd = match &cli.initrd {
+    let kernel = open("kernel", &cli.kernel)?;
+    let initrd = match &cli.initrd {
         Some(p) => {
             let f = open("initrd", p)?;
             let len = f.metadata().map_err(|err| VmmError::Open {
@@ -187,76 +366,52 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
     };
 
     let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    if cli.protect {
-        let offered = vm.check_extension_int(Cap::ExitHypercall).max(0) as u64;
-        let mask = hypercalls::exit_hypercall_mask(offered)?;
-        let cap = kvm_enable_cap {
-            cap: KVM_CAP_EXIT_HYPERCALL,
-            args: [mask, 0, 0, 0],
-            ..Default::default()
-        };
-        vm.enable_cap(&cap).map_err(kvm_err(format!(
-            "KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL, {mask:#x})"
-        )))?;
-    }
-    vm.set_tss_address(TSS_ADDRESS)
-        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip()
-        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    vm.create_pit2(kvm_pit_config::default())
-        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
-    let (kvm_view, device_view) = GuestRam::new(cli.mem)?.into_views();
-    // The memslot points at this mapping for the rest of the process: leak
-    // it so that nothing can unmap it while a vCPU may still run.
-    let kvm_view: &'static GuestMemoryMmap = Box::leak(Box::new(kvm_view));
-    let host = kvm_view
-        .get_host_address(GuestAddress(0))
-        .map_err(|_| RamError::BadSize(cli.mem))?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: cli.mem,
-        userspace_addr: host as u64,
-    };
-    // SAFETY: `host .. host + cli.mem` is the KVM view's shared mapping of
-    // the memfd, leaked above so it stays mapped as long as the VM exists;
-    // the guest may write it at any time, and the VMM only reaches it
-    // through vm-memory's volatile accessors, never through references.
-    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-
-    let mut virtio = Vec::new();
-    if blk.is_some() {
-        virtio.push((slot_addr(BLK_SLOT.into()), slot_irq(BLK_SLOT)));
-    }
-    if rng.is_some() {
-        virtio.push((slot_addr(RNG_SLOT.into()), slot_irq(RNG_SLOT)));
-    }
-    let cmdline = boot::build_cmdline(&cli.cmdline, &virtio)?;
-    let initrd_arg = initrd.as_mut().map(|(f, len)| (f, *len));
-    let info = boot::load(kvm_view, cli.mem, &mut kernel, initrd_arg, &cmdline)?;
-    mptable::write(kvm_view, cli.cpus)?;
-
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    let mut vcpus = Vec::new();
-    for id in 0..cli.cpus {
-        vcpus.push(create_vcpu(&vm, &supported, id, cli, info.entry)?);
-    }
+    kick::install()?;
+    let (kvm_view, device_view) = GuestRam::new(cli.mem)?.into_views();
+    // Every VM's memslot points at this mapping for the rest of the process:
+    // leak it so that nothing can unmap it while a vCPU may still run.
+    let kvm_view: &'static GuestMemoryMmap = Box::leak(Box::new(kvm_view));
+
+    let mut virtio = Vec::new();
+    let serial_irq = IrqEvent::new(COM1_IRQ)?;
+    let mut irqs = vec![(COM1_IRQ, serial_irq.clone())];
+    let mut device_irq = |slot: u32| -> Result<IrqEvent, VmmError> {
+        let (addr, irq) = (slot_addr(slot.into()), slot_irq(slot));
+        let evt = IrqEvent::new(irq)?;
+        virtio.push((addr, irq));
+        irqs.push((irq, evt.clone()));
+        Ok(evt)
+    };
+    let blk = match blk {
+        Some(b) => Some(MmioTransport::new(b, device_irq(BLK_SLOT)?)),
+        None => None,
+    };
+    let rng = match rng {
+        Some(r) => Some(MmioTransport::new(r, device_irq(RNG_SLOT)?)),
+        None => None,
+    };
+    let cmdline = boot::build_cmdline(&cli.cmdline, &virtio)?;
+
+    let mut setup = Setup {
+        cli,
+        kvm,
+        supported,
+        ram: kvm_view,
+        kernel,
+        initrd,
+        cmdline,
+        irqs,
+    };
+    let entry = setup.load(1)?;
+    let (vm, vcpus) = setup.create_vm(entry)?;
 
     let machine = Machine {
-        serial: SerialPort::new(irq_line(&vm, COM1_IRQ)?, console),
-        blk: match blk {
-            Some(b) => Some(MmioTransport::new(b, irq_line(&vm, slot_irq(BLK_SLOT))?)),
-            None => None,
-        },
-        rng: match rng {
-            Some(r) => Some(MmioTransport::new(r, irq_line(&vm, slot_irq(RNG_SLOT))?)),
-            None => None,
-        },
+        serial: SerialPort::new(serial_irq, console),
+        blk,
+        rng,
         probe: Probe::default(),
         prot: Protection::new(device_view),
         hypercalls: HypercallHandler::new(FailKnobs {
@@ -265,36 +420,37 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
             unshare: cli.fail_unshare.unwrap_or_default(),
         }),
         exits: Default::default(),
-        boots: Boots::new(0),
+        boots: Boots::new(cli.reboots),
     };
     let machine: SharedMachine = Arc::new(Mutex::new(machine));
-    let (tx, rx) = mpsc::channel();
-    for (id, vcpu) in (0u8..).zip(vcpus) {
-        let (m, tx) = (machine.clone(), tx.clone());
-        thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_loop(vcpu, m, tx))
-            .map_err(|err| VmmError::Thread { id, err })?;
-    }
 
     let start = Instant::now();
     let deadline = cli.timeout.map(|s| start + Duration::from_secs(s));
     let mut panic_since = None;
+    let (mut threads, mut rx) = start_vcpus(vcpus, &machine)?;
+    let mut vm = vm;
     let reason = loop {
-        match rx.recv_timeout(TICK) {
-            Ok(reason) => break reason,
-            Err(RecvTimeoutError::Disconnected) => {
-                break StopReason::Error("every vCPU thread ended".into())
-            }
-            Err(RecvTimeoutError::Timeout) => {}
+        let first = wait_for_end(&rx, &machine, deadline, &mut panic_since);
+        let Action::Reboot(_) = first else {
+            // A final stop: the process exits with the vCPUs as they are.
+            break stop_reason(first);
+        };
+        // Every vCPU thread returns from KVM_RUN and ends before anything
+        // is reset.
+        if let Err(e) = threads.stop(STOP_TIMEOUT) {
+            break StopReason::Error(VmmError::from(e).to_string());
         }
-        let now = Instant::now();
-        if deadline.is_some_and(|d| now >= d) {
-            break StopReason::Timeout;
-        }
-        let panicking = lock(&machine).serial.console().panic_state() != PanicState::None;
-        if panicking && now - *panic_since.get_or_insert(now) >= PANIC_GRACE {
-            break StopReason::Panic;
+        let later: Vec<Action> = rx.try_iter().collect();
+        let settled = lock(&machine).settle(first, later);
+        let Action::Reboot(why) = settled else {
+            break stop_reason(settled);
+        };
+        let next = setup
+            .reboot(vm, &machine, &why)
+            .and_then(|(new_vm, vcpus)| Ok((new_vm, start_vcpus(vcpus, &machine)?)));
+        match next {
+            Ok((new_vm, (t, r))) => (vm, threads, rx) = (new_vm, t, r),
+            Err(e) => break StopReason::Error(e.to_string()),
         }
     };
     let mut m = lock(&machine);
@@ -303,6 +459,60 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
     }
     let stats = Stats::collect(&m, &reason, cli.protect);
     Ok(Outcome { reason, stats })
+}
+
+/// The stop reason of an action that ended a boot.
+fn stop_reason(action: Action) -> StopReason {
+    match action {
+        Action::Stop(reason) => reason,
+        other => StopReason::Error(format!("boot ended with {other:?}")),
+    }
+}
+
+/// Starts one thread per vCPU; they report the action that ends the boot.
+fn start_vcpus(
+    vcpus: Vec<VcpuFd>,
+    machine: &SharedMachine,
+) -> Result<(VcpuThreads, Receiver<Action>), VmmError> {
+    let (tx, rx) = mpsc::channel();
+    let mut threads = VcpuThreads::new();
+    for (id, vcpu) in (0u8..).zip(vcpus) {
+        let (m, tx, stop) = (machine.clone(), tx.clone(), threads.stop_flag());
+        let handle = thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu_loop(id, vcpu, m, tx, stop))
+            .map_err(|err| VmmError::Thread { id, err })?;
+        threads.push(id, handle);
+    }
+    Ok((threads, rx))
+}
+
+/// Waits until a vCPU ends the boot, `--timeout` passes or a panicking
+/// guest has had its grace time; returns a [`Action::Reboot`] or a
+/// [`Action::Stop`].
+fn wait_for_end(
+    rx: &Receiver<Action>,
+    machine: &SharedMachine,
+    deadline: Option<Instant>,
+    panic_since: &mut Option<Instant>,
+) -> Action {
+    loop {
+        match rx.recv_timeout(TICK) {
+            Ok(action) => return action,
+            Err(RecvTimeoutError::Disconnected) => {
+                return Action::Stop(StopReason::Error("every vCPU thread ended".into()))
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            return Action::Stop(StopReason::Timeout);
+        }
+        let panicking = lock(machine).serial.console().panic_state() != PanicState::None;
+        if panicking && now - *panic_since.get_or_insert(now) >= PANIC_GRACE {
+            return Action::Stop(StopReason::Panic);
+        }
+    }
 }
 
 fn lock(m: &SharedMachine) -> std::sync::MutexGuard<'_, Machine<IrqEvent, Box<dyn Write + Send>>> {
@@ -372,20 +582,37 @@ fn convert(exit: VcpuExit<'_>) -> Exit<'_> {
     }
 }
 
-/// Runs one vCPU until the dispatcher stops the VM or KVM_RUN fails.
-fn vcpu_loop(mut vcpu: VcpuFd, machine: SharedMachine, stop: Sender<StopReason>) {
-    loop {
+/// Runs vCPU `id` until the dispatcher ends the boot (the action is sent on
+/// `events`), KVM_RUN fails, or `stop` is set (a reboot; nothing is sent).
+fn vcpu_loop(
+    id: u8,
+    mut vcpu: VcpuFd,
+    machine: SharedMachine,
+    events: Sender<Action>,
+    stop: Arc<AtomicBool>,
+) {
+    let immediate_exit = std::ptr::addr_of_mut!(vcpu.get_kvm_run().immediate_exit);
+    // SAFETY: the byte lies in this vCPU's kvm_run mapping, which stays
+    // mapped as long as `vcpu`; `_kick` is a local, dropped (disarmed) before
+    // the parameter `vcpu`. The byte is otherwise written only by the kernel
+    // and by `set_kvm_immediate_exit` below, on this thread.
+    let _kick = unsafe { kick::Armed::new(immediate_exit) };
+    while !stop.load(Ordering::SeqCst) {
         let action = match vcpu.run() {
             Ok(exit) => {
                 let exit = convert(exit);
                 lock(&machine).handle_exit(exit)
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Action::Continue,
-            Err(e) => Action::Stop(StopReason::Error(format!("KVM_RUN: {e}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick or another signal: disarm, then check `stop`.
+                vcpu.set_kvm_immediate_exit(0);
+                Action::Continue
+            }
+            Err(e) => Action::Stop(StopReason::Error(format!("KVM_RUN on vCPU {id}: {e}"))),
         };
-        if let Action::Stop(reason) = action {
+        if action != Action::Continue {
             // The receiver only goes away when the VMM is exiting anyway.
-            let _ = stop.send(reason);
+            let _ = events.send(action);
             return;
         }
     }
