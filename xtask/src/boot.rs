@@ -136,6 +136,28 @@ pub fn run_console(
     })
 }
 
+/// A QEMU TCG command that boots `kernel` with `initrd`, one vCPU, no
+/// devices but a serial console on stdio, and exits when the guest resets.
+pub fn qemu_tcg(cpu: &str, mem: &str, kernel: &Path, initrd: &Path, append: &str) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", "tcg", "-cpu", cpu, "-m", mem, "-smp", "1"])
+        .args([
+            "-nodefaults",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(append);
+    cmd
+}
+
 /// Result of a single-level TCG boot with KUnit.
 pub struct KunitBoot {
     pub console: Console,
@@ -205,22 +227,7 @@ pub fn tcg_kunit(
     let initrd = work.join("guest.cpio");
     std::fs::write(&initrd, initramfs::busybox(&ctx.repo, &[])?)?;
     let cmdline = format!("console=ttyS0 panic=-1 kunit.enable=1 {append}");
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-cpu", "qemu64", "-m", "512M", "-smp", "1"])
-        .args([
-            "-nodefaults",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(&k.bzimage)
-        .arg("-initrd")
-        .arg(&initrd)
-        .arg("-append")
-        .arg(cmdline.trim());
+    let mut cmd = qemu_tcg("qemu64", "512M", &k.bzimage, &initrd, cmdline.trim());
     println!("boot: QEMU TCG, single level (timeout {timeout}s)");
     let console = run_console(
         &mut cmd,

@@ -252,31 +252,13 @@ pub fn run(
     let l1_initrd = work.join("l1.cpio");
     std::fs::write(&l1_initrd, i.finish())?;
 
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-accel",
-        "tcg",
-        "-cpu",
+    let mut cmd = boot::qemu_tcg(
         "EPYC,+svm,+npt",
-        "-m",
         "3G",
-        "-smp",
-        "1",
-    ])
-    .args([
-        "-nodefaults",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-    ])
-    .arg("-kernel")
-    .arg(&k.bzimage)
-    .arg("-initrd")
-    .arg(&l1_initrd)
-    .arg("-append")
-    .arg("console=ttyS0 panic=-1 kvm_amd.npt=1 kunit.enable=0 loglevel=5");
+        &k.bzimage,
+        &l1_initrd,
+        "console=ttyS0 panic=-1 kvm_amd.npt=1 kunit.enable=0 loglevel=5",
+    );
     let total = 60 + runs.iter().map(|r| r.timeout + 20).sum::<u64>();
     println!(
         "nested: L1 = QEMU TCG -cpu EPYC,+svm,+npt; {} L2 boot(s) in it (timeout {total}s)",

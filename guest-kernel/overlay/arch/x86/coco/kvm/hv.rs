@@ -114,43 +114,39 @@ impl Kvm {
     }
 }
 
-impl Hypervisor for Kvm {
-    fn hypercall(&mut self, nr: u64, args: [u64; 3]) -> u64 {
+/// Executes the hypercall instruction `$insn` with RAX = `$nr`, RBX =
+/// `$a0`, RCX = `$a1`, RDX = `$a2`; evaluates to RAX.
+macro_rules! kvm_hypercall3 {
+    ($insn:literal, $nr:expr, $a0:expr, $a1:expr, $a2:expr) => {{
         let ret: u64;
-        let [a0, a1, a2] = args;
-        if self.vmmcall {
-            // SAFETY: on KVM (type invariant) a hypercall traps to the host,
-            // which writes only RAX; the protected-memory hypercalls take
-            // their arguments in RBX, RCX, RDX and touch no guest memory the
-            // compiler knows about. RBX is swapped in and out around the
-            // instruction because LLVM reserves it.
-            unsafe {
-                asm!(
-                    "xchg {a0}, rbx",
-                    "vmmcall",
-                    "xchg {a0}, rbx",
-                    a0 = inout(reg) a0 => _,
-                    inout("rax") nr => ret,
-                    in("rcx") a1,
-                    in("rdx") a2,
-                    options(nostack),
-                );
-            }
-        } else {
-            // SAFETY: as above, with the Intel instruction.
-            unsafe {
-                asm!(
-                    "xchg {a0}, rbx",
-                    "vmcall",
-                    "xchg {a0}, rbx",
-                    a0 = inout(reg) a0 => _,
-                    inout("rax") nr => ret,
-                    in("rcx") a1,
-                    in("rdx") a2,
-                    options(nostack),
-                );
-            }
+        // SAFETY: on KVM (type invariant of `Kvm`, the only caller) a
+        // hypercall traps to the host, which writes only RAX; the
+        // protected-memory hypercalls take their arguments in RBX, RCX, RDX
+        // and touch no guest memory the compiler knows about. RBX is
+        // swapped in and out around the instruction because LLVM reserves it.
+        unsafe {
+            asm!(
+                "xchg {a0}, rbx",
+                $insn,
+                "xchg {a0}, rbx",
+                a0 = inout(reg) $a0 => _,
+                inout("rax") $nr => ret,
+                in("rcx") $a1,
+                in("rdx") $a2,
+                options(nostack),
+            );
         }
         ret
+    }};
+}
+
+impl Hypervisor for Kvm {
+    fn hypercall(&mut self, nr: u64, args: [u64; 3]) -> u64 {
+        let [a0, a1, a2] = args;
+        if self.vmmcall {
+            kvm_hypercall3!("vmmcall", nr, a0, a1, a2)
+        } else {
+            kvm_hypercall3!("vmcall", nr, a0, a1, a2)
+        }
     }
 }
