@@ -150,7 +150,7 @@ pub struct Applied {
 /// Makes `tree` = `pristine` + overlay, touching only what must change.
 pub fn apply(ov: &Overlay, pristine: &Path, tree: &Path, scratch: &Path) -> Result<Applied> {
     if !tree.join("Makefile").is_file() {
-        let partial = tree.with_extension("partial");
+        let partial = sh::with_suffix(tree, ".partial");
         let _ = std::fs::remove_dir_all(&partial);
         std::fs::create_dir_all(partial.parent().unwrap_or(tree))?;
         println!(

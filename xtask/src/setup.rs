@@ -290,7 +290,7 @@ fn kernel_source(ctx: &Ctx, apt: &PrivateApt) -> Result<(PathBuf, String)> {
     let tree = root.join(format!("linux-source-{}", ctx.pins.linux_series));
     if !root.is_dir() {
         let deb = apt.download(&pkg, &version, &debs)?;
-        let partial = root.with_extension("partial");
+        let partial = sh::with_suffix(&root, ".partial");
         let _ = std::fs::remove_dir_all(&partial);
         std::fs::create_dir_all(&partial)?;
         println!("setup: unpacking {pkg} {version}");
@@ -360,8 +360,9 @@ fn rust_src(ctx: &Ctx, apt: &PrivateApt) -> Result<PathBuf> {
         );
     }
     let deb = apt.download("rust-src", version, &ctx.cache.join("debs"))?;
-    let partial = root.with_extension("partial");
+    let partial = sh::with_suffix(&root, ".partial");
     let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial)?;
     sh::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
     std::fs::rename(&partial, &root)?;
     Ok(lib)

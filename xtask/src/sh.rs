@@ -52,6 +52,15 @@ pub fn have(prog: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// `path` with `suffix` appended to its file name (`a/7.2.12-1` ->
+/// `a/7.2.12-1.partial`): unlike `Path::with_extension`, it never eats a
+/// dotted version number.
+pub fn with_suffix(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
 /// The last `n` lines of `text`.
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
@@ -71,7 +80,7 @@ pub fn write_if_changed(path: &Path, data: &[u8]) -> Result<bool> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let tmp = path.with_extension("kpm-tmp");
+    let tmp = with_suffix(path, ".kpm-tmp");
     std::fs::write(&tmp, data).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))?;
     Ok(true)
@@ -95,6 +104,14 @@ mod tests {
         assert_eq!(std::fs::read(&a).unwrap(), b"one");
         assert_eq!(std::fs::read(&b).unwrap(), b"two");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn suffix_keeps_version_numbers() {
+        assert_eq!(
+            with_suffix(Path::new("/c/rust-src/1.95.0+dfsg1-2~bpo13+1"), ".partial"),
+            Path::new("/c/rust-src/1.95.0+dfsg1-2~bpo13+1.partial")
+        );
     }
 
     #[test]
