@@ -124,6 +124,13 @@ pub fn all() -> Vec<Scenario> {
             judge_flaky_share,
         ),
         scenario(
+            "reboot",
+            "the guest reboots once inside one VMM run: the second kernel enables again, boots protected, and no share of the first survives",
+            &["--protect", "--reboots", "1"],
+            NO_KUNIT,
+            judge_reboot,
+        ),
+        scenario(
             "opt-out",
             "kvm_protmem=off under --protect: a normal guest with working I/O; ENABLE never came",
             &["--protect"],
@@ -406,6 +413,55 @@ fn judge_flaky_share(o: &L2Outcome) -> Vec<Row> {
             format!("SHARE {ok}/{all} ok; guest failures {failures}, pages leaked {leaked}"),
         ),
         kunit_row(o, OUR_SUITES, true),
+    ];
+    rows.extend(disk_rows(o));
+    rows
+}
+
+fn judge_reboot(o: &L2Outcome) -> Vec<Row> {
+    let v = stats(o);
+    let boots = num(&v, "boots");
+    let done = o
+        .console
+        .lines()
+        .filter(|l| l.starts_with("kpm-init: done"))
+        .count();
+    let enables: Vec<(u64, i64)> = v["enables"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| (num(e, "boot"), e["result"].as_i64().unwrap_or(-1)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let enabled_lines = o
+        .lines_after("kpm-init: dmesg kvm_protmem: enabled")
+        .count();
+    let first = v["resets"]
+        .get(0)
+        .map(|r| num(r, "pages_shared"))
+        .unwrap_or(0);
+    let guest_second = o
+        .lines_after("kpm-init: debugfs pages_shared: ")
+        .last()
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    let at_exit = num(&v, "pages_shared");
+    let mut rows = vec![
+        row(
+            "two boots in one VMM run, both reached userspace",
+            boots == 2 && done == 2 && o.exit == Some(0),
+            format!("boots {boots}, /init done {done}x, VMM exit {:?}", o.exit),
+        ),
+        row(
+            "each kernel's ENABLE succeeded and it booted protected",
+            enables == [(1, 0), (2, 0)] && enabled_lines == 2,
+            format!("ENABLE (boot, result) {enables:?}; `enabled` {enabled_lines}x"),
+        ),
+        row(
+            "no share of the first kernel survives the reboot",
+            first > 0 && guest_second == Some(at_exit),
+            format!("first kernel shared {first} pages; at exit the host has {at_exit}, the second kernel counts {guest_second:?}"),
+        ),
     ];
     rows.extend(disk_rows(o));
     rows
