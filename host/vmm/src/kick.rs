@@ -212,16 +212,19 @@ mod tests {
         // only accessed atomically here and by the handler's byte store.
         let _armed = unsafe { Armed::new(immediate_exit.as_ptr()) };
         ready.send(()).unwrap();
-        while !stop.load(Ordering::SeqCst) {
-            if immediate_exit.swap(0, Ordering::SeqCst) == 1 {
-                saw_kick.store(true, Ordering::SeqCst);
-                continue;
-            }
+        // Block first, whatever the stop flag says: the thread can only
+        // leave through a kick, so the test cannot pass by a thread that
+        // saw the flag before it ever blocked. A kick that lands before
+        // `pause()` is repeated by `stop()` until one interrupts it.
+        loop {
             // SAFETY: pause has no arguments and only waits for a signal.
             unsafe { libc::pause() };
-        }
-        if immediate_exit.load(Ordering::SeqCst) == 1 {
-            saw_kick.store(true, Ordering::SeqCst);
+            if immediate_exit.swap(0, Ordering::SeqCst) == 1 {
+                saw_kick.store(true, Ordering::SeqCst);
+            }
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
         }
     }
 
