@@ -21,10 +21,14 @@ const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_XSAVE: u32 = 0xd;
 /// Leaf 0x1F: V2 extended topology.
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
-/// Leaf 1 ECX bits hidden from the guest: XSAVE, OSXSAVE, AVX.
+/// Leaf 1 ECX bits hidden from the guest: XSAVE, OSXSAVE, AVX, and the
+/// VEX-encoded extensions that need AVX state (FMA, F16C); without them the
+/// guest reports "CPU0 has 'fma' enabled but 'avx' disabled".
+const ECX_FMA: u32 = 1 << 12;
 const ECX_XSAVE: u32 = 1 << 26;
 const ECX_OSXSAVE: u32 = 1 << 27;
 const ECX_AVX: u32 = 1 << 28;
+const ECX_F16C: u32 = 1 << 29;
 /// Leaf 7: structured extended features.
 const LEAF_EXT_FEATURES: u32 = 7;
 /// Leaf 7.0 EBX: AVX2, AVX512F, DQ, IFMA, PF, ER, CD, BW, VL.
@@ -70,7 +74,7 @@ pub fn patch(supported: &[kvm_cpuid_entry2], cfg: CpuidConfig) -> Vec<kvm_cpuid_
     for e in &mut out {
         match e.function {
             LEAF_FEATURES => {
-                e.ecx &= !(ECX_XSAVE | ECX_OSXSAVE | ECX_AVX);
+                e.ecx &= !(ECX_FMA | ECX_XSAVE | ECX_OSXSAVE | ECX_AVX | ECX_F16C);
                 e.ebx = (e.ebx & 0x0000_ffff) | (cfg.vcpu_id << 24) | ((cfg.nr_vcpus & 0xff) << 16);
                 if cfg.nr_vcpus > 1 {
                     e.edx |= EDX_HTT;
@@ -188,7 +192,12 @@ mod tests {
         let out = patch(&supported(), cfg);
         let l1 = find(&out, 1, 0).unwrap();
         assert_eq!(l1.ecx & (7 << 26), 0);
-        assert_eq!(l1.ecx, 0xe2f8_3203, "other bits (hypervisor, ...) kept");
+        assert_eq!(
+            l1.ecx & (ECX_FMA | ECX_F16C),
+            0,
+            "AVX-state extensions hidden with AVX"
+        );
+        assert_eq!(l1.ecx, 0xc2f8_2203, "other bits (hypervisor, ...) kept");
         assert_eq!(l1.ebx >> 24, 2, "APIC id");
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
         assert_ne!(l1.edx & EDX_HTT, 0);
