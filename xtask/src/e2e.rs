@@ -301,6 +301,18 @@ fn judge_protected(o: &L2Outcome) -> Vec<Row> {
         denied == 0 && allowed > 0 && hiwater > 0,
         format!("device accesses allowed {allowed}, denied {denied}; swiotlb high water {hiwater} slabs"),
     ));
+    let probe_case = ktap::parse(&o.console)
+        .cases
+        .iter()
+        .any(|c| c.name == "device_view_cannot_read_private_memory" && c.status == Status::Pass);
+    let (p_ok, p_no) = (num(&v, "probe.allowed"), num(&v, "probe.denied"));
+    rows.push(row(
+        "isolation: probe denies a private page (secret unreadable), allows a shared one",
+        probe_case && p_ok > 0 && p_no > 0,
+        format!(
+            "KUnit device_view_cannot_read_private_memory; VMM probe allowed {p_ok}, denied {p_no}"
+        ),
+    ));
     rows.push(kunit_row(
         o,
         &[OUR_SUITES, &["rust_doctests_kernel"]].concat(),
