@@ -601,3 +601,98 @@ pub fn run(
     }
     Ok((passed, failed.len()))
 }
+
+/// The I/O benchmark: the same disk-reading workload in an unprotected and
+/// a protected L2, in one L1 boot; prints the figures side by side.
+pub fn bench(ctx: &Ctx, k: &Kernel, vmm: &Path) -> Result<()> {
+    let mk = |name: &'static str, args: &[&str]| {
+        scenario(
+            name,
+            "I/O benchmark",
+            args,
+            "kpm.bench kunit.enable=0",
+            judge_bench,
+        )
+    };
+    let runs = [
+        mk("bench-unprotected", &[]),
+        mk("bench-protected", &["--protect"]),
+    ];
+    let l2: Vec<L2Run> = runs.iter().map(|s| s.run.clone()).collect();
+    let (_, outcomes) = nested::run(ctx, k, vmm, &l2, false, "bench-l1.log")?;
+    let get = |n: &str| outcomes.iter().find(|o| o.name == n);
+    let (Some(u), Some(p)) = (get("bench-unprotected"), get("bench-protected")) else {
+        bail!("a benchmark run is missing");
+    };
+    for o in [u, p] {
+        if judge_bench(o).iter().any(|r| !r.ok) {
+            bail!("benchmark run {} failed:\n{}", o.name, o.tail());
+        }
+    }
+    let mib = (nested::DISK_BYTES * 8) as f64 / (1 << 20) as f64;
+    let fig = |o: &L2Outcome| {
+        let v = stats(o);
+        let secs = o
+            .secs_between("kpm-init: bench-start", "kpm-init: bench-done")
+            .unwrap_or(f64::NAN);
+        let exits: u64 = ["io_in", "io_out", "mmio_read", "mmio_write", "hypercall"]
+            .iter()
+            .map(|k| num(&v, &format!("exits.{k}")))
+            .sum();
+        [
+            secs,
+            mib / secs,
+            num(&v, "device_accesses.allowed") as f64,
+            num(&v, "device_accesses.denied") as f64,
+            num(&v, "bytes.written_to_guest") as f64 / (1 << 20) as f64,
+            exits as f64,
+            calls(&v, 14).1 as f64,
+            calls(&v, 15).1 as f64,
+            kv(o, "swiotlb io_tlb_used_hiwater")
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0.0),
+        ]
+    };
+    let (fu, fp) = (fig(u), fig(p));
+    let names = [
+        "workload wall time (s, host clock)",
+        "throughput (MiB/s)",
+        "device accesses allowed",
+        "device accesses denied",
+        "MiB written into guest memory by devices",
+        "VM exits to the VMM (whole run)",
+        "SHARE hypercalls (whole run)",
+        "UNSHARE hypercalls (whole run)",
+        "swiotlb high water (slabs)",
+    ];
+    println!(
+        "\nI/O benchmark: read the {} MiB disk 8 times ({mib} MiB) from virtio-blk, caches dropped",
+        nested::DISK_BYTES >> 20
+    );
+    println!(
+        "{:<44} {:>14} {:>14} {:>9}",
+        "figure", "unprotected", "protected", "ratio"
+    );
+    for (i, n) in names.iter().enumerate() {
+        let ratio = if fu[i] != 0.0 {
+            format!("{:.2}", fp[i] / fu[i])
+        } else {
+            "-".into()
+        };
+        println!("{n:<44} {:>14.2} {:>14.2} {ratio:>9}", fu[i], fp[i]);
+    }
+    println!("(nested TCG: wall times are noisy; counts are exact)");
+    Ok(())
+}
+
+fn judge_bench(o: &L2Outcome) -> Vec<Row> {
+    vec![
+        booted(o),
+        row(
+            "workload ran",
+            o.secs_between("kpm-init: bench-start", "kpm-init: bench-done")
+                .is_some(),
+            "",
+        ),
+    ]
+}

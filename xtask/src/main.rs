@@ -67,6 +67,9 @@ enum Cmd {
         #[arg(long)]
         verbose: bool,
     },
+    /// I/O benchmark: the same disk workload in an unprotected and a
+    /// protected L2, figures side by side.
+    Bench,
     /// Run every test: cargo checks and tests, kernel build, TCG boot with
     /// KUnit, and the end-to-end scenarios.
     Test,
@@ -143,6 +146,12 @@ fn run(cli: Cli) -> Result<()> {
             let k = kernel::build(&ctx, &tools)?;
             let vmm = nested::build_vmm(&ctx)?;
             e2e::run(&ctx, &k, &vmm, all, verbose, "scenarios-l1.log").map(|_| ())
+        }
+        Cmd::Bench => {
+            let tools = setup::run(&ctx)?;
+            let k = kernel::build(&ctx, &tools)?;
+            let vmm = nested::build_vmm(&ctx)?;
+            e2e::bench(&ctx, &k, &vmm)
         }
         Cmd::Test => test::run(&ctx),
     }

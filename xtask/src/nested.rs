@@ -66,6 +66,22 @@ pub struct L2Outcome {
     /// to the VMM's exit, as the markers reached L0.
     pub secs_to_userspace: Option<f64>,
     pub secs_total: Option<f64>,
+    /// `kpm-` marker lines of this run with their host wall-clock seconds
+    /// since the run's `begin` marker.
+    pub marks: Vec<(f64, String)>,
+}
+
+impl L2Outcome {
+    /// Host seconds between the first markers starting with `from` and `to`.
+    pub fn secs_between(&self, from: &str, to: &str) -> Option<f64> {
+        let at = |p: &str| {
+            self.marks
+                .iter()
+                .find(|(_, l)| l.starts_with(p))
+                .map(|(t, _)| *t)
+        };
+        Some(at(to)? - at(from)?)
+    }
 }
 
 impl L2Outcome {
@@ -304,6 +320,14 @@ pub fn run(
             .find(|(_, l)| l.starts_with("kpm-init: userspace up"))
             .map(|(t, _)| *t);
         let exit = at(&format!("kpm-l1: exit {}", o.name));
+        if let (Some(b), Some(e)) = (begin, exit) {
+            o.marks = console
+                .markers
+                .iter()
+                .filter(|(t, _)| *t >= b && *t <= e)
+                .map(|(t, l)| ((*t - b).as_secs_f64(), l.clone()))
+                .collect();
+        }
         if let Some(b) = begin {
             o.secs_to_userspace = up
                 .filter(|u| Some(*u) < exit)
