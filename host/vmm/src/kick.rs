@@ -78,11 +78,10 @@ extern "C" fn on_kick(_: c_int, _: *mut siginfo_t, _: *mut c_void) {
     let _ = IMMEDIATE_EXIT.try_with(|slot| {
         let p = slot.load(Ordering::Acquire);
         if !p.is_null() {
-            // SAFETY: a non-null pointer was stored by `Armed::new`, whose
-            // caller guarantees it stays valid for writes until the guard is
-            // dropped; the guard lives on this thread (it is not `Send`) and
-            // nulls the slot when dropped, and the handler runs on this
-            // thread too. A volatile byte store is async-signal-safe.
+            // The guard lives on this thread (it is not `Send`) and nulls the
+            // slot when dropped; the handler runs on this thread too.
+            // SAFETY: `Armed::new`'s caller keeps a non-null `p` valid for
+            // writes while armed; a volatile byte store is async-signal-safe.
             unsafe { p.write_volatile(1) };
         }
     });

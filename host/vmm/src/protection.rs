@@ -369,13 +369,11 @@ impl Protection {
                     prot: name,
                     err: io::Error::from(io::ErrorKind::InvalidInput),
                 })?;
-            // SAFETY: `host .. host + (e - s)` lies inside the mapping of
-            // `region`, which `self.view` owns and keeps mapped; `s` is page
-            // aligned (GPA ranges are whole pages and regions start page
-            // aligned). No Rust reference into guest memory exists: vm-memory
-            // accesses it through volatile raw pointers, so changing its
-            // protection cannot invalidate a reference, only make a later
-            // unchecked access fault, which is the point.
+            // `s` is page aligned: GPA ranges are whole pages and regions
+            // start page aligned. vm-memory uses volatile raw pointers, so no
+            // Rust reference into guest memory exists to be invalidated.
+            // SAFETY: `host .. host + (e - s)` lies inside `region`'s mapping,
+            // which `self.view` owns; only its protection changes.
             let rc = unsafe { libc::mprotect(host.cast(), (e - s) as usize, prot) };
             if rc != 0 {
                 return Err(ProtectionError::Mprotect {

@@ -283,11 +283,10 @@ impl Setup<'_> {
             memory_size: cli.mem,
             userspace_addr: host as u64,
         };
-        // SAFETY: `host .. host + cli.mem` is the KVM view's shared mapping
-        // of the memfd, leaked by `run` so it stays mapped as long as any VM
-        // exists; the guest may write it at any time, and the VMM only
-        // reaches it through vm-memory's volatile accessors, never through
-        // references.
+        // The guest may write it at any time; the VMM only reaches it
+        // through vm-memory's volatile accessors, never through references.
+        // SAFETY: `host .. host + cli.mem` is the KVM view's mapping of the
+        // memfd, leaked by `run`, so it stays mapped as long as any VM.
         unsafe { vm.set_user_memory_region(region) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         for (gsi, evt) in &self.irqs {
@@ -592,10 +591,10 @@ fn vcpu_loop(
     stop: Arc<AtomicBool>,
 ) {
     let immediate_exit = std::ptr::addr_of_mut!(vcpu.get_kvm_run().immediate_exit);
-    // SAFETY: the byte lies in this vCPU's kvm_run mapping, which stays
-    // mapped as long as `vcpu`; `_kick` is a local, dropped (disarmed) before
-    // the parameter `vcpu`. The byte is otherwise written only by the kernel
-    // and by `set_kvm_immediate_exit` below, on this thread.
+    // The byte is otherwise written only by the kernel and by
+    // `set_kvm_immediate_exit` below, on this thread.
+    // SAFETY: it lies in this vCPU's kvm_run mapping, mapped as long as
+    // `vcpu`; `_kick` is a local, disarmed (dropped) before `vcpu`.
     let _kick = unsafe { kick::Armed::new(immediate_exit) };
     while !stop.load(Ordering::SeqCst) {
         let action = match vcpu.run() {

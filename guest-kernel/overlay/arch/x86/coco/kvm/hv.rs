@@ -119,11 +119,10 @@ impl Kvm {
 macro_rules! kvm_hypercall3 {
     ($insn:literal, $nr:expr, $a0:expr, $a1:expr, $a2:expr) => {{
         let ret: u64;
-        // SAFETY: on KVM (type invariant of `Kvm`, the only caller) a
-        // hypercall traps to the host, which writes only RAX; the
-        // protected-memory hypercalls take their arguments in RBX, RCX, RDX
-        // and touch no guest memory the compiler knows about. RBX is
-        // swapped in and out around the instruction because LLVM reserves it.
+        // On KVM a hypercall traps to the host, which writes only RAX; the
+        // protected-memory hypercalls touch no memory the compiler knows of.
+        // SAFETY: only `Kvm` (type invariant: on KVM) uses this; RBX, which
+        // LLVM reserves, is swapped in and out around the instruction.
         unsafe {
             asm!(
                 "xchg {a0}, rbx",
