@@ -391,17 +391,31 @@ mod tests {
         assert_eq!(t.device().stats().dropped, 1);
     }
 
-    #[test]
-    fn private_buffer_is_denied_counted_and_ioerr() {
+    /// A virtio-blk on a protected guest whose rings (0x1000-0x3fff) and
+    /// page 0x8000 are shared, activated; returns the disk file to keep it.
+    fn protected_blk() -> (
+        GuestMemoryMmap,
+        Protection,
+        File,
+        MmioTransport<Block, CountingIrq>,
+        Rings,
+    ) {
         let (guest, mut dev) = ram();
         dev.enable().unwrap();
-        // Rings, header and status shared; the data buffer at 0x9000 is not.
         dev.share(GpaRange::new(0x1000, 3).unwrap()).unwrap();
         dev.share(GpaRange::new(0x8000, 1).unwrap()).unwrap();
-        let (_f, blk) = disk();
+        let (f, blk) = disk();
         let mut t = MmioTransport::new(blk, CountingIrq::default());
-        let mut rings = Rings::new(0x1000, 16);
+        let rings = Rings::new(0x1000, 16);
         activate(&mut t, &dev, &rings);
+        (guest, dev, f, t, rings)
+    }
+
+    #[test]
+    fn private_buffer_is_denied_counted_and_ioerr() {
+        // Rings (0x1000-0x3fff), header and status (0x8000) shared; the
+        // rest of RAM, e.g. the data buffer at 0x9000, is private.
+        let (guest, dev, _f, mut t, mut rings) = protected_blk();
         guest
             .write_slice(&header_bytes(VIRTIO_BLK_T_IN, 0), ga(0x8000))
             .unwrap();
@@ -427,14 +441,9 @@ mod tests {
 
     #[test]
     fn private_status_returns_len_zero_and_private_rings_skip_the_queue() {
-        let (guest, mut dev) = ram();
-        dev.enable().unwrap();
-        dev.share(GpaRange::new(0x1000, 3).unwrap()).unwrap();
-        dev.share(GpaRange::new(0x8000, 1).unwrap()).unwrap();
-        let (_f, blk) = disk();
-        let mut t = MmioTransport::new(blk, CountingIrq::default());
-        let mut rings = Rings::new(0x1000, 16);
-        activate(&mut t, &dev, &rings);
+        // Rings (0x1000-0x3fff), header and status (0x8000) shared; the
+        // rest of RAM, e.g. the data buffer at 0x9000, is private.
+        let (guest, mut dev, _f, mut t, mut rings) = protected_blk();
         guest
             .write_slice(&header_bytes(VIRTIO_BLK_T_FLUSH, 0), ga(0x8000))
             .unwrap();
