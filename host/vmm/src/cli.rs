@@ -41,6 +41,25 @@ pub fn parse_mem(s: &str) -> Result<u64, CliError> {
     Ok(bytes)
 }
 
+/// Where private guest memory lives under `--protect`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProtectMode {
+    /// In a guest_memfd of a software-protected VM: never mapped by the VMM.
+    Gmem,
+    /// In the VMM's memfd, mapped for KVM; the device view fences it.
+    View,
+}
+
+impl ProtectMode {
+    /// The name `--protect=` takes and the stats file shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProtectMode::Gmem => "gmem",
+            ProtectMode::View => "view",
+        }
+    }
+}
+
 /// Boots a Linux bzImage on KVM with virtio-mmio devices and, with
 /// `--protect`, enforces the guest's protected-memory hypercalls.
 ///
@@ -73,9 +92,18 @@ pub struct Cli {
     pub rng: bool,
     /// Offer protected memory (CPUID 0x40000001 EAX bit 18) and enforce the
     /// ENABLE/SHARE/UNSHARE hypercalls; needs a host kernel with the KVM
-    /// protected-memory patch.
-    #[arg(long)]
-    pub protect: bool,
+    /// protected-memory patches. `gmem` (the default): private pages live
+    /// in a guest_memfd that this process never maps. `view`: all RAM stays
+    /// mapped here and only device access to private pages is fenced (for
+    /// hosts without KVM_SW_PROTECTED_POPULATE).
+    #[arg(
+        long,
+        value_name = "MODE",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "gmem"
+    )]
+    pub protect: Option<ProtectMode>,
     /// Write the serial console to PATH instead of stdout.
     #[arg(long, value_name = "PATH")]
     pub serial_log: Option<PathBuf>,
@@ -129,7 +157,7 @@ mod tests {
         assert_eq!(c.mem, 512 << 20);
         assert_eq!(c.cpus, 1);
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
-        assert!(!c.protect && !c.rng && c.disk.is_none() && c.timeout.is_none());
+        assert!(c.protect.is_none() && !c.rng && c.disk.is_none() && c.timeout.is_none());
         assert_eq!(c.reboots, 0);
     }
 
@@ -179,7 +207,8 @@ mod tests {
         assert_eq!(c.mem, 1 << 30);
         assert_eq!(c.fail_share, Some(FailPolicy::Every(3)));
         assert_eq!(c.fail_unshare, Some(FailPolicy::Always));
-        assert!(c.fail_enable && c.protect && c.rng);
+        assert!(c.fail_enable && c.rng);
+        assert_eq!(c.protect, Some(ProtectMode::Gmem), "bare --protect is gmem");
         assert_eq!(c.timeout, Some(60));
     }
 
@@ -201,6 +230,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"4G\""), "{e}");
+    }
+
+    #[test]
+    fn protect_modes() {
+        let mode = |a: &str| parse(&["--kernel", "bz", a]).map(|c| c.protect);
+        assert_eq!(mode("--protect").unwrap(), Some(ProtectMode::Gmem));
+        assert_eq!(mode("--protect=gmem").unwrap(), Some(ProtectMode::Gmem));
+        assert_eq!(mode("--protect=view").unwrap(), Some(ProtectMode::View));
+        let e = mode("--protect=kvm").unwrap_err().to_string();
+        assert!(e.contains("gmem") && e.contains("view"), "{e}");
+        // `--protect view` is not a mode: the value needs `=`.
+        assert!(parse(&["--kernel", "bz", "--protect", "view"]).is_err());
     }
 
     #[test]

@@ -104,6 +104,15 @@ pub enum Exit<'a> {
     },
     /// `KVM_EXIT_INTERNAL_ERROR`.
     InternalError,
+    /// `KVM_EXIT_MEMORY_FAULT`: KVM could not map a guest access.
+    MemoryFault {
+        /// `KVM_MEMORY_EXIT_FLAG_*` (PRIVATE: the access was private).
+        flags: u64,
+        /// First GPA.
+        gpa: u64,
+        /// Bytes.
+        size: u64,
+    },
     /// Anything else, described.
     Other(String),
 }
@@ -224,6 +233,8 @@ pub struct ExitCounts {
     pub hypercall: u64,
     /// MMIO accesses that hit no device.
     pub mmio_unhandled: u64,
+    /// `KVM_EXIT_MEMORY_FAULT` exits (each stops the VM).
+    pub memory_fault: u64,
 }
 
 /// Entropy source type of the rng device.
@@ -303,6 +314,19 @@ impl<T: Trigger, W: Write> Machine<T, W> {
             ))),
             Exit::InternalError => {
                 Action::Stop(StopReason::Error("KVM_EXIT_INTERNAL_ERROR".to_string()))
+            }
+            Exit::MemoryFault { flags, gpa, size } => {
+                self.exits.memory_fault += 1;
+                let kind = if flags & u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE) != 0 {
+                    "private"
+                } else {
+                    "shared"
+                };
+                Action::Stop(StopReason::Error(format!(
+                    "KVM_EXIT_MEMORY_FAULT: KVM could not map a {kind} guest access to GPAs \
+                     {gpa:#x}..{:#x} (flags {flags:#x})",
+                    gpa.saturating_add(size)
+                )))
             }
             Exit::Other(what) => Action::Stop(StopReason::Error(format!("unhandled exit {what}"))),
         }

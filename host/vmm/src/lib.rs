@@ -16,6 +16,8 @@ pub mod boot;
 pub mod cli;
 pub mod cpuid;
 pub mod exit;
+pub mod gmem;
+pub mod gmem_kvm;
 pub mod hypercalls;
 pub mod kick;
 pub mod mptable;

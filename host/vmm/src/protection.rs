@@ -13,6 +13,11 @@
 //! instead of reading guest data. The map is updated so that it is never
 //! more permissive than the mapping: SHARE opens the mapping first, UNSHARE
 //! and ENABLE close the map first.
+//!
+//! With `--protect=gmem` a [`Gmem`] is attached: each ENABLE, SHARE and
+//! UNSHARE then also moves the pages between the shared memfd and the
+//! guest_memfd (see [`crate::gmem`]), after the device view was closed and
+//! before it is opened, so the map stays the authority for devices.
 
 use std::cell::Cell;
 use std::io;
@@ -26,6 +31,7 @@ use vm_memory::{
     GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress, Permissions,
 };
 
+use crate::gmem::{Gmem, GmemError, GmemStats};
 use crate::ram::PAGE_SIZE;
 
 /// Errors of the protection machinery itself (not of a guest request).
@@ -43,6 +49,9 @@ pub enum ProtectionError {
         /// The OS error.
         err: io::Error,
     },
+    /// Moving guest pages into the guest_memfd failed (ENABLE).
+    #[error(transparent)]
+    Gmem(#[from] GmemError),
 }
 
 /// One bit per 4 KiB guest page: set = shared with the host.
@@ -165,6 +174,9 @@ pub struct Protection {
     shared_peak: u64,
     enable_count: u64,
     counters: Counters,
+    gmem: Option<Gmem>,
+    /// Figures of guest_memfd sides already detached (earlier boots).
+    gmem_before: Option<GmemStats>,
 }
 
 impl Protection {
@@ -184,7 +196,34 @@ impl Protection {
             shared_peak: 0,
             enable_count: 0,
             counters: Counters::default(),
+            gmem: None,
+            gmem_before: None,
         }
+    }
+
+    /// Attaches the guest_memfd side of a (new) VM: from now on conversions
+    /// also move pages between the memfd and the guest_memfd. Replaces
+    /// and returns the previous one.
+    pub fn attach_gmem(&mut self, mut gmem: Gmem) -> Option<Gmem> {
+        if let Some(before) = self.gmem_before.take() {
+            gmem.carry(before);
+        }
+        self.gmem.replace(gmem)
+    }
+
+    /// Detaches the guest_memfd side (the VM it belongs to is going away);
+    /// its figures carry over to the next one attached.
+    pub fn detach_gmem(&mut self) -> Option<Gmem> {
+        let g = self.gmem.take();
+        if let Some(g) = &g {
+            self.gmem_before = Some(g.stats());
+        }
+        g
+    }
+
+    /// Figures of guest_memfd protection over the run, if it is in use.
+    pub fn gmem_stats(&self) -> Option<GmemStats> {
+        self.gmem.as_ref().map(Gmem::stats).or(self.gmem_before)
     }
 
     /// Whether the guest has enabled protected memory.
@@ -226,10 +265,18 @@ impl Protection {
     ///
     /// May be called again (reboot, kexec): it resets to the same state.
     pub fn enable(&mut self) -> Result<(), ProtectionError> {
+        // Pages whose data is in the shared backing now: all of them before
+        // the first ENABLE, else the shared set.
+        let was_enabled = self.enabled;
+        let shared_before = self.shared.clone();
         self.enabled = true;
         self.shared.clear();
         self.enable_count += 1;
-        self.set_prot(0, self.ram_end, false)
+        self.set_prot(0, self.ram_end, false)?;
+        if let Some(g) = self.gmem.as_mut() {
+            g.enable(self.ram_end, |pfn| !was_enabled || shared_before.get(pfn))?;
+        }
+        Ok(())
     }
 
     /// Back to the power-on state for a reboot: protection off, no page
@@ -260,6 +307,20 @@ impl Protection {
             bump(&self.counters.mprotect_failures, 1);
             return Err(AbiError::Fault);
         }
+        if let Some(g) = self.gmem.as_mut() {
+            if let Err(e) = g.share(range.gpa(), range.len()) {
+                eprintln!(
+                    "protmem-vmm: SHARE {:#x}+{} pages: {e}",
+                    range.gpa(),
+                    range.npages()
+                );
+                // Still private in KVM: close the device view again.
+                if self.set_prot(range.gpa(), range.end(), false).is_err() {
+                    bump(&self.counters.mprotect_failures, 1);
+                }
+                return Err(AbiError::Fault);
+            }
+        }
         self.shared
             .set_range(range.first_pfn(), range.npages(), true);
         self.shared_peak = self.shared_peak.max(self.shared.count());
@@ -280,6 +341,18 @@ impl Protection {
                 range.npages()
             );
             bump(&self.counters.mprotect_failures, 1);
+        }
+        if let Some(g) = self.gmem.as_mut() {
+            if let Err(e) = g.unshare(range.gpa(), range.len()) {
+                // Devices are already refused; KVM still maps the shared
+                // backing for the guest, which must not reuse the page.
+                eprintln!(
+                    "protmem-vmm: UNSHARE {:#x}+{} pages: {e}",
+                    range.gpa(),
+                    range.npages()
+                );
+                return Err(AbiError::Fault);
+            }
         }
         Ok(())
     }

@@ -47,7 +47,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use vm_superio::Trigger;
 
+use crate::cli::ProtectMode;
 use crate::exit::{ExitCounts, Machine, ResetRecord, StopReason};
+use crate::gmem::GmemStats;
 use crate::hypercalls::{EnableRecord, ResultCounts};
 use crate::virtio::blk::BlockStats;
 use crate::virtio::rng::RngStats;
@@ -124,6 +126,10 @@ pub struct Stats {
     pub exit_code: i32,
     /// `--protect` given.
     pub protect: bool,
+    /// Its mode: `gmem` or `view` (absent without `--protect`).
+    pub protect_mode: Option<&'static str>,
+    /// guest_memfd figures (`--protect=gmem`), over all boots.
+    pub gmem: Option<GmemStats>,
     /// Boots run: 1 + reboots done.
     pub boots: u64,
     /// Hypercall results by number and signed return value.
@@ -158,7 +164,7 @@ pub struct Stats {
 
 impl Stats {
     /// Stats of a VMM that stopped before or without a machine.
-    pub fn stopped(reason: &StopReason, protect: bool) -> Self {
+    pub fn stopped(reason: &StopReason, protect: Option<ProtectMode>) -> Self {
         Stats {
             exit_reason: reason.name(),
             exit_detail: match reason {
@@ -166,7 +172,8 @@ impl Stats {
                 _ => None,
             },
             exit_code: reason.exit_code(),
-            protect,
+            protect: protect.is_some(),
+            protect_mode: protect.map(ProtectMode::name),
             ..Default::default()
         }
     }
@@ -175,7 +182,7 @@ impl Stats {
     pub fn collect<T: Trigger, W: Write>(
         m: &Machine<T, W>,
         reason: &StopReason,
-        protect: bool,
+        protect: Option<ProtectMode>,
     ) -> Self {
         let a = m.prot.stats();
         Stats {
@@ -213,6 +220,7 @@ impl Stats {
             },
             exits: m.exits,
             console_bytes: m.serial.console().bytes(),
+            gmem: m.prot.gmem_stats(),
             ..Self::stopped(reason, protect)
         }
     }
@@ -281,7 +289,7 @@ mod tests {
                 ret: &mut ret,
             });
         }
-        let s = Stats::collect(&m, &StopReason::Reset, true);
+        let s = Stats::collect(&m, &StopReason::Reset, Some(ProtectMode::View));
         let v: serde_json::Value = serde_json::to_value(&s).unwrap();
         assert_eq!(v["hypercalls"]["13"]["0"], 1);
         assert_eq!(v["hypercalls"]["14"]["0"], 1);
@@ -334,7 +342,7 @@ mod tests {
     fn boots_and_enables_over_a_reboot() {
         let mut m = machine(true);
         m.boots = Boots::new(1);
-        let s = Stats::collect(&m, &StopReason::Reset, true);
+        let s = Stats::collect(&m, &StopReason::Reset, Some(ProtectMode::View));
         assert_eq!((s.boots, s.enables.len(), s.resets.len()), (1, 0, 0));
 
         hypercall(&mut m, KVM_HC_ENABLE_MEM_PROTECTED, 0, 0);
@@ -348,7 +356,7 @@ mod tests {
         hypercall(&mut m, KVM_HC_MEM_SHARE, 0x3000, 3);
         assert_eq!(i8042_reset(&mut m), Action::Stop(StopReason::Reset));
 
-        let s = Stats::collect(&m, &StopReason::Reset, true);
+        let s = Stats::collect(&m, &StopReason::Reset, Some(ProtectMode::View));
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["boots"], 2);
         assert_eq!(
@@ -374,13 +382,13 @@ mod tests {
         );
         assert!(s.summary().ends_with(" boots=2"), "{}", s.summary());
 
-        let none = serde_json::to_value(Stats::stopped(&StopReason::Timeout, false)).unwrap();
+        let none = serde_json::to_value(Stats::stopped(&StopReason::Timeout, None)).unwrap();
         assert_eq!((&none["boots"], &none["enables"]), (&json!(0), &json!([])));
     }
 
     #[test]
     fn error_stats_carry_the_detail() {
-        let s = Stats::stopped(&StopReason::Error("boom".into()), false);
+        let s = Stats::stopped(&StopReason::Error("boom".into()), None);
         assert_eq!((s.exit_reason, s.exit_code), ("error", 1));
         assert!(s.summary().contains("exit=error (boom) code=1"));
     }

@@ -48,9 +48,11 @@ use vm_superio::Trigger;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootError};
-use crate::cli::Cli;
+use crate::cli::{Cli, ProtectMode};
 use crate::cpuid::{self, CpuidConfig};
 use crate::exit::{Action, Boots, EntropySource, Exit, Machine, StopReason, BLK_SLOT, RNG_SLOT};
+use crate::gmem::Gmem;
+use crate::gmem_kvm::{self, HostError, KvmPrivate};
 use crate::hypercalls::{self, FailKnobs, HypercallError, HypercallHandler};
 use crate::kick::{self, KickError, VcpuThreads};
 use crate::mptable::{self, MptableError};
@@ -160,6 +162,12 @@ pub enum VmmError {
     /// Stopping the vCPU threads for a reboot failed.
     #[error(transparent)]
     Kick(#[from] KickError),
+    /// `--protect=gmem` on a host that lacks what it needs.
+    #[error(transparent)]
+    GmemHost(#[from] HostError),
+    /// Duplicating the guest RAM memfd for the guest_memfd side failed.
+    #[error("duplicating the guest RAM memfd for --protect=gmem: {0}")]
+    GmemDup(io::Error),
 }
 
 fn kvm_err(op: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -249,11 +257,21 @@ impl Setup<'_> {
     }
 
     /// Creates a KVM VM over guest RAM and the interrupt lines, with its
-    /// vCPUs set up to enter the kernel at `entry`.
-    fn create_vm(&self, entry: u64) -> Result<(VmFd, Vec<VcpuFd>), VmmError> {
+    /// vCPUs set up to enter the kernel at `entry`; with `--protect=gmem`
+    /// a software-protected VM whose memslot has a guest_memfd, returned
+    /// as the [`Gmem`] to attach to the machine's protection.
+    fn create_vm(&self, entry: u64) -> Result<NewVm, VmmError> {
         let cli = self.cli;
-        let vm = self.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        if cli.protect {
+        let gmem_mode = cli.protect == Some(ProtectMode::Gmem);
+        let vm = if gmem_mode {
+            self.kvm
+                .create_vm_with_type(gmem_kvm::VM_TYPE)
+                .map_err(kvm_err("KVM_CREATE_VM(KVM_X86_SW_PROTECTED_VM)"))?
+        } else {
+            self.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?
+        };
+        let vm = Arc::new(vm);
+        if cli.protect.is_some() {
             let offered = vm.check_extension_int(Cap::ExitHypercall).max(0) as u64;
             let mask = hypercalls::exit_hypercall_mask(offered)?;
             let cap = kvm_enable_cap {
@@ -276,19 +294,29 @@ impl Setup<'_> {
             .ram
             .get_host_address(GuestAddress(0))
             .map_err(|_| RamError::BadSize(cli.mem))?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: cli.mem,
-            userspace_addr: host as u64,
+        let gmem = if gmem_mode {
+            // SAFETY: as below: the KVM view is leaked by `run`.
+            let gmem = unsafe { gmem_kvm::add_gmem_slot(&vm, cli.mem, host as u64) }?;
+            let shared = self.memfd().map_err(VmmError::GmemDup)?;
+            let private = KvmPrivate::new(vm.clone(), gmem, host as u64);
+            Some(Gmem::new(Box::new(private), shared))
+        } else {
+            let region = kvm_userspace_memory_region {
+                slot: 0,
+                flags: 0,
+                guest_phys_addr: 0,
+                memory_size: cli.mem,
+                userspace_addr: host as u64,
+            };
+            // The guest may write it at any time; the VMM only reaches it
+            // through vm-memory's volatile accessors, never through
+            // references.
+            // SAFETY: `host .. host + cli.mem` is the KVM view's mapping of
+            // the memfd, leaked by `run`, so it stays mapped as long as any VM.
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            None
         };
-        // The guest may write it at any time; the VMM only reaches it
-        // through vm-memory's volatile accessors, never through references.
-        // SAFETY: `host .. host + cli.mem` is the KVM view's mapping of the
-        // memfd, leaked by `run`, so it stays mapped as long as any VM.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         for (gsi, evt) in &self.irqs {
             vm.register_irqfd(&evt.0, *gsi)
                 .map_err(kvm_err(format!("KVM_IRQFD for IRQ {gsi}")))?;
@@ -298,17 +326,29 @@ impl Setup<'_> {
         for id in 0..cli.cpus {
             vcpus.push(create_vcpu(&vm, &self.supported, id, cli, entry)?);
         }
-        Ok((vm, vcpus))
+        Ok(NewVm { vm, vcpus, gmem })
+    }
+
+    /// A new descriptor of the guest RAM memfd.
+    fn memfd(&self) -> io::Result<File> {
+        let region = self.ram.iter().next();
+        let fo = region.and_then(|r| r.file_offset());
+        fo.ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?
+            .file()
+            .try_clone()
     }
 
     /// Steps 4-6 of the reboot sequence (module docs): `vm` must be the old
     /// VM with every vCPU thread joined.
     fn reboot(
         &mut self,
-        vm: VmFd,
+        vm: Arc<VmFd>,
         machine: &SharedMachine,
         why: &StopReason,
-    ) -> Result<(VmFd, Vec<VcpuFd>), VmmError> {
+    ) -> Result<NewVm, VmmError> {
+        // The guest_memfd side holds the old VM too: drop both, so KVM
+        // destroys the VM and frees its guest_memfd (private pages).
+        drop(lock(machine).prot.detach_gmem());
         drop(vm);
         ram::clear(self.ram)?;
         let boot = {
@@ -326,6 +366,13 @@ impl Setup<'_> {
         let entry = self.load(boot)?;
         self.create_vm(entry)
     }
+}
+
+/// A VM just created: its fd, vCPUs and, in gmem mode, its private side.
+struct NewVm {
+    vm: Arc<VmFd>,
+    vcpus: Vec<VcpuFd>,
+    gmem: Option<Gmem>,
 }
 
 /// Builds the VM described by `cli`, runs it until it stops, and returns why.
@@ -365,6 +412,9 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
     };
 
     let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
+    if cli.protect == Some(ProtectMode::Gmem) {
+        gmem_kvm::check_host(&kvm)?;
+    }
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -405,9 +455,9 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
         irqs,
     };
     let entry = setup.load(1)?;
-    let (vm, vcpus) = setup.create_vm(entry)?;
+    let NewVm { vm, vcpus, gmem } = setup.create_vm(entry)?;
 
-    let machine = Machine {
+    let mut machine = Machine {
         serial: SerialPort::new(serial_irq, console),
         blk,
         rng,
@@ -421,6 +471,9 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
         exits: Default::default(),
         boots: Boots::new(cli.reboots),
     };
+    if let Some(g) = gmem {
+        machine.prot.attach_gmem(g);
+    }
     let machine: SharedMachine = Arc::new(Mutex::new(machine));
 
     let start = Instant::now();
@@ -444,9 +497,12 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
         let Action::Reboot(why) = settled else {
             break stop_reason(settled);
         };
-        let next = setup
-            .reboot(vm, &machine, &why)
-            .and_then(|(new_vm, vcpus)| Ok((new_vm, start_vcpus(vcpus, &machine)?)));
+        let next = setup.reboot(vm, &machine, &why).and_then(|new| {
+            if let Some(g) = new.gmem {
+                lock(&machine).prot.attach_gmem(g);
+            }
+            Ok((new.vm, start_vcpus(new.vcpus, &machine)?))
+        });
         match next {
             Ok((new_vm, (t, r))) => (vm, threads, rx) = (new_vm, t, r),
             Err(e) => break StopReason::Error(e.to_string()),
@@ -534,7 +590,7 @@ fn create_vcpu(
     let cfg = CpuidConfig {
         vcpu_id: u32::from(id),
         nr_vcpus: u32::from(cli.cpus),
-        protect: cli.protect,
+        protect: cli.protect.is_some(),
     };
     let entries = cpuid::patch(supported.as_slice(), cfg);
     let table = CpuId::from_entries(&entries).map_err(|e| VmmError::Cpuid {
@@ -577,6 +633,7 @@ fn convert(exit: VcpuExit<'_>) -> Exit<'_> {
         VcpuExit::SystemEvent(kind, _) => Exit::SystemEvent { kind },
         VcpuExit::FailEntry(reason, _) => Exit::FailEntry { reason },
         VcpuExit::InternalError => Exit::InternalError,
+        VcpuExit::MemoryFault { flags, gpa, size } => Exit::MemoryFault { flags, gpa, size },
         other => Exit::Other(format!("{other:?}")),
     }
 }

@@ -1,0 +1,535 @@
+//! guest_memfd protection (`--protect=gmem`): private guest pages live only
+//! in a guest_memfd, which KVM maps for the guest and the VMM cannot map.
+//!
+//! Guest RAM has two backings per page: the shared memfd (the memslot's
+//! `userspace_addr`, also what devices reach through the checked view) and
+//! the guest_memfd. KVM picks one per page from the page's memory
+//! attributes. This module keeps one invariant: **a page's data is in the
+//! backing its attribute selects, and the other backing holds nothing for
+//! it** (a hole), so the VMM process never holds a copy of a private page.
+//!
+//! | guest request | attributes | then |
+//! |---|---|---|
+//! | ENABLE | whole RAM private | populate every *shared data extent* of the memfd into the guest_memfd (holes are skipped, pages never touched cost nothing), then punch the whole memfd |
+//! | SHARE | range shared | punch the guest_memfd range (contents are not kept: the guest writes a shared page after sharing it) |
+//! | UNSHARE | range private | punch the memfd range (the private page starts zeroed) |
+//!
+//! A reboot or a new VM gets a new guest_memfd (it belongs to one KVM VM),
+//! and the shell punches the memfd, so no copy of either side survives.
+//!
+//! The KVM calls sit behind [`PrivateMemory`], so the bookkeeping here is
+//! tested with a fake; [`crate::vmm`] implements it over KVM.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::ram::PAGE_SIZE;
+
+/// Errors of guest_memfd protection.
+#[derive(Debug, thiserror::Error)]
+pub enum GmemError {
+    /// A KVM operation on the private side failed.
+    #[error("{op} for GPAs {start:#x}..{end:#x} failed: {err}")]
+    Kvm {
+        /// The operation (`KVM_SET_MEMORY_ATTRIBUTES(PRIVATE)`, ...).
+        op: &'static str,
+        /// First GPA.
+        start: u64,
+        /// One past the last GPA.
+        end: u64,
+        /// The OS error.
+        err: io::Error,
+    },
+    /// Walking or punching the shared memfd failed.
+    #[error("{op} of the shared memfd at {start:#x}..{end:#x} failed: {err}")]
+    Shared {
+        /// `lseek(SEEK_DATA)`, `lseek(SEEK_HOLE)` or `fallocate(PUNCH_HOLE)`.
+        op: &'static str,
+        /// First offset (= GPA).
+        start: u64,
+        /// One past the last offset.
+        end: u64,
+        /// The OS error.
+        err: io::Error,
+    },
+}
+
+/// The private side of guest RAM: what KVM offers for a software-protected
+/// VM. GPAs and lengths are page aligned; the guest_memfd offset of a GPA
+/// is the GPA (one memslot from GPA 0).
+pub trait PrivateMemory: Send {
+    /// Sets (`true`) or clears the PRIVATE attribute of `len` bytes at `gpa`
+    /// (`KVM_SET_MEMORY_ATTRIBUTES`); KVM unmaps the other backing.
+    fn set_private(&mut self, gpa: u64, len: u64, private: bool) -> Result<(), GmemError>;
+    /// Copies `len` bytes at `gpa` from the shared backing into the
+    /// guest_memfd (`KVM_SW_PROTECTED_POPULATE`); the range must be private.
+    fn populate(&mut self, gpa: u64, len: u64) -> Result<(), GmemError>;
+    /// Frees the guest_memfd pages of `len` bytes at `gpa` (punch hole).
+    fn discard(&mut self, gpa: u64, len: u64) -> Result<(), GmemError>;
+}
+
+/// Figures of guest_memfd protection, as the stats file lists them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct GmemStats {
+    /// Successful ENABLEs handled in gmem mode.
+    pub enables: u64,
+    /// Bytes copied into the guest_memfd by ENABLEs.
+    pub bytes_populated: u64,
+    /// Data extents populated (one populate call each).
+    pub extents_populated: u64,
+    /// Microseconds (host clock) the last ENABLE took: attributes, populate, punch.
+    pub last_enable_us: u64,
+    /// Bytes populated by the last ENABLE.
+    pub last_enable_bytes: u64,
+    /// The VMM's resident memory (KiB, `VmRSS`) just before and just after the last ENABLE.
+    pub rss_kib_before_enable: u64,
+    /// See `rss_kib_before_enable`.
+    pub rss_kib_after_enable: u64,
+    /// Ranges made shared (SHARE) and private (UNSHARE) in KVM.
+    pub to_shared: u64,
+    /// See `to_shared`.
+    pub to_private: u64,
+    /// Punches of the other backing that failed after a conversion (the
+    /// conversion stood; the stale copy is counted, never used by KVM).
+    pub punch_failures: u64,
+}
+
+/// guest_memfd protection state of one VM: the private side and the
+/// shared memfd.
+pub struct Gmem {
+    private: Box<dyn PrivateMemory>,
+    shared: File,
+    stats: GmemStats,
+}
+
+impl std::fmt::Debug for Gmem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gmem").field("stats", &self.stats).finish()
+    }
+}
+
+impl Gmem {
+    /// Wraps the private side of a VM and (a descriptor of) the shared memfd.
+    pub fn new(private: Box<dyn PrivateMemory>, shared: File) -> Self {
+        Gmem {
+            private,
+            shared,
+            stats: GmemStats::default(),
+        }
+    }
+
+    /// The figures so far.
+    pub fn stats(&self) -> GmemStats {
+        self.stats
+    }
+
+    /// Starts from the figures of the side this one replaces (a reboot),
+    /// so that the counts cover the whole run.
+    pub fn carry(&mut self, before: GmemStats) {
+        self.stats = before;
+    }
+
+    /// ENABLE over RAM `0..ram_end`: makes every page private keeping the
+    /// contents of the pages `is_shared` reports shared (all of them at a
+    /// boot's first ENABLE; the shared set at a later one), then empties the
+    /// shared memfd. Data of a page that was private stays in the
+    /// guest_memfd; whatever the memfd held for it (nothing, unless
+    /// something touched the hole) is dropped, never copied in.
+    pub fn enable(
+        &mut self,
+        ram_end: u64,
+        is_shared: impl Fn(u64) -> bool,
+    ) -> Result<(), GmemError> {
+        let started = Instant::now();
+        let rss_before = rss_kib();
+        self.private.set_private(0, ram_end, true)?;
+        let mut bytes = 0;
+        for (start, end) in data_extents(&self.shared, 0, ram_end)? {
+            for (s, e) in shared_runs(start, end, &is_shared) {
+                self.private.populate(s, e - s)?;
+                bytes += e - s;
+                self.stats.extents_populated += 1;
+            }
+        }
+        punch(&self.shared, 0, ram_end)?;
+        let s = &mut self.stats;
+        s.enables += 1;
+        s.bytes_populated += bytes;
+        s.last_enable_bytes = bytes;
+        s.last_enable_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        s.rss_kib_before_enable = rss_before;
+        s.rss_kib_after_enable = rss_kib();
+        Ok(())
+    }
+
+    /// SHARE: the range goes to the shared memfd; its private pages are freed.
+    pub fn share(&mut self, gpa: u64, len: u64) -> Result<(), GmemError> {
+        self.private.set_private(gpa, len, false)?;
+        self.stats.to_shared += 1;
+        if let Err(e) = self.private.discard(gpa, len) {
+            eprintln!("protmem-vmm: SHARE {gpa:#x}+{len:#x}: {e}");
+            self.stats.punch_failures += 1;
+        }
+        Ok(())
+    }
+
+    /// UNSHARE: the range goes to the guest_memfd (zeroed); its shared
+    /// pages are freed.
+    pub fn unshare(&mut self, gpa: u64, len: u64) -> Result<(), GmemError> {
+        self.private.set_private(gpa, len, true)?;
+        self.stats.to_private += 1;
+        if let Err(e) = punch(&self.shared, gpa, len) {
+            eprintln!("protmem-vmm: UNSHARE {gpa:#x}+{len:#x}: {e}");
+            self.stats.punch_failures += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Splits the page-aligned range `start..end` into runs of pages for which
+/// `is_shared(pfn)` holds.
+fn shared_runs(start: u64, end: u64, is_shared: &impl Fn(u64) -> bool) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut pfn = start / PAGE_SIZE;
+    while pfn * PAGE_SIZE < end {
+        if is_shared(pfn) {
+            let gpa = pfn * PAGE_SIZE;
+            match runs.last_mut() {
+                Some(last) if last.1 == gpa => last.1 += PAGE_SIZE,
+                _ => runs.push((gpa, gpa + PAGE_SIZE)),
+            }
+        }
+        pfn += 1;
+    }
+    runs
+}
+
+/// The data extents of `file` within `start..end`, page aligned outward
+/// and clipped to the range (`lseek` `SEEK_DATA`/`SEEK_HOLE`).
+pub fn data_extents(file: &File, start: u64, end: u64) -> Result<Vec<(u64, u64)>, GmemError> {
+    let fd = file.as_raw_fd();
+    let seek = |op: &'static str, whence, at: u64| -> Result<Option<u64>, GmemError> {
+        let err = |err| GmemError::Shared {
+            op,
+            start: at,
+            end,
+            err,
+        };
+        let off = libc::off_t::try_from(at)
+            .map_err(|_| err(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        // SAFETY: lseek on a descriptor we own; it moves the file offset,
+        // which nothing else here relies on (reads use explicit offsets).
+        let r = unsafe { libc::lseek(fd, off, whence) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            // ENXIO: no data (SEEK_DATA) at or past `at`.
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(err(e))
+            };
+        }
+        Ok(Some(r as u64))
+    };
+    let mut out = Vec::new();
+    let mut at = start;
+    while at < end {
+        let Some(data) = seek("lseek(SEEK_DATA)", libc::SEEK_DATA, at)? else {
+            break;
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek("lseek(SEEK_HOLE)", libc::SEEK_HOLE, data)?.unwrap_or(end);
+        let s = data / PAGE_SIZE * PAGE_SIZE;
+        let e = hole.div_ceil(PAGE_SIZE).saturating_mul(PAGE_SIZE).min(end);
+        if e > s {
+            out.push((s, e));
+        }
+        at = e.max(at + PAGE_SIZE);
+    }
+    Ok(out)
+}
+
+/// Frees `len` bytes at `offset` of `file` (punch hole, size kept).
+pub fn punch(file: &File, offset: u64, len: u64) -> Result<(), GmemError> {
+    let err = |err| GmemError::Shared {
+        op: "fallocate(PUNCH_HOLE)",
+        start: offset,
+        end: offset.saturating_add(len),
+        err,
+    };
+    let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(err(io::Error::from(io::ErrorKind::InvalidInput)));
+    };
+    // SAFETY: fallocate on a descriptor we own changes file contents only;
+    // every mapping of the file stays valid and reads the range as zeros.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            l,
+        )
+    };
+    if rc != 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// This process's resident set in KiB (`VmRSS` of /proc/self/status), 0
+/// if unknown.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::FileExt;
+    use std::sync::{Arc, Mutex};
+
+    /// A fake private side: attributes per page and a page store, with the
+    /// calls made, in order.
+    #[derive(Default)]
+    struct Fake {
+        private: BTreeMap<u64, bool>,
+        store: BTreeMap<u64, Vec<u8>>,
+        calls: Vec<String>,
+        fail_discard: bool,
+    }
+
+    struct FakeSide {
+        state: Arc<Mutex<Fake>>,
+        shared: File,
+    }
+
+    impl PrivateMemory for FakeSide {
+        fn set_private(&mut self, gpa: u64, len: u64, private: bool) -> Result<(), GmemError> {
+            let mut s = self.state.lock().unwrap();
+            s.calls.push(format!("attr {gpa:#x}+{len:#x} {private}"));
+            for pfn in gpa / PAGE_SIZE..(gpa + len) / PAGE_SIZE {
+                s.private.insert(pfn, private);
+            }
+            Ok(())
+        }
+
+        fn populate(&mut self, gpa: u64, len: u64) -> Result<(), GmemError> {
+            let mut s = self.state.lock().unwrap();
+            s.calls.push(format!("populate {gpa:#x}+{len:#x}"));
+            for pfn in gpa / PAGE_SIZE..(gpa + len) / PAGE_SIZE {
+                assert_eq!(s.private.get(&pfn), Some(&true), "populate needs private");
+                let mut page = vec![0; PAGE_SIZE as usize];
+                self.shared
+                    .read_exact_at(&mut page, pfn * PAGE_SIZE)
+                    .unwrap();
+                s.store.insert(pfn, page);
+            }
+            Ok(())
+        }
+
+        fn discard(&mut self, gpa: u64, len: u64) -> Result<(), GmemError> {
+            let mut s = self.state.lock().unwrap();
+            s.calls.push(format!("discard {gpa:#x}+{len:#x}"));
+            if s.fail_discard {
+                return Err(GmemError::Kvm {
+                    op: "fallocate(guest_memfd)",
+                    start: gpa,
+                    end: gpa + len,
+                    err: io::Error::from_raw_os_error(libc::EIO),
+                });
+            }
+            for pfn in gpa / PAGE_SIZE..(gpa + len) / PAGE_SIZE {
+                s.store.remove(&pfn);
+            }
+            Ok(())
+        }
+    }
+
+    const NPAGES: u64 = 64;
+
+    fn memfd() -> File {
+        let ram = crate::ram::GuestRam::new(NPAGES * PAGE_SIZE).unwrap();
+        let (kvm, _dev) = ram.into_views();
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let f = kvm
+            .iter()
+            .next()
+            .unwrap()
+            .file_offset()
+            .unwrap()
+            .file()
+            .try_clone()
+            .unwrap();
+        f
+    }
+
+    fn setup() -> (Gmem, Arc<Mutex<Fake>>, File) {
+        let shared = memfd();
+        let state = Arc::new(Mutex::new(Fake::default()));
+        let side = FakeSide {
+            state: state.clone(),
+            shared: shared.try_clone().unwrap(),
+        };
+        (
+            Gmem::new(Box::new(side), shared.try_clone().unwrap()),
+            state,
+            shared,
+        )
+    }
+
+    fn page_of(b: u8) -> Vec<u8> {
+        vec![b; PAGE_SIZE as usize]
+    }
+
+    #[test]
+    fn extents_skip_holes_and_align() {
+        let f = memfd();
+        assert!(
+            data_extents(&f, 0, NPAGES * PAGE_SIZE).unwrap().is_empty(),
+            "fresh memfd"
+        );
+        f.write_all_at(b"x", 3 * PAGE_SIZE + 17).unwrap();
+        f.write_all_at(&page_of(1), 4 * PAGE_SIZE).unwrap();
+        f.write_all_at(b"y", 40 * PAGE_SIZE).unwrap();
+        let all = data_extents(&f, 0, NPAGES * PAGE_SIZE).unwrap();
+        assert_eq!(
+            all,
+            vec![
+                (3 * PAGE_SIZE, 5 * PAGE_SIZE),
+                (40 * PAGE_SIZE, 41 * PAGE_SIZE)
+            ]
+        );
+        assert_eq!(
+            data_extents(&f, 4 * PAGE_SIZE, 40 * PAGE_SIZE).unwrap(),
+            vec![(4 * PAGE_SIZE, 5 * PAGE_SIZE)],
+            "clipped"
+        );
+        punch(&f, 4 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        assert_eq!(
+            data_extents(&f, 0, NPAGES * PAGE_SIZE).unwrap(),
+            vec![
+                (3 * PAGE_SIZE, 4 * PAGE_SIZE),
+                (40 * PAGE_SIZE, 41 * PAGE_SIZE)
+            ]
+        );
+    }
+
+    #[test]
+    fn first_enable_moves_every_data_page_and_empties_the_memfd() {
+        let (mut g, state, shared) = setup();
+        shared.write_all_at(&page_of(0xaa), 2 * PAGE_SIZE).unwrap();
+        shared.write_all_at(&page_of(0xbb), 3 * PAGE_SIZE).unwrap();
+        shared.write_all_at(&page_of(0xcc), 50 * PAGE_SIZE).unwrap();
+        g.enable(NPAGES * PAGE_SIZE, |_| true).unwrap();
+        let s = state.lock().unwrap();
+        assert_eq!(
+            s.calls,
+            vec![
+                "attr 0x0+0x40000 true".to_string(),
+                "populate 0x2000+0x2000".into(),
+                "populate 0x32000+0x1000".into(),
+            ]
+        );
+        assert_eq!(s.store[&2], page_of(0xaa));
+        assert_eq!(s.store[&3], page_of(0xbb));
+        assert_eq!(s.store[&50], page_of(0xcc));
+        assert_eq!(s.store.len(), 3, "untouched pages are not copied");
+        assert!(
+            data_extents(&shared, 0, NPAGES * PAGE_SIZE)
+                .unwrap()
+                .is_empty(),
+            "no copy left in the VMM"
+        );
+        let st = g.stats();
+        assert_eq!(
+            (st.enables, st.bytes_populated, st.extents_populated),
+            (1, 3 * PAGE_SIZE, 2)
+        );
+    }
+
+    #[test]
+    fn share_and_unshare_leave_one_copy() {
+        let (mut g, state, shared) = setup();
+        shared.write_all_at(&page_of(0x11), 5 * PAGE_SIZE).unwrap();
+        g.enable(NPAGES * PAGE_SIZE, |_| true).unwrap();
+        g.share(5 * PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
+        {
+            let s = state.lock().unwrap();
+            assert!(!s.store.contains_key(&5), "private copy dropped on SHARE");
+            assert_eq!(s.private[&5], false);
+            assert_eq!(s.calls.last().unwrap(), "discard 0x5000+0x2000");
+        }
+        // The guest writes the shared page; then takes it back.
+        shared.write_all_at(&page_of(0x22), 5 * PAGE_SIZE).unwrap();
+        g.unshare(5 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        assert!(
+            data_extents(&shared, 0, NPAGES * PAGE_SIZE)
+                .unwrap()
+                .is_empty(),
+            "shared copy dropped on UNSHARE"
+        );
+        assert_eq!(state.lock().unwrap().private[&5], true);
+        let st = g.stats();
+        assert_eq!((st.to_shared, st.to_private, st.punch_failures), (1, 1, 0));
+    }
+
+    #[test]
+    fn enable_again_copies_only_shared_pages() {
+        let (mut g, state, shared) = setup();
+        g.enable(NPAGES * PAGE_SIZE, |_| true).unwrap();
+        g.share(8 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        shared.write_all_at(&page_of(0x33), 8 * PAGE_SIZE).unwrap();
+        // Something touched the hole of private page 9 (a scanner reading
+        // the mapping): zeros in the memfd that must not clobber the
+        // guest's private page.
+        shared.write_all_at(&page_of(0), 9 * PAGE_SIZE).unwrap();
+        state.lock().unwrap().store.insert(9, page_of(0x99));
+        g.enable(NPAGES * PAGE_SIZE, |pfn| pfn == 8).unwrap();
+        let s = state.lock().unwrap();
+        assert_eq!(s.store[&8], page_of(0x33), "shared data kept");
+        assert_eq!(s.store[&9], page_of(0x99), "private data untouched");
+        assert!(data_extents(&shared, 0, NPAGES * PAGE_SIZE)
+            .unwrap()
+            .is_empty());
+        assert_eq!(g.stats().last_enable_bytes, PAGE_SIZE);
+    }
+
+    #[test]
+    fn a_failed_discard_is_counted_and_the_share_stands() {
+        let (mut g, state, _shared) = setup();
+        g.enable(NPAGES * PAGE_SIZE, |_| true).unwrap();
+        state.lock().unwrap().fail_discard = true;
+        g.share(0, PAGE_SIZE).unwrap();
+        assert_eq!(g.stats().punch_failures, 1);
+        assert_eq!(state.lock().unwrap().private[&0], false);
+    }
+
+    #[test]
+    fn runs_follow_the_shared_set() {
+        let runs = shared_runs(0, 10 * PAGE_SIZE, &|p| p == 1 || p == 2 || p == 7);
+        assert_eq!(
+            runs,
+            vec![(PAGE_SIZE, 3 * PAGE_SIZE), (7 * PAGE_SIZE, 8 * PAGE_SIZE)]
+        );
+        assert!(shared_runs(0, 4 * PAGE_SIZE, &|_| false).is_empty());
+    }
+
+    #[test]
+    fn rss_is_read() {
+        assert!(rss_kib() > 0);
+    }
+}

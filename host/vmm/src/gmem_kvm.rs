@@ -1,0 +1,270 @@
+//! The KVM half of guest_memfd protection (`--protect=gmem`): what the host
+//! must offer, the software-protected VM with its guest_memfd memslot, and
+//! [`PrivateMemory`] over `KVM_SET_MEMORY_ATTRIBUTES`,
+//! `KVM_SW_PROTECTED_POPULATE` and punching the guest_memfd.
+//!
+//! `KVM_SW_PROTECTED_POPULATE` comes from this project's KVM patch
+//! (`host/patches/0003-*`, documented in `Documentation/virt/kvm/api.rst`);
+//! the numbers below are that patch's uapi.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_create_guest_memfd, kvm_memory_attributes, kvm_userspace_memory_region2,
+    KVM_CAP_GUEST_MEMFD, KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_VM_TYPES, KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_MEM_GUEST_MEMFD, KVM_X86_SW_PROTECTED_VM,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vmm_sys_util::ioctl::ioctl_with_mut_ref;
+
+use crate::gmem::{GmemError, PrivateMemory};
+
+/// `KVM_CAP_SW_PROTECTED_POPULATE` (include/uapi/linux/kvm.h, our patch).
+pub const KVM_CAP_SW_PROTECTED_POPULATE: u32 = 250;
+/// `KVMIO`, the KVM ioctl type.
+const KVMIO: u32 = 0xae;
+
+/// `struct kvm_sw_protected_populate` (include/uapi/linux/kvm.h, our patch).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvmSwProtectedPopulate {
+    /// In/out: first GPA left to populate.
+    pub gpa: u64,
+    /// In/out: bytes left.
+    pub size: u64,
+    /// In/out: userspace address of the data for `gpa`.
+    pub source: u64,
+    /// Must be 0.
+    pub flags: u64,
+    /// Must be 0.
+    pub padding: [u64; 4],
+}
+
+/// `KVM_SW_PROTECTED_POPULATE`: `_IOWR(KVMIO, 0xd6, struct
+/// kvm_sw_protected_populate)` (direction read|write = 3).
+pub const KVM_SW_PROTECTED_POPULATE: libc::c_ulong = (3 << 30)
+    | ((std::mem::size_of::<KvmSwProtectedPopulate>() as libc::c_ulong) << 16)
+    | ((KVMIO as libc::c_ulong) << 8)
+    | 0xd6;
+
+/// What `--protect=gmem` needs from the host and did not find.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// A capability is missing.
+    #[error(
+        "--protect=gmem: the host KVM lacks {what}; use --protect=view on this host \
+         (private memory then stays mapped in the VMM, fenced from devices)"
+    )]
+    Missing {
+        /// What is missing, in words.
+        what: &'static str,
+    },
+    /// A KVM call while building the VM failed.
+    #[error("--protect=gmem: {op} failed: {err}")]
+    Setup {
+        /// The operation.
+        op: &'static str,
+        /// The error.
+        err: kvm_ioctls::Error,
+    },
+}
+
+/// Checks that the host offers everything `--protect=gmem` uses.
+pub fn check_host(kvm: &Kvm) -> Result<(), HostError> {
+    let cap = |c: u32| kvm.check_extension_raw(c.into());
+    let missing = |what| Err(HostError::Missing { what });
+    if cap(KVM_CAP_VM_TYPES) & (1 << KVM_X86_SW_PROTECTED_VM) == 0 {
+        return missing("KVM_X86_SW_PROTECTED_VM (KVM_CAP_VM_TYPES; CONFIG_KVM_SW_PROTECTED_VM and the TDP MMU)");
+    }
+    if cap(KVM_CAP_GUEST_MEMFD) <= 0 {
+        return missing("guest_memfd (KVM_CAP_GUEST_MEMFD)");
+    }
+    if cap(KVM_CAP_MEMORY_ATTRIBUTES) as u32 & KVM_MEMORY_ATTRIBUTE_PRIVATE == 0 {
+        return missing("private memory attributes (KVM_CAP_MEMORY_ATTRIBUTES)");
+    }
+    if cap(KVM_CAP_SW_PROTECTED_POPULATE) <= 0 {
+        return missing(
+            "KVM_SW_PROTECTED_POPULATE (the populate patch, KVM_CAP_SW_PROTECTED_POPULATE)",
+        );
+    }
+    Ok(())
+}
+
+/// The VM type to create for `--protect=gmem`.
+pub const VM_TYPE: u64 = KVM_X86_SW_PROTECTED_VM as u64;
+
+/// Creates the guest_memfd of `size` bytes for `vm` and makes it memslot 0
+/// from GPA 0, with `shared_host` (the memfd mapping) as the shared
+/// backing. Returns the guest_memfd.
+///
+/// # Safety
+///
+/// `shared_host .. shared_host + size` must stay mapped for as long as the
+/// VM exists (KVM accesses it for shared pages).
+pub unsafe fn add_gmem_slot(vm: &VmFd, size: u64, shared_host: u64) -> Result<File, HostError> {
+    let fd = vm
+        .create_guest_memfd(kvm_create_guest_memfd {
+            size,
+            flags: 0,
+            ..Default::default()
+        })
+        .map_err(|err| HostError::Setup {
+            op: "KVM_CREATE_GUEST_MEMFD",
+            err,
+        })?;
+    // SAFETY: KVM just returned this descriptor and nothing else owns it.
+    let gmem = unsafe { File::from_raw_fd(fd) };
+    let region = kvm_userspace_memory_region2 {
+        slot: 0,
+        flags: KVM_MEM_GUEST_MEMFD,
+        guest_phys_addr: 0,
+        memory_size: size,
+        userspace_addr: shared_host,
+        guest_memfd_offset: 0,
+        guest_memfd: fd as u32,
+        ..Default::default()
+    };
+    // SAFETY: the shared range stays mapped as long as the VM (caller); the
+    // guest_memfd is owned by `gmem`, which the caller keeps with the VM.
+    unsafe { vm.set_user_memory_region2(region) }.map_err(|err| HostError::Setup {
+        op: "KVM_SET_USER_MEMORY_REGION2 (guest_memfd slot)",
+        err,
+    })?;
+    Ok(gmem)
+}
+
+/// [`PrivateMemory`] of one software-protected VM.
+pub struct KvmPrivate {
+    vm: Arc<VmFd>,
+    gmem: File,
+    /// Host address of GPA 0 in the shared backing (the populate source).
+    shared_host: u64,
+}
+
+impl KvmPrivate {
+    /// The private side of `vm`, whose memslot 0 has `gmem` and `shared_host`.
+    pub fn new(vm: Arc<VmFd>, gmem: File, shared_host: u64) -> Self {
+        KvmPrivate {
+            vm,
+            gmem,
+            shared_host,
+        }
+    }
+}
+
+fn kvm_err(op: &'static str, gpa: u64, len: u64, err: io::Error) -> GmemError {
+    GmemError::Kvm {
+        op,
+        start: gpa,
+        end: gpa.saturating_add(len),
+        err,
+    }
+}
+
+impl PrivateMemory for KvmPrivate {
+    fn set_private(&mut self, gpa: u64, len: u64, private: bool) -> Result<(), GmemError> {
+        let attr = kvm_memory_attributes {
+            address: gpa,
+            size: len,
+            attributes: if private {
+                u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE)
+            } else {
+                0
+            },
+            flags: 0,
+        };
+        let op = if private {
+            "KVM_SET_MEMORY_ATTRIBUTES(PRIVATE)"
+        } else {
+            "KVM_SET_MEMORY_ATTRIBUTES(shared)"
+        };
+        self.vm
+            .set_memory_attributes(attr)
+            .map_err(|e| kvm_err(op, gpa, len, io::Error::from_raw_os_error(e.errno())))
+    }
+
+    fn populate(&mut self, gpa: u64, len: u64) -> Result<(), GmemError> {
+        let mut arg = KvmSwProtectedPopulate {
+            gpa,
+            size: len,
+            source: self.shared_host + gpa,
+            ..Default::default()
+        };
+        // KVM advances `arg` as it copies; a signal (a vCPU kick) only
+        // interrupts it, so go on until it is done or fails.
+        while arg.size > 0 {
+            // SAFETY: the ioctl reads and writes exactly one
+            // `KvmSwProtectedPopulate`, which `arg` is; KVM reads the
+            // source pages through GUP, from the shared mapping we own.
+            let rc = unsafe { ioctl_with_mut_ref(&*self.vm, KVM_SW_PROTECTED_POPULATE, &mut arg) };
+            if rc == 0 {
+                break;
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EINTR) {
+                return Err(kvm_err("KVM_SW_PROTECTED_POPULATE", arg.gpa, arg.size, err));
+            }
+        }
+        Ok(())
+    }
+
+    fn discard(&mut self, gpa: u64, len: u64) -> Result<(), GmemError> {
+        let (Ok(off), Ok(l)) = (libc::off_t::try_from(gpa), libc::off_t::try_from(len)) else {
+            return Err(kvm_err(
+                "fallocate(PUNCH_HOLE) of the guest_memfd",
+                gpa,
+                len,
+                io::Error::from(io::ErrorKind::InvalidInput),
+            ));
+        };
+        // SAFETY: fallocate on the guest_memfd we own; it frees private
+        // pages (KVM unmaps them from the guest), touching no memory of ours.
+        let rc = unsafe {
+            libc::fallocate(
+                self.gmem.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                l,
+            )
+        };
+        if rc != 0 {
+            return Err(kvm_err(
+                "fallocate(PUNCH_HOLE) of the guest_memfd",
+                gpa,
+                len,
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn populate_uapi_layout() {
+        // _IOWR(KVMIO, 0xd6, struct of 64 bytes): dir 3, size 64.
+        assert_eq!(std::mem::size_of::<KvmSwProtectedPopulate>(), 64);
+        vmm_sys_util::ioctl_iowr_nr!(POPULATE, KVMIO, 0xd6, KvmSwProtectedPopulate);
+        assert_eq!(KVM_SW_PROTECTED_POPULATE, POPULATE());
+        assert_eq!(KVM_SW_PROTECTED_POPULATE, 0xc040_aed6);
+    }
+
+    #[test]
+    fn missing_feature_names_the_fallback() {
+        let e = HostError::Missing {
+            what: "KVM_SW_PROTECTED_POPULATE",
+        }
+        .to_string();
+        assert!(
+            e.contains("KVM_SW_PROTECTED_POPULATE") && e.contains("--protect=view"),
+            "{e}"
+        );
+        assert_eq!(e.lines().count(), 1);
+    }
+}
