@@ -20,6 +20,10 @@ const OUR_KUNIT: &str = "kunit.enable=1 kunit.filter_glob=kvm_protmem*";
 /// (hwrng, device shutdown); the checks only need its first seconds.
 const NO_BOUNCE_TIMEOUT: u64 = 60;
 
+/// A secret the guest keeps in private memory while L1 scans the VMM
+/// (`kpm.secret=`, see tests/guest/init and `nested::secret_needle`).
+const SECRET: &str = "kpm.secret=c0ffee5ec2e7";
+
 /// No KUnit, for scenarios that check something else.
 const NO_KUNIT: &str = "kunit.enable=0";
 
@@ -79,7 +83,7 @@ pub fn protected() -> Scenario {
         "protected",
         "boots protected; pool shared; all DMA bounced; disk I/O intact; KUnit all pass; no denied access",
         &["--protect"],
-        "kunit.enable=1",
+        &format!("kunit.enable=1 {SECRET}"),
         judge_protected,
     )
 }
@@ -93,7 +97,7 @@ fn protected_ours() -> Scenario {
         "protected",
         "boots protected; pool shared; all DMA bounced; disk I/O intact; our KUnit suites pass; no denied access",
         &["--protect"],
-        OUR_KUNIT,
+        &format!("{OUR_KUNIT} {SECRET}"),
         judge_protected_ours,
     )
 }
@@ -103,10 +107,17 @@ pub fn all() -> Vec<Scenario> {
     vec![
         protected_ours(),
         scenario(
+            "protected-view",
+            "--protect=view (no guest_memfd): boots protected, devices fenced, but the VMM still maps private RAM: the scan finds the secret",
+            &["--protect=view"],
+            &format!("{OUR_KUNIT} {SECRET}"),
+            judge_protected_view,
+        ),
+        scenario(
             "unprotected",
-            "without --protect: not offered, no protected-memory hypercalls, live suite skips, I/O works",
+            "without --protect: not offered, no protected-memory hypercalls, live suite skips, I/O works, the scan finds the secret",
             &[],
-            OUR_KUNIT,
+            &format!("{OUR_KUNIT} {SECRET}"),
             judge_unprotected,
         ),
         scenario(
@@ -278,12 +289,80 @@ fn kunit_row(o: &L2Outcome, suites: &[&str], live_must_pass: bool) -> Row {
     )
 }
 
+/// The secret-scan row: what L1's scan of the running VMM found.
+fn scan_row(o: &L2Outcome, expect_hits: bool) -> Row {
+    let planted = o.lines_after("kpm-init: secret planted").next().is_some();
+    let hits = o
+        .lines_after("kpm-scan: hits ")
+        .next()
+        .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok());
+    let waited = o.lines_after("kpm-init: scan-wait ").next().unwrap_or("?");
+    let (check, ok) = if expect_hits {
+        (
+            "secret scan of the VMM finds the guest's private secret (the scanner works)",
+            hits.is_some_and(|h| h > 0),
+        )
+    } else {
+        (
+            "secret scan of the VMM: the guest's private secret is nowhere in the VMM",
+            hits == Some(0),
+        )
+    };
+    let figure = match hits {
+        Some(h) => format!("{h} hits in the VMM's readable mappings; guest waited {waited}"),
+        None => "no scan result".to_string(),
+    };
+    row(check, ok && planted, figure)
+}
+
+/// The guest_memfd row: ENABLE moved the loaded data into the guest_memfd.
+fn gmem_row(o: &L2Outcome) -> Row {
+    let v = stats(o);
+    let mode = v
+        .get("protect_mode")
+        .and_then(Value::as_str)
+        .unwrap_or("none");
+    let bytes = num(&v, "gmem.last_enable_bytes");
+    row(
+        "private memory lives in guest_memfd (--protect=gmem), populated at ENABLE",
+        mode == "gmem" && num(&v, "gmem.enables") >= 1 && bytes > 0,
+        format!(
+            "mode {mode}; ENABLE populated {:.1} MiB in {} extents, {:.1} ms; VMM RSS {} -> {} KiB",
+            bytes as f64 / (1 << 20) as f64,
+            num(&v, "gmem.extents_populated"),
+            num(&v, "gmem.last_enable_us") as f64 / 1000.0,
+            num(&v, "gmem.rss_kib_before_enable"),
+            num(&v, "gmem.rss_kib_after_enable"),
+        ),
+    )
+}
+
+fn judge_protected_view(o: &L2Outcome) -> Vec<Row> {
+    let mut rows = judge_protected_with(o, OUR_SUITES);
+    let v = stats(o);
+    let mode = v
+        .get("protect_mode")
+        .and_then(Value::as_str)
+        .unwrap_or("none");
+    rows.push(row(
+        "--protect=view mode in use",
+        mode == "view",
+        format!("mode {mode}"),
+    ));
+    rows.push(scan_row(o, true));
+    rows
+}
+
 fn judge_protected(o: &L2Outcome) -> Vec<Row> {
-    judge_protected_with(o, &[OUR_SUITES, &["rust_doctests_kernel"]].concat())
+    let mut rows = judge_protected_with(o, &[OUR_SUITES, &["rust_doctests_kernel"]].concat());
+    rows.extend([gmem_row(o), scan_row(o, false)]);
+    rows
 }
 
 fn judge_protected_ours(o: &L2Outcome) -> Vec<Row> {
-    judge_protected_with(o, OUR_SUITES)
+    let mut rows = judge_protected_with(o, OUR_SUITES);
+    rows.extend([gmem_row(o), scan_row(o, false)]);
+    rows
 }
 
 fn judge_protected_with(o: &L2Outcome, suites: &[&str]) -> Vec<Row> {
@@ -367,6 +446,7 @@ fn judge_unprotected(o: &L2Outcome) -> Vec<Row> {
         kunit_row(o, OUR_SUITES, false),
     ];
     rows.extend(disk_rows(o));
+    rows.push(scan_row(o, true));
     rows
 }
 

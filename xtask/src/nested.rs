@@ -138,6 +138,27 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
+/// 4 KiB disk blocks of the secret-scan handshake: the guest writes
+/// `kpm-scan-ready` into the first once its secret is planted; L1 writes
+/// `kpm-scan-done` into the second after the scan (tests/guest/init).
+pub const SCAN_READY_BLOCK: u64 = 768;
+pub const SCAN_DONE_BLOCK: u64 = 769;
+
+/// The secret a guest booted with `kpm.secret=KEY` keeps in private memory
+/// (tests/guest/init): `KPM-SECRET-` and KEY with each hex digit 0-9a-f
+/// mapped to g-v, so that the secret's bytes appear nowhere in what the
+/// VMM loaded (kernel, initrd, command line).
+pub fn secret_needle(cmdline: &str) -> Option<String> {
+    let key = cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("kpm.secret="))?;
+    let mapped: Option<String> = key
+        .chars()
+        .map(|c| c.to_digit(16).and_then(|d| char::from_u32('g' as u32 + d)))
+        .collect();
+    Some(format!("KPM-SECRET-{}", mapped?))
+}
+
 /// Name of the run of the KVM host-handler test (`protmem-kvm-test`).
 pub const KVM_TEST: &str = "kvm-handlers";
 
@@ -150,11 +171,33 @@ pub fn l1_script(runs: &[L2Run]) -> String {
     ));
     for r in runs {
         let n = &r.name;
+        // With a secret: the VMM runs in the background while L1 waits for
+        // the guest's ready block, scans the VMM, and releases the guest.
+        let (bg, scan) = match secret_needle(&r.cmdline) {
+            Some(needle) => (
+                " &",
+                format!(
+                    "pid=$!\n\
+                     i=0\n\
+                     while [ $i -lt 300 ] && kill -0 $pid 2>/dev/null; do\n\
+                     \tdd if=/tmp/{n}.img bs=4096 skip={SCAN_READY_BLOCK} count=1 2>/dev/null | grep -q kpm-scan-ready && break\n\
+                     \tsleep 1; i=$((i + 1))\n\
+                     done\n\
+                     echo \"kpm-l1: scan-start {n} after ${{i}}s\"\n\
+                     /vmm/protmem-scan $pid {}\n\
+                     printf kpm-scan-done | dd of=/tmp/{n}.img bs=4096 seek={SCAN_DONE_BLOCK} conv=notrunc 2>/dev/null\n\
+                     wait $pid\n",
+                    shell_quote(&needle)
+                ),
+            ),
+            None => ("", String::new()),
+        };
         s.push_str(&format!(
             "echo 'kpm-l1: begin {n}'\n\
              cp /l2/disk.img /tmp/{n}.img\n\
              /vmm/protmem-vmm --kernel /l2/bzImage --initrd /l2/initrd.cpio --disk /tmp/{n}.img --rng \\\n  \
-             --stats-json /tmp/{n}.json --timeout {} --cmdline {} {}\n\
+             --stats-json /tmp/{n}.json --timeout {} --cmdline {} {}{bg}\n\
+             {scan}\
              echo \"kpm-l1: exit {n} $?\"\n\
              echo \"kpm-l1: stats {n} $(tr -d '\\n' < /tmp/{n}.json 2>/dev/null)\"\n\
              echo \"kpm-l1: disk-copy {n} $(dd if=/tmp/{n}.img bs=4096 skip=256 count=256 2>/dev/null | sha256sum)\"\n\
@@ -238,11 +281,9 @@ pub fn run(
     i.copy("init", 0o755, &ctx.repo.join("tests/host/init"))?;
     i.file("l1/run.sh", 0o755, script.as_bytes());
     i.copy("vmm/protmem-vmm", 0o755, vmm)?;
-    i.copy(
-        "vmm/protmem-kvm-test",
-        0o755,
-        &vmm.with_file_name("protmem-kvm-test"),
-    )?;
+    for tool in ["protmem-kvm-test", "protmem-scan"] {
+        i.copy(&format!("vmm/{tool}"), 0o755, &vmm.with_file_name(tool))?;
+    }
     let mut dirs = std::collections::BTreeSet::new();
     for lib in libraries(vmm)? {
         let rel = lib.to_string_lossy().trim_start_matches('/').to_string();
@@ -349,6 +390,32 @@ mod tests {
         assert_ne!(d[0..4096], d[4096..8192]);
         assert!(d[KNOWN_BYTES..].iter().all(|&b| b == 0));
         assert_eq!(known_sha256().len(), 64);
+    }
+
+    #[test]
+    fn secret_needle_maps_hex_digits() {
+        assert_eq!(
+            secret_needle("a kpm.secret=09af b").as_deref(),
+            Some("KPM-SECRET-gpqv")
+        );
+        assert_eq!(secret_needle("kpm.secret=xyz"), None, "not hex");
+        assert_eq!(secret_needle("kpm.io"), None);
+        let runs = vec![L2Run {
+            name: "s".into(),
+            vmm_args: vec![],
+            cmdline: "kpm.secret=12".into(),
+            timeout: 60,
+        }];
+        let script = l1_script(&runs);
+        assert!(script.contains("--cmdline 'kpm.secret=12'  &"), "{script}");
+        assert!(
+            script.contains("/vmm/protmem-scan $pid 'KPM-SECRET-hi'"),
+            "{script}"
+        );
+        assert!(
+            script.contains("wait $pid\necho \"kpm-l1: exit s $?\""),
+            "{script}"
+        );
     }
 
     #[test]
