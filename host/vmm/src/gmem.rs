@@ -470,7 +470,7 @@ mod tests {
         {
             let s = state.lock().unwrap();
             assert!(!s.store.contains_key(&5), "private copy dropped on SHARE");
-            assert_eq!(s.private[&5], false);
+            assert!(!s.private[&5]);
             assert_eq!(s.calls.last().unwrap(), "discard 0x5000+0x2000");
         }
         // The guest writes the shared page; then takes it back.
@@ -482,7 +482,7 @@ mod tests {
                 .is_empty(),
             "shared copy dropped on UNSHARE"
         );
-        assert_eq!(state.lock().unwrap().private[&5], true);
+        assert!(state.lock().unwrap().private[&5]);
         let st = g.stats();
         assert_eq!((st.to_shared, st.to_private, st.punch_failures), (1, 1, 0));
     }
@@ -515,7 +515,7 @@ mod tests {
         state.lock().unwrap().fail_discard = true;
         g.share(0, PAGE_SIZE).unwrap();
         assert_eq!(g.stats().punch_failures, 1);
-        assert_eq!(state.lock().unwrap().private[&0], false);
+        assert!(!state.lock().unwrap().private[&0]);
     }
 
     #[test]

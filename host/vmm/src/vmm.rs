@@ -412,12 +412,13 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
     };
 
     let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
-    if cli.protect == Some(ProtectMode::Gmem) {
-        gmem_kvm::check_host(&kvm)?;
-    }
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    if cli.protect == Some(ProtectMode::Gmem) {
+        gmem_kvm::check_host(&kvm)?;
+        gmem_kvm::check_emulation(supported.as_slice())?;
+    }
     kick::install()?;
     let (kvm_view, device_view) = GuestRam::new(cli.mem)?.into_views();
     // Every VM's memslot points at this mapping for the rest of the process:
