@@ -185,6 +185,11 @@ impl KvmPrivate {
             shared_host,
         }
     }
+
+    /// The guest_memfd.
+    pub fn file(&self) -> &File {
+        &self.gmem
+    }
 }
 
 fn kvm_err(op: &'static str, gpa: u64, len: u64, err: io::Error) -> GmemError {

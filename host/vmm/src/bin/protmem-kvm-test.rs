@@ -8,7 +8,14 @@
 //!   to userspace carrying the right number and arguments, and the value
 //!   userspace writes back reaches the guest; malformed SHARE/UNSHARE
 //!   calls get -KVM_EINVAL without an exit;
-//! - without the capability, every call gets -KVM_ENOSYS without an exit.
+//! - without the capability, every call gets -KVM_ENOSYS without an exit;
+//! - guest_memfd (`KVM_SW_PROTECTED_POPULATE`, in the pattern of
+//!   private_mem_conversions_test.c): in a software-protected VM a guest
+//!   running from a shared page reads byte patterns from private pages that
+//!   userspace populated, not what the shared backing holds; conversions
+//!   private -> shared -> private and punching the guest_memfd give the
+//!   contents the API promises; the populate ioctl rejects bad arguments
+//!   with the documented errno.
 //!
 //! Prints one `ok`/`not ok` line per check and `N passed, M failed`; exits
 //! non-zero on any failure. Needs /dev/kvm.
@@ -21,7 +28,12 @@ use hypercall::{
     KVM_EINVAL, KVM_ENOSYS, KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE, KVM_HC_MEM_UNSHARE,
 };
 use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_EXIT_HYPERCALL};
-use kvm_ioctls::{Cap, Kvm, VcpuExit};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_protmem_vmm::gmem::PrivateMemory;
+use kvm_protmem_vmm::gmem_kvm::{
+    self, KvmPrivate, KvmSwProtectedPopulate, KVM_CAP_SW_PROTECTED_POPULATE,
+    KVM_SW_PROTECTED_POPULATE,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Where the guest code starts.
@@ -192,6 +204,379 @@ fn run(kvm: &Kvm, mask: u64, code: &[u8], ncalls: usize) -> Result<(Vec<Seen>, V
     Ok((seen, results))
 }
 
+/// Private pages of the guest_memfd test and where the guest reports what
+/// it read from each (first and last dword).
+const GM_DATA: [u64; 4] = [0x4000, 0x5000, 0x6000, 0x7000];
+const GM_REPORT: u16 = 0x3000;
+
+/// Real-mode code: for each data page, copy its first and last dword to
+/// GM_REPORT; HLT.
+fn gmem_guest_code() -> Vec<u8> {
+    let mut c = Vec::new();
+    let mut out = GM_REPORT;
+    for page in GM_DATA {
+        for off in [0u16, 0xffc] {
+            c.extend_from_slice(&[0x66, 0xa1]); // mov eax, [moffs16]
+            c.extend_from_slice(&(page as u16 + off).to_le_bytes());
+            c.extend_from_slice(&[0x66, 0xa3]); // mov [moffs16], eax
+            c.extend_from_slice(&out.to_le_bytes());
+            out += 4;
+        }
+    }
+    c.push(0xf4);
+    c
+}
+
+/// The dword pattern of page `gpa` for `tag` (never 0).
+fn pattern(tag: u8, gpa: u64) -> u32 {
+    u32::from_le_bytes([tag, (gpa >> 12) as u8, 0x5a, 0xa5])
+}
+
+/// Fills the page at `gpa` of `mem` with `pattern(tag, gpa)`.
+fn fill(mem: &GuestMemoryMmap, gpa: u64, tag: u8) -> Result<(), String> {
+    let page: Vec<u8> = std::iter::repeat_n(pattern(tag, gpa).to_le_bytes(), 1024)
+        .flatten()
+        .collect();
+    mem.write_slice(&page, GuestAddress(gpa))
+        .map_err(|e| format!("filling {gpa:#x}: {e}"))
+}
+
+/// One software-protected VM with a guest_memfd slot over `mem`.
+struct GmemVm {
+    vm: std::sync::Arc<VmFd>,
+    vcpu: VcpuFd,
+    private: KvmPrivate,
+    mem: GuestMemoryMmap,
+}
+
+impl GmemVm {
+    fn new(kvm: &Kvm) -> Result<Self, String> {
+        let vm = kvm
+            .create_vm_with_type(gmem_kvm::VM_TYPE)
+            .map_err(|e| format!("KVM_CREATE_VM(SW_PROTECTED): {e}"))?;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)])
+            .map_err(|e| format!("guest memory: {e}"))?;
+        mem.write_slice(&gmem_guest_code(), GuestAddress(CODE))
+            .map_err(|e| format!("loading code: {e}"))?;
+        let host = mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|e| format!("host address: {e}"))? as u64;
+        // SAFETY: `mem` maps MEM bytes and lives in the returned struct
+        // with the VM, which is dropped before it (field order).
+        let gmem =
+            unsafe { gmem_kvm::add_gmem_slot(&vm, MEM as u64, host) }.map_err(|e| e.to_string())?;
+        let vcpu = vm
+            .create_vcpu(0)
+            .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+        let vm = std::sync::Arc::new(vm);
+        let private = KvmPrivate::new(vm.clone(), gmem, host);
+        Ok(GmemVm {
+            vm,
+            vcpu,
+            private,
+            mem,
+        })
+    }
+
+    /// Runs the guest from CODE to HLT; returns its reports.
+    fn run(&mut self) -> Result<Vec<u32>, String> {
+        let mut sregs = self
+            .vcpu
+            .get_sregs()
+            .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        sregs.ds.base = 0;
+        sregs.ds.selector = 0;
+        self.vcpu
+            .set_sregs(&sregs)
+            .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+        let mut regs = self
+            .vcpu
+            .get_regs()
+            .map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+        regs.rip = CODE;
+        regs.rflags = 2;
+        self.vcpu
+            .set_regs(&regs)
+            .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+        match self.vcpu.run().map_err(|e| format!("KVM_RUN: {e}"))? {
+            VcpuExit::Hlt => {}
+            other => return Err(format!("unexpected exit {other:?}")),
+        }
+        (0..GM_DATA.len() * 2)
+            .map(|i| {
+                self.mem
+                    .read_obj::<u32>(GuestAddress(u64::from(GM_REPORT) + 4 * i as u64))
+                    .map_err(|e| format!("reading reports: {e}"))
+            })
+            .collect()
+    }
+
+    /// Raw KVM_SW_PROTECTED_POPULATE; the errno on failure.
+    fn populate_raw(&self, mut arg: KvmSwProtectedPopulate) -> Result<(), i32> {
+        populate_ioctl(&self.vm, &mut arg)
+    }
+}
+
+fn populate_ioctl(vm: &VmFd, arg: &mut KvmSwProtectedPopulate) -> Result<(), i32> {
+    // SAFETY: the ioctl reads and writes one `KvmSwProtectedPopulate`; the
+    // source pages are only read (through GUP) if the checks pass.
+    let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(vm, KVM_SW_PROTECTED_POPULATE, arg) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+/// The guest_memfd checks; each result goes to `check`.
+fn gmem_checks(kvm: &Kvm, check: &mut dyn FnMut(&str, bool, String)) {
+    let sys = kvm.check_extension_raw(KVM_CAP_SW_PROTECTED_POPULATE.into());
+    check(
+        "gmem: KVM_CAP_SW_PROTECTED_POPULATE on /dev/kvm",
+        sys == 1,
+        format!("{sys}"),
+    );
+    if let Err(e) = gmem_kvm::check_host(kvm) {
+        check(
+            "gmem: host offers SW-protected VMs and guest_memfd",
+            false,
+            e.to_string(),
+        );
+        return;
+    }
+    let mut g = match GmemVm::new(kvm) {
+        Ok(g) => g,
+        Err(e) => {
+            return check(
+                "gmem: software-protected VM with a guest_memfd slot",
+                false,
+                e,
+            )
+        }
+    };
+    let on_vm =
+        g.vm.check_extension_raw(KVM_CAP_SW_PROTECTED_POPULATE.into());
+    check(
+        "gmem: capability on a SW-protected VM",
+        on_vm == 1,
+        format!("{on_vm}"),
+    );
+    let (first, len) = (GM_DATA[0], GM_DATA.len() as u64 * 0x1000);
+    // A source buffer apart from guest RAM, with pattern A.
+    let src = match GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(first), len as usize)]) {
+        Ok(m) => m,
+        Err(e) => return check("gmem: source buffer", false, e.to_string()),
+    };
+    let src_host = src
+        .get_host_address(GuestAddress(first))
+        .map_or(0, |p| p as u64);
+    let mut setup = || -> Result<(), String> {
+        for &p in &GM_DATA {
+            fill(&src, p, b'A')?;
+            fill(&g.mem, p, b'S')?;
+        }
+        g.private
+            .set_private(first, len, true)
+            .map_err(|e| e.to_string())?;
+        let mut arg = KvmSwProtectedPopulate {
+            gpa: first,
+            size: len,
+            source: src_host,
+            ..Default::default()
+        };
+        populate_ioctl(&g.vm, &mut arg).map_err(|e| format!("populate: errno {e}"))?;
+        if arg.size != 0 || arg.gpa != first + len || arg.source != src_host + len {
+            return Err(format!("populate left {arg:?}"));
+        }
+        Ok(())
+    };
+    if let Err(e) = setup() {
+        return check(
+            "gmem: populate private pages from a userspace buffer",
+            false,
+            e,
+        );
+    }
+    fn step(check: &mut dyn FnMut(&str, bool, String), name: &str, tags: [u8; 4], g: &mut GmemVm) {
+        let want: Vec<u32> = GM_DATA
+            .iter()
+            .zip(tags)
+            .flat_map(|(&p, t)| {
+                let v = if t == 0 { 0 } else { pattern(t, p) };
+                [v, v]
+            })
+            .collect();
+        match g.run() {
+            Ok(seen) => check(name, seen == want, format!("{seen:#x?}")),
+            Err(e) => check(name, false, e),
+        }
+    }
+    step(
+        check,
+        "gmem: the guest reads the populated private data, not the shared backing",
+        [b'A'; 4],
+        &mut g,
+    );
+    // Private -> shared: the guest sees what the shared side holds.
+    let p1 = GM_DATA[1];
+    let conv = g
+        .private
+        .set_private(p1, 0x1000, false)
+        .and_then(|()| g.private.discard(p1, 0x1000));
+    check(
+        "gmem: convert a page to shared and punch its private page",
+        conv.is_ok(),
+        format!("{conv:?}"),
+    );
+    let _ = fill(&g.mem, p1, b'C');
+    step(
+        check,
+        "gmem: after private->shared the guest reads the shared backing",
+        [b'A', b'C', b'A', b'A'],
+        &mut g,
+    );
+    // Shared -> private: a new, zeroed private page.
+    let conv = g.private.set_private(p1, 0x1000, true);
+    check(
+        "gmem: convert the page back to private",
+        conv.is_ok(),
+        format!("{conv:?}"),
+    );
+    step(
+        check,
+        "gmem: after shared->private the page reads zero (new backing), not the shared data",
+        [b'A', 0, b'A', b'A'],
+        &mut g,
+    );
+    // Punching a private page loses its contents.
+    let punched = g.private.discard(GM_DATA[2], 0x1000);
+    check(
+        "gmem: punch a private page",
+        punched.is_ok(),
+        format!("{punched:?}"),
+    );
+    step(
+        check,
+        "gmem: a punched private page reads zero",
+        [b'A', 0, 0, b'A'],
+        &mut g,
+    );
+    // Userspace cannot read the guest_memfd.
+    let mut buf = [0u8; 8];
+    let gfd = gmem_fd_read(&g, &mut buf);
+    check(
+        "gmem: read() of the guest_memfd fails",
+        gfd.is_err(),
+        format!("{gfd:?} {buf:?}"),
+    );
+
+    // Argument checks.
+    let base = KvmSwProtectedPopulate {
+        gpa: GM_DATA[3],
+        size: 0x1000,
+        source: src_host,
+        ..Default::default()
+    };
+    let cases: Vec<(&str, KvmSwProtectedPopulate, i32)> = vec![
+        (
+            "unaligned gpa",
+            KvmSwProtectedPopulate {
+                gpa: base.gpa + 8,
+                ..base
+            },
+            libc::EINVAL,
+        ),
+        (
+            "unaligned size",
+            KvmSwProtectedPopulate {
+                size: 0x800,
+                ..base
+            },
+            libc::EINVAL,
+        ),
+        (
+            "zero size",
+            KvmSwProtectedPopulate { size: 0, ..base },
+            libc::EINVAL,
+        ),
+        (
+            "unaligned source",
+            KvmSwProtectedPopulate {
+                source: src_host + 1,
+                ..base
+            },
+            libc::EINVAL,
+        ),
+        (
+            "nonzero flags",
+            KvmSwProtectedPopulate { flags: 1, ..base },
+            libc::EINVAL,
+        ),
+        (
+            "nonzero padding",
+            KvmSwProtectedPopulate {
+                padding: [0, 0, 0, 1],
+                ..base
+            },
+            libc::EINVAL,
+        ),
+        (
+            "range past the slot",
+            KvmSwProtectedPopulate {
+                size: MEM as u64,
+                ..base
+            },
+            libc::EINVAL,
+        ),
+        (
+            "gpa wraps",
+            KvmSwProtectedPopulate {
+                gpa: !0xfff,
+                size: 0x2000,
+                ..base
+            },
+            libc::EINVAL,
+        ),
+        (
+            "shared range",
+            KvmSwProtectedPopulate { gpa: CODE, ..base },
+            libc::EPERM,
+        ),
+    ];
+    for (name, arg, errno) in cases {
+        let r = g.populate_raw(arg);
+        check(
+            &format!("gmem: populate with {name}: errno {errno}"),
+            r == Err(errno),
+            format!("{r:?}"),
+        );
+    }
+    match kvm.create_vm() {
+        Ok(plain) => {
+            let mut arg = base;
+            let r = populate_ioctl(&plain, &mut arg);
+            let cap = plain.check_extension_raw(KVM_CAP_SW_PROTECTED_POPULATE.into());
+            check(
+                "gmem: a default VM has no populate (capability 0, EINVAL)",
+                r == Err(libc::EINVAL) && cap == 0,
+                format!("{r:?} cap {cap}"),
+            );
+        }
+        Err(e) => check("gmem: default VM", false, e.to_string()),
+    }
+}
+
+/// Tries to read the guest_memfd of `g` (it must fail).
+fn gmem_fd_read(g: &GmemVm, buf: &mut [u8]) -> Result<usize, String> {
+    use std::os::unix::fs::FileExt;
+    g.private
+        .file()
+        .read_at(buf, GM_DATA[0])
+        .map_err(|e| e.to_string())
+}
+
 /// -err as the guest sees it in a 32-bit EAX.
 fn neg32(err: u64) -> u32 {
     (err as u32).wrapping_neg()
@@ -290,6 +675,7 @@ fn main() -> ExitCode {
         }
         Err(e) => check("guest run without the capability", false, e),
     }
+    gmem_checks(&kvm, &mut check);
     println!("{passed} passed, {failed} failed");
     if failed == 0 {
         ExitCode::SUCCESS
