@@ -72,38 +72,6 @@ pub enum HostError {
     },
 }
 
-/// Leaf 0x8000000A EDX (SVM features): NRIP save.
-const SVM_NRIPS: u32 = 1 << 3;
-/// Leaf 0x8000000A EDX: decode assists.
-const SVM_DECODE_ASSISTS: u32 = 1 << 7;
-
-/// Whether KVM can handle this guest's exits without reading instruction
-/// bytes from guest memory, given what `KVM_GET_SUPPORTED_CPUID` reports
-/// (KVM offers a nested guest the SVM features the host CPU has): AMD with
-/// NRIP save (the next RIP of an intercepted instruction) and decode
-/// assists (the bytes of an instruction that touched MMIO). Without them
-/// KVM decodes from guest memory through the shared mapping, which holds
-/// nothing for a private page: the first CPUID, HLT, MSR or hypercall
-/// after ENABLE ends in KVM_EXIT_INTERNAL_ERROR. Intel (VMX) has no
-/// decode assists, so MMIO emulation fetches from guest memory as well.
-pub fn check_emulation(supported: &[kvm_bindings::kvm_cpuid_entry2]) -> Result<(), HostError> {
-    let leaf = |f: u32| supported.iter().find(|e| e.function == f && e.index == 0);
-    let amd = leaf(0).is_some_and(|e| {
-        [e.ebx, e.edx, e.ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163]
-            || [e.ebx, e.edx, e.ecx] == [0x6f67_7948, 0x6e65_476e, 0x656e_6975]
-    });
-    let svm = leaf(0x8000_000a).map_or(0, |e| e.edx);
-    let need = SVM_NRIPS | SVM_DECODE_ASSISTS;
-    if !amd || svm & need != need {
-        return Err(HostError::Missing {
-            what: "instruction emulation for private memory (an AMD CPU with SVM NRIP save and \
-                   decode assists; QEMU TCG and nested hosts without them cannot run a \
-                   guest_memfd guest past ENABLE)",
-        });
-    }
-    Ok(())
-}
-
 /// Checks that the host offers everything `--protect=gmem` uses.
 pub fn check_host(kvm: &Kvm) -> Result<(), HostError> {
     let cap = |c: u32| kvm.check_extension_raw(c.into());
@@ -290,37 +258,6 @@ mod tests {
         vmm_sys_util::ioctl_iowr_nr!(POPULATE, KVMIO, 0xd6, KvmSwProtectedPopulate);
         assert_eq!(KVM_SW_PROTECTED_POPULATE, POPULATE());
         assert_eq!(KVM_SW_PROTECTED_POPULATE, 0xc040_aed6);
-    }
-
-    fn cpuid(function: u32, regs: [u32; 4]) -> kvm_bindings::kvm_cpuid_entry2 {
-        kvm_bindings::kvm_cpuid_entry2 {
-            function,
-            eax: regs[0],
-            ebx: regs[1],
-            ecx: regs[2],
-            edx: regs[3],
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn emulation_needs_nrips_and_decode_assists_on_amd() {
-        let amd = cpuid(0, [0x10, 0x6874_7541, 0x444d_4163, 0x6974_6e65]);
-        let intel = cpuid(0, [0x10, 0x756e_6547, 0x6c65_746e, 0x4965_6e69]);
-        let svm = |edx| cpuid(0x8000_000a, [1, 0x8000, 0, edx]);
-        assert!(check_emulation(&[amd, svm(SVM_NRIPS | SVM_DECODE_ASSISTS | 1)]).is_ok());
-        // QEMU TCG's SVM: nested paging only.
-        let e = check_emulation(&[amd, svm(1)]).unwrap_err().to_string();
-        assert!(
-            e.contains("NRIP save") && e.contains("--protect=view"),
-            "{e}"
-        );
-        assert!(
-            check_emulation(&[amd, svm(SVM_NRIPS)]).is_err(),
-            "decode assists too"
-        );
-        assert!(check_emulation(&[amd]).is_err(), "no SVM leaf");
-        assert!(check_emulation(&[intel, svm(0xff)]).is_err());
     }
 
     #[test]
