@@ -116,7 +116,7 @@ fn run(cli: Cli) -> Result<()> {
                 &ctx,
                 &k,
                 &vmm,
-                vec![e2e::protected()],
+                vec![e2e::protected(), e2e::protected_view()],
                 verbose,
                 "demo-l1.log",
             )
