@@ -1,6 +1,8 @@
 //! Checks the patched uapi headers against the `hypercall` crate: bindgen
 //! turns the kernel tree's `<linux/kvm_para.h>` into Rust constants, which
-//! must equal the crate's. (The in-kernel KUnit suite `kvm_protmem_abi`
+//! must equal the crate's. The same run checks the VMM's copy of the
+//! populate uapi (`<linux/kvm.h>`: capability number and structure
+//! layout, host/vmm/src/gmem_kvm.rs), which kvm-bindings does not have. (The in-kernel KUnit suite `kvm_protmem_abi`
 //! makes the same comparison through the kernel's own bindings.)
 
 use crate::kernel::Kernel;
@@ -52,8 +54,17 @@ pub fn expected() -> Vec<(&'static str, u64)> {
         ("KVM_EINVAL", KVM_EINVAL),
         ("KVM_EFAULT", KVM_EFAULT),
         ("KVM_EPERM", KVM_EPERM),
+        (
+            "KVM_CAP_SW_PROTECTED_POPULATE",
+            u64::from(kvm_protmem_vmm::gmem_kvm::KVM_CAP_SW_PROTECTED_POPULATE),
+        ),
     ]
 }
+
+/// The VMM's `struct kvm_sw_protected_populate` as bindgen prints it.
+const POPULATE_STRUCT: &str = "pub struct kvm_sw_protected_populate {\n    \
+    pub gpa: __u64,\n    pub size: __u64,\n    pub source: __u64,\n    \
+    pub flags: __u64,\n    pub padding: [__u64; 4usize],\n}";
 
 /// Runs bindgen on the tree's uapi header and compares; returns the number
 /// of constants checked.
@@ -63,17 +74,24 @@ pub fn check(tools: &Tools, k: &Kernel) -> Result<usize> {
     let header = scratch.join("wrapper.h");
     std::fs::write(
         &header,
-        "#include <linux/errno.h>\n#include <linux/kvm_para.h>\n",
+        "#include <linux/errno.h>\n#include <linux/kvm_para.h>\n#include <linux/kvm.h>\n",
     )?;
+    // The raw uapi <linux/kvm.h> includes <linux/compiler.h> for `__user`,
+    // which `make headers_install` strips; an empty definition stands in.
+    let stub = scratch.join("stub");
+    std::fs::create_dir_all(stub.join("linux"))?;
+    std::fs::write(stub.join("linux/compiler.h"), "#define __user\n")?;
     let inc = |p: &std::path::Path| format!("-I{}", p.display());
     let out = sh::output(
         Command::new(&tools.bindgen)
             .arg(&header)
-            .args(["--no-layout-tests", "--allowlist-var", "KVM_.*", "--"])
+            .args(["--no-layout-tests", "--allowlist-var", "KVM_.*"])
+            .args(["--allowlist-type", "kvm_sw_protected_populate", "--"])
             .arg(inc(&k.tree.join("arch/x86/include/uapi")))
             .arg(inc(&k.build.join("arch/x86/include/generated/uapi")))
             .arg(inc(&k.tree.join("include/uapi")))
             .arg(inc(&k.build.join("include/generated/uapi")))
+            .arg(inc(&stub))
             .env("LIBCLANG_PATH", format!("/usr/lib/llvm-{}/lib", tools.llvm)),
     )
     .context("bindgen on the patched <linux/kvm_para.h> failed")?;
@@ -92,13 +110,21 @@ pub fn check(tools: &Tools, k: &Kernel) -> Result<usize> {
             bad.push("KVM_HC_MEM_SHARE collides with KVM_HC_MAP_GPA_RANGE".into());
         }
     }
+    if !out.contains(POPULATE_STRUCT) {
+        bad.push(format!(
+            "struct kvm_sw_protected_populate differs from the VMM's (want:\n{POPULATE_STRUCT})"
+        ));
+    }
+    if std::mem::size_of::<kvm_protmem_vmm::gmem_kvm::KvmSwProtectedPopulate>() != 64 {
+        bad.push("the VMM's KvmSwProtectedPopulate is not 64 bytes".into());
+    }
     if !bad.is_empty() {
         bail!(
             "uapi header and hypercall crate disagree:\n  {}",
             bad.join("\n  ")
         );
     }
-    Ok(expected().len())
+    Ok(expected().len() + 1)
 }
 
 #[cfg(test)]
