@@ -163,6 +163,20 @@ pub fn all() -> Vec<Scenario> {
             judge_reboot,
         ),
         scenario(
+            "sleep-after-io",
+            "protected: after parallel disk readers the guest sleeps 25 s and wakes on time (host clock)",
+            &["--protect"],
+            &format!("{NO_KUNIT} kpm.sleep"),
+            judge_sleep,
+        ),
+        scenario(
+            "sleep-after-io-unprotected",
+            "unprotected: the same sleep after I/O wakes on time",
+            &[],
+            &format!("{NO_KUNIT} kpm.sleep"),
+            judge_sleep,
+        ),
+        scenario(
             "opt-out",
             "kvm_protmem=off under --protect: a normal guest with working I/O; ENABLE never came",
             &["--protect"],
@@ -342,6 +356,26 @@ fn gmem_row(o: &L2Outcome) -> Row {
             num(&v, "gmem.rss_kib_after_enable"),
         ),
     )
+}
+
+/// A guest that sleeps after I/O must wake: `sleep 25` between the two
+/// markers takes 20-60 s of host time (a hang or a timer firing minutes
+/// late fails; nested TCG stretches nothing this much).
+fn judge_sleep(o: &L2Outcome) -> Vec<Row> {
+    let slept = o.secs_between("kpm-init: sleep-start", "kpm-init: sleep-done");
+    let mut rows = vec![
+        booted(o),
+        row(
+            "`sleep 25` after parallel disk readers wakes after 20-60 s of host time",
+            slept.is_some_and(|s| (20.0..=60.0).contains(&s)),
+            match slept {
+                Some(s) => format!("{s:.1} s"),
+                None => "never woke (no sleep-done)".to_string(),
+            },
+        ),
+    ];
+    rows.extend(disk_rows(o));
+    rows
 }
 
 fn judge_protected_view(o: &L2Outcome) -> Vec<Row> {

@@ -226,6 +226,8 @@ struct Setup<'a> {
     cmdline: Cmdline,
     /// GSI and eventfd of each interrupt line.
     irqs: Vec<(u32, IrqEvent)>,
+    /// Whether the TSC-rate note went to stderr already (once per run).
+    tsc_note_printed: std::cell::Cell<bool>,
 }
 
 impl Setup<'_> {
@@ -283,6 +285,8 @@ impl Setup<'_> {
                 "KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL, {mask:#x})"
             )))?;
         }
+        pin_tsc_khz(&vm, self.tsc_note_printed.get());
+        self.tsc_note_printed.set(true);
         vm.set_tss_address(TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         vm.create_irq_chip()
@@ -365,6 +369,43 @@ impl Setup<'_> {
         );
         let entry = self.load(boot)?;
         self.create_vm(entry)
+    }
+}
+
+/// `KVM_SET_TSC_KHZ` and `KVM_GET_TSC_KHZ` (`_IO(KVMIO, 0xa2/0xa3)`); on
+/// a VM fd (Linux 6.0+) they set and read the vCPUs' default TSC rate.
+const KVM_SET_TSC_KHZ: libc::c_ulong = 0xaea2;
+const KVM_GET_TSC_KHZ: libc::c_ulong = 0xaea3;
+
+/// Pins the guest TSC rate of `vm` to the host's current TSC rate, before
+/// any vCPU exists.
+///
+/// KVM takes the default from `max_tsc_khz`, which it captures when it is
+/// initialised; on a host whose CPU lacks a constant TSC (a nested host, a
+/// TCG CPU model) that happens before the kernel's refined TSC calibration,
+/// so the default can be far from the rate the TSC really runs at. Without
+/// TSC scaling KVM then keeps the stale rate for the vCPUs ("kvm: user
+/// requested TSC rate below hardware speed") and converts every TSC
+/// deadline the guest arms into nanoseconds with it: each timer fires late
+/// by the ratio, and a guest that sleeps may not wake for minutes. Rate 0
+/// asks KVM for the host's `tsc_khz` as it is now. Hosts without the VM
+/// ioctl keep KVM's default.
+fn pin_tsc_khz(vm: &VmFd, quiet: bool) {
+    // SAFETY: KVM_GET_TSC_KHZ and KVM_SET_TSC_KHZ on a VM fd take an
+    // integer argument and touch no memory of ours.
+    let before = unsafe { vmm_sys_util::ioctl::ioctl(vm, KVM_GET_TSC_KHZ) };
+    // SAFETY: as above.
+    let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_val(vm, KVM_SET_TSC_KHZ, 0) };
+    if rc != 0 {
+        return;
+    }
+    // SAFETY: as above.
+    let after = unsafe { vmm_sys_util::ioctl::ioctl(vm, KVM_GET_TSC_KHZ) };
+    if !quiet && before > 0 && after > 0 && before != after {
+        eprintln!(
+            "protmem-vmm: KVM's default guest TSC rate was {before} kHz, the host TSC runs at \
+             {after} kHz: guest TSC rate pinned to {after} kHz"
+        );
     }
 }
 
@@ -453,6 +494,7 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
         initrd,
         cmdline,
         irqs,
+        tsc_note_printed: Default::default(),
     };
     let entry = setup.load(1)?;
     let NewVm { vm, vcpus, gmem } = setup.create_vm(entry)?;
