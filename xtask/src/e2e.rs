@@ -613,6 +613,17 @@ fn judge_reboot(o: &L2Outcome) -> Vec<Row> {
             first > 0 && guest_second == Some(at_exit),
             format!("first kernel shared {first} pages; at exit the host has {at_exit}, the second kernel counts {guest_second:?}"),
         ),
+        row(
+            "gmem: each boot had its own guest_memfd, populated at its ENABLE",
+            num(&v, "gmem.enables") == 2
+                && num(&v, "gmem.bytes_populated") > num(&v, "gmem.last_enable_bytes"),
+            format!(
+                "{} ENABLEs populated {} bytes in all, {} the last",
+                num(&v, "gmem.enables"),
+                num(&v, "gmem.bytes_populated"),
+                num(&v, "gmem.last_enable_bytes")
+            ),
+        ),
     ];
     rows.extend(disk_rows(o));
     rows

@@ -366,18 +366,33 @@ fn opted_out() -> bool {
 }
 
 /// Shares the pages of `[start, end)` during early boot; logs failures.
-fn share_section(what: &str, start: usize, end: usize) {
+fn share_section(what: &str, start: usize, end: usize) -> bool {
     let page = abi::PAGE_SIZE as usize;
     let start = start & !(page - 1);
     let npages = end.saturating_sub(start).div_ceil(page);
     if npages == 0 {
-        return;
+        return true;
     }
     // SAFETY: the section is part of the mapped kernel image.
     if let Err(f) = unsafe { convert_virt(start, npages, Direction::Share) } {
         report_failure(Direction::Share, start, npages, &f);
         pr_err!("{what}: the host cannot update it\n");
+        return false;
     }
+    true
+}
+
+/// Set when kvmclock's boot pages could not be shared: the host's clock
+/// updates would then never reach the guest (with a guest_memfd host they
+/// land in a different page), and a pvclock that never advances stops
+/// time. 0: usable.
+static KVMCLOCK_UNSHARED: Atomic<u32> = Atomic::new(0);
+
+/// Whether kvmclock may be used; `kvmclock_init()` asks before it
+/// registers its memory with the host, and falls back to the TSC.
+#[export]
+pub extern "C" fn kvm_protmem_kvmclock_usable() -> bool {
+    KVMCLOCK_UNSHARED.load(Relaxed) == 0
 }
 
 /// Detects the feature and enables protection; called once, early, on the
@@ -438,7 +453,10 @@ pub unsafe extern "C" fn kvm_protmem_init() {
     // symbols, only their addresses are taken.
     let start = addr_of!(bindings::__start_bss_decrypted) as usize;
     let end = addr_of!(bindings::__start_bss_decrypted_unused) as usize;
-    share_section("kvmclock", start, end);
+    if !share_section("kvmclock", start, end) {
+        KVMCLOCK_UNSHARED.store(1, Relaxed);
+        pr_err!("kvmclock disabled: its pages are not shared\n");
+    }
 }
 
 /// Shares the page(s) of per-CPU data the host writes (steal time, async
