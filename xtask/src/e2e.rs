@@ -101,30 +101,16 @@ pub fn protected_view() -> Scenario {
     )
 }
 
-/// The demo's checks with only our KUnit suites: what `cargo xtask test`
-/// runs. The full doctest suite runs in the single-level TCG boot; in L2 one
-/// Rust block-mq doctest has shown a timing-dependent hang under our VMM
-/// (see the notes), which must not make CI flaky.
-fn protected_ours() -> Scenario {
-    scenario(
-        "protected",
-        "boots protected; pool shared; all DMA bounced; disk I/O intact; our KUnit suites pass; no denied access",
-        &["--protect"],
-        &format!("{OUR_KUNIT} {SECRET}"),
-        judge_protected_ours,
-    )
-}
-
 /// Every scenario `cargo xtask test` runs, in one L1 boot.
 pub fn all() -> Vec<Scenario> {
     vec![
-        protected_ours(),
+        protected(),
         protected_view(),
         scenario(
             "unprotected",
             "without --protect: not offered, no protected-memory hypercalls, live suite skips, I/O works, the scan finds the secret",
             &[],
-            &format!("{OUR_KUNIT} {SECRET}"),
+            &format!("kunit.enable=1 {SECRET}"),
             judge_unprotected,
         ),
         scenario(
@@ -396,12 +382,6 @@ fn judge_protected_view(o: &L2Outcome) -> Vec<Row> {
 
 fn judge_protected(o: &L2Outcome) -> Vec<Row> {
     let mut rows = judge_protected_with(o, &[OUR_SUITES, &["rust_doctests_kernel"]].concat());
-    rows.extend([gmem_row(o), scan_row(o, false)]);
-    rows
-}
-
-fn judge_protected_ours(o: &L2Outcome) -> Vec<Row> {
-    let mut rows = judge_protected_with(o, OUR_SUITES);
     rows.extend([gmem_row(o), scan_row(o, false)]);
     rows
 }
