@@ -728,15 +728,20 @@ pub fn bench(ctx: &Ctx, k: &Kernel, vmm: &Path) -> Result<()> {
     };
     let runs = [
         mk("bench-unprotected", &[]),
-        mk("bench-protected", &["--protect"]),
+        mk("bench-view", &["--protect=view"]),
+        mk("bench-gmem", &["--protect=gmem"]),
     ];
     let l2: Vec<L2Run> = runs.iter().map(|s| s.run.clone()).collect();
     let (_, outcomes) = nested::run(ctx, k, vmm, &l2, false, "bench-l1.log")?;
     let get = |n: &str| outcomes.iter().find(|o| o.name == n);
-    let (Some(u), Some(p)) = (get("bench-unprotected"), get("bench-protected")) else {
+    let (Some(u), Some(pv), Some(pg)) = (
+        get("bench-unprotected"),
+        get("bench-view"),
+        get("bench-gmem"),
+    ) else {
         bail!("a benchmark run is missing");
     };
-    for o in [u, p] {
+    for o in [u, pv, pg] {
         if judge_bench(o).iter().any(|r| !r.ok) {
             bail!("benchmark run {} failed:\n{}", o.name, o.tail());
         }
@@ -765,7 +770,7 @@ pub fn bench(ctx: &Ctx, k: &Kernel, vmm: &Path) -> Result<()> {
                 .unwrap_or(0.0),
         ]
     };
-    let (fu, fp) = (fig(u), fig(p));
+    let (fu, fv, fg) = (fig(u), fig(pv), fig(pg));
     let names = [
         "workload wall time (s, host clock)",
         "throughput (MiB/s)",
@@ -782,16 +787,25 @@ pub fn bench(ctx: &Ctx, k: &Kernel, vmm: &Path) -> Result<()> {
         nested::DISK_BYTES >> 20
     );
     println!(
-        "{:<44} {:>14} {:>14} {:>9}",
-        "figure", "unprotected", "protected", "ratio"
+        "{:<44} {:>12} {:>12} {:>12} {:>9} {:>9}",
+        "figure", "unprotected", "view", "gmem", "view/u", "gmem/u"
     );
-    for (i, n) in names.iter().enumerate() {
-        let ratio = if fu[i] != 0.0 {
-            format!("{:.2}", fp[i] / fu[i])
+    let ratio = |a: f64, b: f64| {
+        if b != 0.0 {
+            format!("{:.2}", a / b)
         } else {
             "-".into()
-        };
-        println!("{n:<44} {:>14.2} {:>14.2} {ratio:>9}", fu[i], fp[i]);
+        }
+    };
+    for (i, n) in names.iter().enumerate() {
+        println!(
+            "{n:<44} {:>12.2} {:>12.2} {:>12.2} {:>9} {:>9}",
+            fu[i],
+            fv[i],
+            fg[i],
+            ratio(fv[i], fu[i]),
+            ratio(fg[i], fu[i])
+        );
     }
     println!("(nested TCG: wall times are noisy; counts are exact)");
     Ok(())
