@@ -139,17 +139,52 @@ fn install_packages(ctx: &Ctx) -> Result<()> {
         if update {
             sh::run(Command::new("apt-get").args(["-q", "update"]))?;
         }
+        // --no-remove: setup never takes a package away from the machine
+        // (e.g. bookworm's qemu-system-x86 would replace a backports
+        // qemu-utils); apt aborts instead, and we name the conflict.
         sh::run(
             Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args([
+                    "install",
+                    "-y",
+                    "-q",
+                    "--no-install-recommends",
+                    "--no-remove",
+                ])
                 .args(&missing)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )
     };
     // Lists may be missing or stale on a fresh machine: update and retry once.
-    install(false)
-        .or_else(|_| install(true))
-        .context("installing build dependencies failed; check the apt sources and network")
+    install(false).or_else(|_| install(true)).map_err(|e| {
+        let sim = Command::new("apt-get")
+            .args(["install", "-s", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .output();
+        let removed = sim
+            .map(|o| removals(&String::from_utf8_lossy(&o.stdout)))
+            .unwrap_or_default();
+        if removed.is_empty() {
+            e.context("installing build dependencies failed; check the apt sources and network")
+        } else {
+            anyhow::anyhow!(
+                "installing {} would remove {} from this machine; setup removes nothing: \
+                 resolve the conflict (install matching versions of {} yourself) and run again",
+                missing.join(" "),
+                removed.join(" "),
+                missing.join(" ")
+            )
+        }
+    })
+}
+
+/// Packages an `apt-get -s` transcript removes (`Remv NAME [VERSION]`).
+fn removals(sim: &str) -> Vec<String> {
+    sim.lines()
+        .filter_map(|l| l.strip_prefix("Remv "))
+        .filter_map(|r| r.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
 }
 
 fn check_rustc(ctx: &Ctx) -> Result<()> {
@@ -424,6 +459,13 @@ fn rust_available(ctx: &Ctx, tools: &Tools) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[test]
+    fn apt_removals_are_named() {
+        let sim = "NOTE: simulation\nRemv qemu-utils [1:8.2+dfsg-1~bpo12+1]\n\
+                   Inst qemu-system-x86 (1:7.2+dfsg-7 Debian:12)\nRemv foo\n";
+        assert_eq!(removals(sim), vec!["qemu-utils", "foo"]);
+        assert!(removals("Inst a (1)\nConf a (1)\n").is_empty());
+    }
 
     #[test]
     fn kernel_version_falls_back_to_newest_of_series() {
