@@ -45,6 +45,9 @@ pub enum HypercallError {
     /// ENABLE could not make the device view private: the VMM must stop.
     #[error("KVM_HC_ENABLE_MEM_PROTECTED could not revoke device access: {0}")]
     Enable(#[from] ProtectionError),
+    /// UNSHARE could not close the device view: the VMM must stop.
+    #[error("KVM_HC_MEM_UNSHARE could not revoke device access: {0}")]
+    Revoke(ProtectionError),
     /// KVM does not forward the protected-memory hypercalls.
     #[error(
         "KVM_CAP_EXIT_HYPERCALL offers hypercall mask {found:#x}, --protect needs {need:#x} \
@@ -205,7 +208,11 @@ impl HypercallHandler {
                 return Ok(0);
             }
             Some(Ok(call @ (Hypercall::Share(_) | Hypercall::Unshare(_)))) => {
-                self.share_or_unshare(prot, call)
+                let res = self.share_or_unshare(prot, call);
+                if let Some(e) = prot.take_revoke_failure() {
+                    return Err(HypercallError::Revoke(e));
+                }
+                res
             }
         };
         let ret = hypercall::encode_ret(res);

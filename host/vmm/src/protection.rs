@@ -110,11 +110,35 @@ impl PageBitmap {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
+    /// Number of runs of consecutive set pages.
+    pub fn runs(&self) -> u64 {
+        let mut runs = 0;
+        let mut carry = 0u64; // bit 63 of the previous word
+        for (i, w) in self.words.iter().enumerate() {
+            let w = if (i as u64 + 1) * 64 > self.npages {
+                w & (u64::MAX >> ((i as u64 + 1) * 64 - self.npages))
+            } else {
+                *w
+            };
+            // A run starts at each set bit whose lower neighbour is clear.
+            runs += u64::from((w & !((w << 1) | carry)).count_ones());
+            carry = w >> 63;
+        }
+        runs
+    }
+
     /// Clears every page.
     pub fn clear(&mut self) {
         self.words.iter_mut().for_each(|w| *w = 0);
     }
 }
+
+/// Most runs of shared pages the VMM accepts. Each run splits the device
+/// view into more mappings (VMAs); far below Linux's default
+/// `vm.max_map_count` (65530), so `mprotect` cannot run out of them. A
+/// SHARE or UNSHARE that would leave more runs is refused (`-KVM_EFAULT`),
+/// which the guest handles like any refused conversion.
+pub const MAX_SHARED_RUNS: u64 = 16384;
 
 /// What the device view may do with a guest range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +170,8 @@ pub struct AccessStats {
     pub probe_denied: u64,
     /// `mprotect` calls that failed (the map still enforced the change).
     pub mprotect_failures: u64,
+    /// SHARE/UNSHARE refused because they would exceed [`MAX_SHARED_RUNS`].
+    pub run_limit_refusals: u64,
 }
 
 #[derive(Debug, Default)]
@@ -158,6 +184,7 @@ struct Counters {
     probe_allowed: Cell<u64>,
     probe_denied: Cell<u64>,
     mprotect_failures: Cell<u64>,
+    run_limit_refusals: Cell<u64>,
 }
 
 fn bump(c: &Cell<u64>, by: u64) {
@@ -177,6 +204,9 @@ pub struct Protection {
     gmem: Option<Gmem>,
     /// Figures of guest_memfd sides already detached (earlier boots).
     gmem_before: Option<GmemStats>,
+    /// An UNSHARE whose device-view mapping could not be closed: the VMM
+    /// must stop (see [`Protection::take_revoke_failure`]).
+    revoke_failure: Option<ProtectionError>,
 }
 
 impl Protection {
@@ -198,6 +228,7 @@ impl Protection {
             counters: Counters::default(),
             gmem: None,
             gmem_before: None,
+            revoke_failure: None,
         }
     }
 
@@ -258,6 +289,7 @@ impl Protection {
             probe_allowed: c.probe_allowed.get(),
             probe_denied: c.probe_denied.get(),
             mprotect_failures: c.mprotect_failures.get(),
+            run_limit_refusals: c.run_limit_refusals.get(),
         }
     }
 
@@ -294,9 +326,37 @@ impl Protection {
         Ok(())
     }
 
+    /// An UNSHARE that could not close the device view, taken once.
+    pub fn take_revoke_failure(&mut self) -> Option<ProtectionError> {
+        self.revoke_failure.take()
+    }
+
+    /// Refuses a conversion that would leave more than
+    /// [`MAX_SHARED_RUNS`] runs of shared pages.
+    fn check_runs(&self, range: GpaRange, share: bool) -> Result<(), AbiError> {
+        let mut after = self.shared.clone();
+        after.set_range(range.first_pfn(), range.npages(), share);
+        let runs = after.runs();
+        if runs > MAX_SHARED_RUNS {
+            if self.counters.run_limit_refusals.get() == 0 {
+                eprintln!(
+                    "protmem-vmm: {} {:#x}+{} pages refused: it would leave {runs} runs of shared \
+                     pages, more than {MAX_SHARED_RUNS} (each run splits the device view's mapping)",
+                    if share { "SHARE" } else { "UNSHARE" },
+                    range.gpa(),
+                    range.npages()
+                );
+            }
+            bump(&self.counters.run_limit_refusals, 1);
+            return Err(AbiError::Fault);
+        }
+        Ok(())
+    }
+
     /// Shares `range` with the host (devices may then access it).
     pub fn share(&mut self, range: GpaRange) -> Result<(), AbiError> {
         self.check_request(range)?;
+        self.check_runs(range, true)?;
         if let Err(e) = self.set_prot(range.gpa(), range.end(), true) {
             // The pages stay private in the map: nothing was opened.
             eprintln!(
@@ -328,19 +388,20 @@ impl Protection {
     }
 
     /// Takes `range` back: devices may no longer access it.
+    ///
+    /// If the device view cannot be closed over the range, the map still
+    /// refuses it but the mapping would stay readable: the request fails
+    /// and [`Protection::take_revoke_failure`] reports it, so the VMM stops
+    /// rather than run with a private page mapped.
     pub fn unshare(&mut self, range: GpaRange) -> Result<(), AbiError> {
         self.check_request(range)?;
+        self.check_runs(range, false)?;
         self.shared
             .set_range(range.first_pfn(), range.npages(), false);
         if let Err(e) = self.set_prot(range.gpa(), range.end(), false) {
-            // The map already denies the range; only the second line of
-            // defence is missing.
-            eprintln!(
-                "protmem-vmm: UNSHARE {:#x}+{} pages: {e}",
-                range.gpa(),
-                range.npages()
-            );
             bump(&self.counters.mprotect_failures, 1);
+            self.revoke_failure = Some(e);
+            return Err(AbiError::Fault);
         }
         if let Some(g) = self.gmem.as_mut() {
             if let Err(e) = g.unshare(range.gpa(), range.len()) {
@@ -582,6 +643,60 @@ mod tests {
                 prop_assert_eq!(b.get(p), model.contains(&p));
             }
         }
+    }
+
+    #[test]
+    fn runs_are_counted_across_words() {
+        let mut b = PageBitmap::new(200);
+        assert_eq!(b.runs(), 0);
+        b.set_range(0, 1, true);
+        b.set_range(2, 1, true);
+        assert_eq!(b.runs(), 2);
+        b.set_range(60, 10, true); // crosses the word boundary at 64
+        assert_eq!(b.runs(), 3);
+        b.set_range(64, 1, false); // splits it
+        assert_eq!(b.runs(), 4);
+        b.set_range(190, 100, true); // clipped at the end
+        assert_eq!(b.runs(), 5);
+        b.set_range(0, 200, true);
+        assert_eq!(b.runs(), 1);
+    }
+
+    #[test]
+    fn alternating_pattern_is_bounded_and_never_fails_open() {
+        let npages = 2 * MAX_SHARED_RUNS + 8;
+        let view =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (npages * PAGE_SIZE) as usize)])
+                .unwrap();
+        let mut p = Protection::new(view);
+        p.enable().unwrap();
+        // Share every other page: the guest pattern that splits the most.
+        let mut refused = 0;
+        for pfn in (0..npages).step_by(2) {
+            if p.share(range(pfn, 1)).is_err() {
+                refused += 1;
+            }
+        }
+        assert_eq!(p.shared.runs(), MAX_SHARED_RUNS);
+        assert_eq!(refused, npages / 2 - MAX_SHARED_RUNS);
+        assert_eq!(p.stats().run_limit_refusals, refused);
+        // Every refused page stayed private, map and mapping alike.
+        assert_eq!(
+            p.classify(2 * MAX_SHARED_RUNS * PAGE_SIZE, 1),
+            Access::Private
+        );
+        assert_eq!(
+            read_in_child(&p, 2 * MAX_SHARED_RUNS * PAGE_SIZE),
+            Some(libc::SIGSEGV)
+        );
+        // Take back a page that splits a run? Fill the gap first, then split it:
+        // merging is always allowed, a split past the limit is refused.
+        p.share(range(1, 1)).unwrap();
+        assert_eq!(p.shared.runs(), MAX_SHARED_RUNS - 1);
+        p.unshare(range(1, 1)).unwrap();
+        assert_eq!(p.unshare(range(0, 1)), Ok(()), "removing a run always fits");
+        assert!(p.take_revoke_failure().is_none());
+        assert_eq!(p.stats().mprotect_failures, 0);
     }
 
     #[test]

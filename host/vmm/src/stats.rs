@@ -154,6 +154,8 @@ pub struct Stats {
     pub probe: ProbeCounts,
     /// `mprotect` failures.
     pub mprotect_failures: u64,
+    /// SHARE/UNSHARE refused: too many runs of shared pages.
+    pub run_limit_refusals: u64,
     /// virtio devices.
     pub virtio: VirtioStats,
     /// vCPU exits.
@@ -208,6 +210,7 @@ impl Stats {
                 denied: a.probe_denied,
             },
             mprotect_failures: a.mprotect_failures,
+            run_limit_refusals: a.run_limit_refusals,
             virtio: VirtioStats {
                 blk: m.blk.as_ref().map(|t| DeviceEntry {
                     transport: t.stats(),
