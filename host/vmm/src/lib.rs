@@ -15,6 +15,7 @@
 pub mod boot;
 pub mod cli;
 pub mod cpuid;
+pub mod diag;
 pub mod exit;
 pub mod gmem;
 pub mod gmem_kvm;

@@ -50,6 +50,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::boot::{self, BootError};
 use crate::cli::{Cli, ProtectMode};
 use crate::cpuid::{self, CpuidConfig};
+use crate::diag;
 use crate::exit::{Action, Boots, EntropySource, Exit, Machine, StopReason, BLK_SLOT, RNG_SLOT};
 use crate::gmem::Gmem;
 use crate::gmem_kvm::{self, HostError, KvmPrivate};
@@ -525,6 +526,10 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
     let mut vm = vm;
     let reason = loop {
         let first = wait_for_end(&rx, &machine, deadline, &mut panic_since);
+        if first == Action::Stop(StopReason::Timeout) {
+            report_hang(&vm, &machine, threads);
+            break StopReason::Timeout;
+        }
         let Action::Reboot(_) = first else {
             // A final stop: the process exits with the vCPUs as they are.
             break stop_reason(first);
@@ -556,6 +561,96 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
     }
     let stats = Stats::collect(&m, &reason, cli.protect);
     Ok(Outcome { reason, stats })
+}
+
+/// Set on `--timeout`: each vCPU thread prints its state as it stops.
+static DUMP_ON_STOP: AtomicBool = AtomicBool::new(false);
+/// How long the hang report waits for the machine lock.
+const REPORT_LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// On `--timeout`: prints the I/O APIC, every virtqueue and every vCPU
+/// (which the kick takes out of KVM_RUN) to stderr, one line each.
+fn report_hang(vm: &VmFd, machine: &SharedMachine, threads: VcpuThreads) {
+    eprintln!("protmem-vmm: timeout: state of the guest");
+    let mut chip = kvm_bindings::kvm_irqchip {
+        chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC,
+        ..Default::default()
+    };
+    match vm.get_irqchip(&mut chip) {
+        Ok(()) => {
+            // SAFETY: KVM filled the I/O APIC member of the union, as
+            // chip_id asked; every bit pattern is a valid u64.
+            let io = unsafe { chip.chip.ioapic };
+            // SAFETY: as above, the entries are plain 64-bit words.
+            let redir: Vec<u64> = io.redirtbl.iter().map(|e| unsafe { e.bits }).collect();
+            eprintln!("protmem-vmm: {}", diag::ioapic_line(&redir, io.irr));
+        }
+        Err(e) => eprintln!("protmem-vmm: KVM_GET_IRQCHIP(IOAPIC): {e}"),
+    }
+    // A vCPU stuck in an exit handler holds the machine lock: say so
+    // instead of waiting for it.
+    let start = Instant::now();
+    let guard = loop {
+        match machine.try_lock() {
+            Ok(g) => break Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => break Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) if start.elapsed() < REPORT_LOCK_WAIT => {
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => break None,
+        }
+    };
+    match guard {
+        Some(m) => {
+            for t in [m.blk.as_ref().map(|t| t.debug_line(&m.prot)), m.rng.as_ref().map(|t| t.debug_line(&m.prot))]
+                .into_iter()
+                .flatten()
+            {
+                eprintln!("protmem-vmm: {t}");
+            }
+        }
+        None => eprintln!(
+            "protmem-vmm: the machine lock is held for more than {REPORT_LOCK_WAIT:?}: a vCPU is stuck in an exit handler"
+        ),
+    }
+    DUMP_ON_STOP.store(true, Ordering::SeqCst);
+    if let Err(e) = threads.stop(STOP_TIMEOUT) {
+        eprintln!("protmem-vmm: {e}");
+    }
+}
+
+/// Prints vCPU `id`'s registers, local APIC and TSC deadline (hang report).
+fn dump_vcpu(id: u8, vcpu: &VcpuFd) {
+    const MSR_IA32_TSC: u32 = 0x10;
+    const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+    let regs = vcpu
+        .get_regs()
+        .map(|r| (r.rip, r.rflags))
+        .unwrap_or_default();
+    let mp = vcpu.get_mp_state().map(|m| m.mp_state).unwrap_or(u32::MAX);
+    let lapic: Vec<u8> = vcpu
+        .get_lapic()
+        .map(|l| l.regs.iter().map(|b| *b as u8).collect())
+        .unwrap_or_default();
+    let mut msrs = kvm_bindings::Msrs::from_entries(&[
+        kvm_bindings::kvm_msr_entry {
+            index: MSR_IA32_TSC_DEADLINE,
+            ..Default::default()
+        },
+        kvm_bindings::kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            ..Default::default()
+        },
+    ])
+    .ok();
+    let (deadline, tsc) = match msrs.as_mut().map(|m| (vcpu.get_msrs(m), m)) {
+        Some((Ok(2), m)) => (m.as_slice()[0].data, m.as_slice()[1].data),
+        _ => (0, 0),
+    };
+    eprintln!(
+        "protmem-vmm: {}",
+        diag::vcpu_line(id, regs.0, regs.1, mp, &lapic, deadline, tsc)
+    );
 }
 
 /// The stop reason of an action that ended a boot.
@@ -704,6 +799,9 @@ fn vcpu_loop(
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // A kick or another signal: disarm, then check `stop`.
                 vcpu.set_kvm_immediate_exit(0);
+                if stop.load(Ordering::SeqCst) && DUMP_ON_STOP.load(Ordering::SeqCst) {
+                    dump_vcpu(id, &vcpu);
+                }
                 Action::Continue
             }
             Err(e) => Action::Stop(StopReason::Error(format!("KVM_RUN on vCPU {id}: {e}"))),

@@ -151,6 +151,35 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
         self.status
     }
 
+    /// One line of transport state for a hang report: status, interrupt
+    /// status, and per queue the device's next avail/used positions and
+    /// the indices the driver and device published in the rings (read
+    /// through `mem`, so a private ring shows as unreadable).
+    pub fn debug_line<M: GuestMemory>(&self, mem: &M) -> String {
+        use std::sync::atomic::Ordering;
+        let mut s = format!(
+            "virtio type={} status={:#x} interrupt_status={:#x}",
+            self.device.device_type(),
+            self.status,
+            self.interrupt_status
+        );
+        for (i, q) in self.queues.iter().enumerate() {
+            let idx = |r: Result<std::num::Wrapping<u16>, virtio_queue::Error>| {
+                r.map_or("unreadable".to_string(), |w| w.0.to_string())
+            };
+            s.push_str(&format!(
+                " q{i}:ready={} size={} next_avail={} next_used={} avail.idx={} used.idx={}",
+                q.ready(),
+                q.size(),
+                q.next_avail(),
+                q.next_used(),
+                idx(q.avail_idx(mem, Ordering::Acquire)),
+                idx(q.used_idx(mem, Ordering::Acquire)),
+            ));
+        }
+        s
+    }
+
     fn features(&self) -> u64 {
         self.device.device_features() | TRANSPORT_FEATURES
     }
