@@ -24,6 +24,10 @@ const NO_BOUNCE_TIMEOUT: u64 = 60;
 /// (`kpm.secret=`, see tests/guest/init and `nested::secret_needle`).
 const SECRET: &str = "kpm.secret=c0ffee5ec2e7";
 
+/// `--timeout` of the timeout-report scenario: it stops the guest in the
+/// middle of its `sleep 25`.
+const TIMEOUT_REPORT_AFTER: u64 = 15;
+
 /// No KUnit, for scenarios that check something else.
 const NO_KUNIT: &str = "kunit.enable=0";
 
@@ -67,10 +71,10 @@ fn scenario(
             name: name.to_string(),
             vmm_args: args.iter().map(|s| s.to_string()).collect(),
             cmdline: format!("{BASE_CMDLINE} {extra}").trim().to_string(),
-            timeout: if name == "no-bounce" {
-                NO_BOUNCE_TIMEOUT
-            } else {
-                240
+            timeout: match name {
+                "no-bounce" => NO_BOUNCE_TIMEOUT,
+                "timeout-report" => TIMEOUT_REPORT_AFTER,
+                _ => 240,
             },
         },
         judge,
@@ -161,6 +165,13 @@ pub fn all() -> Vec<Scenario> {
             &[],
             &format!("{NO_KUNIT} kpm.sleep"),
             judge_sleep,
+        ),
+        scenario(
+            "timeout-report",
+            "--timeout stops a sleeping guest: exit 3 and a one-line-each report of the I/O APIC, the virtqueues and the vCPU (its TSC-deadline timer armed)",
+            &["--protect"],
+            &format!("{NO_KUNIT} kpm.sleep"),
+            judge_timeout_report,
         ),
         scenario(
             "opt-out",
@@ -362,6 +373,36 @@ fn judge_sleep(o: &L2Outcome) -> Vec<Row> {
     ];
     rows.extend(disk_rows(o));
     rows
+}
+
+fn judge_timeout_report(o: &L2Outcome) -> Vec<Row> {
+    let line = |p: &str| {
+        o.lines_after(&format!("protmem-vmm: {p}"))
+            .next()
+            .map(str::to_string)
+    };
+    let vcpu = line("vcpu0 ").unwrap_or_default();
+    vec![
+        row(
+            "the VMM stops the guest at --timeout (exit 3)",
+            o.exit == Some(3),
+            format!("VMM exit {:?}", o.exit),
+        ),
+        row(
+            "the report has the I/O APIC and both virtqueue transports",
+            line("ioapic ").is_some() && o.lines_after("protmem-vmm: virtio type=").count() == 2,
+            line("ioapic ").unwrap_or_else(|| "no ioapic line".into()),
+        ),
+        row(
+            "the report has vCPU 0 with its local APIC timer",
+            vcpu.contains("rip=0x") && vcpu.contains("timer="),
+            if vcpu.is_empty() {
+                "no vcpu0 line".to_string()
+            } else {
+                vcpu.chars().take(160).collect()
+            },
+        ),
+    ]
 }
 
 fn judge_protected_view(o: &L2Outcome) -> Vec<Row> {
