@@ -67,9 +67,17 @@ enum Cmd {
         #[arg(long)]
         verbose: bool,
     },
-    /// I/O benchmark: the same disk workload in an unprotected and a
-    /// protected L2, figures side by side.
+    /// I/O benchmark: the same disk workload in an unprotected, a view and
+    /// a gmem L2, figures side by side.
     Bench,
+    /// Soak: N consecutive protected (gmem) L2 boots with the full KUnit
+    /// suite and disk I/O in one L1 boot (not in `test`); prints the spread
+    /// of boot times.
+    Soak {
+        /// Number of L2 boots.
+        #[arg(default_value_t = 20)]
+        n: usize,
+    },
     /// Run every test: cargo checks and tests, kernel build, TCG boot with
     /// KUnit, and the end-to-end scenarios.
     Test,
@@ -152,6 +160,12 @@ fn run(cli: Cli) -> Result<()> {
             let k = kernel::build(&ctx, &tools)?;
             let vmm = nested::build_vmm(&ctx)?;
             e2e::bench(&ctx, &k, &vmm)
+        }
+        Cmd::Soak { n } => {
+            let tools = setup::run(&ctx)?;
+            let k = kernel::build(&ctx, &tools)?;
+            let vmm = nested::build_vmm(&ctx)?;
+            e2e::soak(&ctx, &k, &vmm, n)
         }
         Cmd::Test => test::run(&ctx),
     }
