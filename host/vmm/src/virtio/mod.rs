@@ -13,8 +13,9 @@ pub mod rng;
 
 use serde::Serialize;
 use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK,
-    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_ACCESS_PLATFORM,
+    VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_mmio::{
     VIRTIO_MMIO_CONFIG, VIRTIO_MMIO_CONFIG_GENERATION, VIRTIO_MMIO_DEVICE_FEATURES,
@@ -28,7 +29,7 @@ use virtio_bindings::virtio_mmio::{
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemory, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 use vm_superio::Trigger;
 
 /// Guest-physical address of slot 0.
@@ -98,6 +99,12 @@ pub struct TransportStats {
     pub ring_denials: u64,
     /// Used-ring updates that failed (ring became inaccessible mid-way).
     pub used_ring_failures: u64,
+    /// Status writes refused (out of order, or clearing bits).
+    pub bad_status_writes: u64,
+    /// Queue register writes refused (before FEATURES_OK or after DRIVER_OK).
+    pub early_queue_writes: u64,
+    /// Interrupts not raised because the driver suppressed them.
+    pub suppressed_interrupts: u64,
 }
 
 /// A virtio-mmio register window in front of device `D`, raising `T`.
@@ -276,20 +283,32 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
             self.reset();
             return;
         }
-        let mut v = v;
-        let newly_features_ok =
-            v & VIRTIO_CONFIG_S_FEATURES_OK != 0 && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
-        if newly_features_ok {
+        let Some(mut v) = next_status(self.status, v) else {
+            self.stats.bad_status_writes += 1;
+            return;
+        };
+        if v & VIRTIO_CONFIG_S_FEATURES_OK != 0 && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
             let accepted = self.driver_features;
             let ok = accepted & !self.features() == 0 && accepted & (1 << VIRTIO_F_VERSION_1) != 0;
-            if !ok || self.status & VIRTIO_CONFIG_S_DRIVER == 0 {
-                v &= !VIRTIO_CONFIG_S_FEATURES_OK;
+            if !ok {
+                // Negotiation failed: the driver reads FEATURES_OK back as
+                // clear, and nothing that needs it may stay set.
+                v &= !(VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK);
             }
         }
         self.status = v;
     }
 
     fn write_queue_reg(&mut self, reg: u32, v: u32) {
+        // Queues are set up between FEATURES_OK and DRIVER_OK (virtio 1.x
+        // 3.1.1); a queue can always be disabled.
+        let setup = self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && self.status & (VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_FAILED) == 0;
+        let disabling = reg == VIRTIO_MMIO_QUEUE_READY && v == 0;
+        if !setup && !disabling {
+            self.stats.early_queue_writes += 1;
+            return;
+        }
         let Some(q) = self.selected() else { return };
         if q.ready() && reg != VIRTIO_MMIO_QUEUE_READY {
             return;
@@ -334,6 +353,11 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
             }
             used = true;
         }
+        // Honour VRING_AVAIL_F_NO_INTERRUPT (the driver is polling).
+        if used && interrupt_suppressed(queue, mem) {
+            self.stats.suppressed_interrupts += 1;
+            used = false;
+        }
         if used {
             self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
             self.irq.trigger().map_err(|e| VirtioError::Irq {
@@ -343,6 +367,39 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
         }
         Ok(())
     }
+}
+
+/// Whether the driver asked for no interrupt (VRING_AVAIL_F_NO_INTERRUPT
+/// in the available ring's flags; EVENT_IDX is not offered, and
+/// virtio-queue's `needs_notification` does not read the flag). Read after
+/// the used ring was published, so a driver that clears the flag and then
+/// polls the used ring cannot miss a buffer; an unreadable ring means
+/// "interrupt".
+fn interrupt_suppressed<M: GuestMemory>(q: &Queue, mem: &M) -> bool {
+    const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    mem.read_obj::<u16>(GuestAddress(q.avail_ring()))
+        .is_ok_and(|flags| u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT != 0)
+}
+
+/// The device status after the driver writes `v` (not 0: that resets) to
+/// Status while it is `cur`, or `None` if the write is out of order:
+/// the driver may only add bits, in the order ACKNOWLEDGE, DRIVER,
+/// FEATURES_OK, DRIVER_OK (virtio 1.x 3.1.1), and FAILED at any time.
+/// FEATURES_OK is then subject to feature negotiation.
+pub fn next_status(cur: u32, v: u32) -> Option<u32> {
+    const KNOWN: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE
+        | VIRTIO_CONFIG_S_DRIVER
+        | VIRTIO_CONFIG_S_FEATURES_OK
+        | VIRTIO_CONFIG_S_DRIVER_OK
+        | VIRTIO_CONFIG_S_FAILED;
+    let needs = |bit: u32, before: u32| v & bit == 0 || v & before != 0;
+    let ok = v & cur == cur
+        && v & !KNOWN == 0
+        && needs(VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_ACKNOWLEDGE)
+        && needs(VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_DRIVER)
+        && needs(VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK);
+    ok.then_some(v)
 }
 
 /// Whether the descriptor table, available ring and used ring of `q` are
@@ -366,7 +423,6 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::serial::tests::CountingIrq;
-    use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use vm_memory::{Bytes, GuestMemoryBackend};
 
@@ -565,6 +621,89 @@ pub(crate) mod tests {
         assert_eq!(odd, [0, 0], "registers are 32-bit only");
     }
 
+    const ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+    const DRV: u32 = VIRTIO_CONFIG_S_DRIVER;
+    const FOK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+    const DOK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+
+    #[test]
+    fn status_bits_come_in_order_and_never_go_back() {
+        assert_eq!(next_status(0, ACK), Some(ACK));
+        assert_eq!(next_status(ACK, ACK | DRV), Some(ACK | DRV));
+        assert_eq!(
+            next_status(0, ACK | DRV),
+            Some(ACK | DRV),
+            "several steps at once"
+        );
+        assert_eq!(next_status(0, DRV), None, "DRIVER before ACKNOWLEDGE");
+        assert_eq!(
+            next_status(ACK | DRV, ACK | DRV | DOK),
+            None,
+            "DRIVER_OK before FEATURES_OK"
+        );
+        assert_eq!(
+            next_status(ACK | DRV | FOK, ACK | FOK),
+            None,
+            "clears DRIVER"
+        );
+        assert_eq!(
+            next_status(ACK, ACK | 0x40),
+            None,
+            "NEEDS_RESET is the device's"
+        );
+        let failed = ACK | DRV | VIRTIO_CONFIG_S_FAILED;
+        assert_eq!(next_status(ACK | DRV, failed), Some(failed));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+        #[test]
+        fn status_machine_holds_under_any_writes(writes in proptest::collection::vec(0u32..256, 0..24)) {
+            let m = mem();
+            let mut t = MmioTransport::new(Echo, CountingIrq::default());
+            w(&mut t, &m, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+            w(&mut t, &m, VIRTIO_MMIO_DRIVER_FEATURES, 1); // VERSION_1
+            for v in writes {
+                let before = t.status();
+                w(&mut t, &m, VIRTIO_MMIO_STATUS, v);
+                let s = t.status();
+                if v == 0 {
+                    proptest::prop_assert_eq!(s, 0);
+                    continue;
+                }
+                // Never clears a bit, never skips a step.
+                proptest::prop_assert_eq!(s & before, before);
+                proptest::prop_assert!(s & DRV == 0 || s & ACK != 0);
+                proptest::prop_assert!(s & FOK == 0 || s & DRV != 0);
+                proptest::prop_assert!(s & DOK == 0 || s & FOK != 0);
+                // Queues only change between FEATURES_OK and DRIVER_OK.
+                let want = if t.queues[0].size() == 8 { 4 } else { 8 };
+                w(&mut t, &m, VIRTIO_MMIO_QUEUE_NUM, want);
+                let configurable = s & FOK != 0 && s & (DOK | VIRTIO_CONFIG_S_FAILED) == 0;
+                proptest::prop_assert_eq!(u32::from(t.queues[0].size()) == want, configurable);
+            }
+        }
+    }
+
+    #[test]
+    fn queue_setup_before_features_ok_is_refused() {
+        let m = mem();
+        let mut t = MmioTransport::new(Echo, CountingIrq::default());
+        w(&mut t, &m, VIRTIO_MMIO_STATUS, ACK | DRV);
+        w(&mut t, &m, VIRTIO_MMIO_QUEUE_NUM, 8);
+        w(&mut t, &m, VIRTIO_MMIO_QUEUE_READY, 1);
+        assert_ne!(t.queues[0].size(), 8);
+        assert!(!t.queues[0].ready());
+        assert_eq!(t.stats().early_queue_writes, 2);
+        w(&mut t, &m, VIRTIO_MMIO_STATUS, ACK | DRV | DOK);
+        assert_eq!(
+            t.status(),
+            ACK | DRV,
+            "DRIVER_OK before FEATURES_OK refused"
+        );
+        assert_eq!(t.stats().bad_status_writes, 1);
+    }
+
     #[test]
     fn features_ok_needs_version_1_and_offered_bits() {
         let m = mem();
@@ -606,6 +745,27 @@ pub(crate) mod tests {
         assert_ne!(t.status() & VIRTIO_CONFIG_S_FEATURES_OK, 0);
         w(&mut t, &m, VIRTIO_MMIO_STATUS, 0);
         assert_eq!(t.status(), 0, "reset");
+    }
+
+    #[test]
+    fn no_interrupt_while_the_driver_suppresses_them() {
+        let m = mem();
+        let irq = CountingIrq::default();
+        let mut t = MmioTransport::new(Echo, irq.clone());
+        let mut rings = Rings::new(0x1000, 16);
+        activate(&mut t, &m, &rings);
+        rings.add_chain(&m, &[(0xa000, 8, true)]);
+        // VRING_AVAIL_F_NO_INTERRUPT in the available ring's flags.
+        m.write_obj(1u16, GuestAddress(rings.avail)).unwrap();
+        kick(&mut t, &m);
+        assert_eq!(rings.used_idx(&m), 1, "the request is still served");
+        assert_eq!(irq.count(), 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        assert_eq!(t.stats().suppressed_interrupts, 1);
+        m.write_obj(0u16, GuestAddress(rings.avail)).unwrap();
+        rings.add_chain(&m, &[(0xa000, 8, true)]);
+        kick(&mut t, &m);
+        assert_eq!(irq.count(), 1);
     }
 
     #[test]
