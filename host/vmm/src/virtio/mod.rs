@@ -29,7 +29,7 @@ use virtio_bindings::virtio_mmio::{
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
 use vm_superio::Trigger;
 
 /// Guest-physical address of slot 0.
@@ -103,8 +103,6 @@ pub struct TransportStats {
     pub bad_status_writes: u64,
     /// Queue register writes refused (before FEATURES_OK or after DRIVER_OK).
     pub early_queue_writes: u64,
-    /// Interrupts not raised because the driver suppressed them.
-    pub suppressed_interrupts: u64,
 }
 
 /// A virtio-mmio register window in front of device `D`, raising `T`.
@@ -353,11 +351,6 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
             }
             used = true;
         }
-        // Honour VRING_AVAIL_F_NO_INTERRUPT (the driver is polling).
-        if used && interrupt_suppressed(queue, mem) {
-            self.stats.suppressed_interrupts += 1;
-            used = false;
-        }
         if used {
             self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
             self.irq.trigger().map_err(|e| VirtioError::Irq {
@@ -367,19 +360,6 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
         }
         Ok(())
     }
-}
-
-/// Whether the driver asked for no interrupt (VRING_AVAIL_F_NO_INTERRUPT
-/// in the available ring's flags; EVENT_IDX is not offered, and
-/// virtio-queue's `needs_notification` does not read the flag). Read after
-/// the used ring was published, so a driver that clears the flag and then
-/// polls the used ring cannot miss a buffer; an unreadable ring means
-/// "interrupt".
-fn interrupt_suppressed<M: GuestMemory>(q: &Queue, mem: &M) -> bool {
-    const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
-    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    mem.read_obj::<u16>(GuestAddress(q.avail_ring()))
-        .is_ok_and(|flags| u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT != 0)
 }
 
 /// The device status after the driver writes `v` (not 0: that resets) to
@@ -745,27 +725,6 @@ pub(crate) mod tests {
         assert_ne!(t.status() & VIRTIO_CONFIG_S_FEATURES_OK, 0);
         w(&mut t, &m, VIRTIO_MMIO_STATUS, 0);
         assert_eq!(t.status(), 0, "reset");
-    }
-
-    #[test]
-    fn no_interrupt_while_the_driver_suppresses_them() {
-        let m = mem();
-        let irq = CountingIrq::default();
-        let mut t = MmioTransport::new(Echo, irq.clone());
-        let mut rings = Rings::new(0x1000, 16);
-        activate(&mut t, &m, &rings);
-        rings.add_chain(&m, &[(0xa000, 8, true)]);
-        // VRING_AVAIL_F_NO_INTERRUPT in the available ring's flags.
-        m.write_obj(1u16, GuestAddress(rings.avail)).unwrap();
-        kick(&mut t, &m);
-        assert_eq!(rings.used_idx(&m), 1, "the request is still served");
-        assert_eq!(irq.count(), 0);
-        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
-        assert_eq!(t.stats().suppressed_interrupts, 1);
-        m.write_obj(0u16, GuestAddress(rings.avail)).unwrap();
-        rings.add_chain(&m, &[(0xa000, 8, true)]);
-        kick(&mut t, &m);
-        assert_eq!(irq.count(), 1);
     }
 
     #[test]
