@@ -162,20 +162,7 @@ fn run(kvm: &Kvm, mask: u64, code: &[u8], ncalls: usize) -> Result<(Vec<Seen>, V
     let mut vcpu = vm
         .create_vcpu(0)
         .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
-    let mut sregs = vcpu
-        .get_sregs()
-        .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    sregs.ds.base = 0;
-    sregs.ds.selector = 0;
-    vcpu.set_sregs(&sregs)
-        .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
-    let mut regs = vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
-    regs.rip = CODE;
-    regs.rflags = 2;
-    vcpu.set_regs(&regs)
-        .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+    enter_real_mode_at_code(&vcpu)?;
 
     let mut seen = Vec::new();
     loop {
@@ -280,26 +267,7 @@ impl GmemVm {
 
     /// Runs the guest from CODE to HLT; returns its reports.
     fn run(&mut self) -> Result<Vec<u32>, String> {
-        let mut sregs = self
-            .vcpu
-            .get_sregs()
-            .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        sregs.ds.base = 0;
-        sregs.ds.selector = 0;
-        self.vcpu
-            .set_sregs(&sregs)
-            .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
-        let mut regs = self
-            .vcpu
-            .get_regs()
-            .map_err(|e| format!("KVM_GET_REGS: {e}"))?;
-        regs.rip = CODE;
-        regs.rflags = 2;
-        self.vcpu
-            .set_regs(&regs)
-            .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+        enter_real_mode_at_code(&self.vcpu)?;
         match self.vcpu.run().map_err(|e| format!("KVM_RUN: {e}"))? {
             VcpuExit::Hlt => {}
             other => return Err(format!("unexpected exit {other:?}")),
@@ -575,6 +543,24 @@ fn gmem_fd_read(g: &GmemVm, buf: &mut [u8]) -> Result<usize, String> {
         .file()
         .read_at(buf, GM_DATA[0])
         .map_err(|e| e.to_string())
+}
+
+/// Points `vcpu` at CODE in real mode with flat CS and DS at 0.
+fn enter_real_mode_at_code(vcpu: &VcpuFd) -> Result<(), String> {
+    let mut sregs = vcpu
+        .get_sregs()
+        .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    sregs.ds.base = 0;
+    sregs.ds.selector = 0;
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+    let mut regs = vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+    regs.rip = CODE;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs)
+        .map_err(|e| format!("KVM_SET_REGS: {e}"))
 }
 
 /// -err as the guest sees it in a 32-bit EAX.
