@@ -326,6 +326,15 @@ impl Protection {
         Ok(())
     }
 
+    /// One stderr line for a conversion the VMM could not carry out.
+    fn report(op: &str, range: GpaRange, e: &dyn std::fmt::Display) {
+        eprintln!(
+            "protmem-vmm: {op} {:#x}+{} pages: {e}",
+            range.gpa(),
+            range.npages()
+        );
+    }
+
     /// An UNSHARE that could not close the device view, taken once.
     pub fn take_revoke_failure(&mut self) -> Option<ProtectionError> {
         self.revoke_failure.take()
@@ -359,21 +368,13 @@ impl Protection {
         self.check_runs(range, true)?;
         if let Err(e) = self.set_prot(range.gpa(), range.end(), true) {
             // The pages stay private in the map: nothing was opened.
-            eprintln!(
-                "protmem-vmm: SHARE {:#x}+{} pages: {e}",
-                range.gpa(),
-                range.npages()
-            );
+            Self::report("SHARE", range, &e);
             bump(&self.counters.mprotect_failures, 1);
             return Err(AbiError::Fault);
         }
         if let Some(g) = self.gmem.as_mut() {
             if let Err(e) = g.share(range.gpa(), range.len()) {
-                eprintln!(
-                    "protmem-vmm: SHARE {:#x}+{} pages: {e}",
-                    range.gpa(),
-                    range.npages()
-                );
+                Self::report("SHARE", range, &e);
                 // Still private in KVM: close the device view again.
                 if self.set_prot(range.gpa(), range.end(), false).is_err() {
                     bump(&self.counters.mprotect_failures, 1);
@@ -407,11 +408,7 @@ impl Protection {
             if let Err(e) = g.unshare(range.gpa(), range.len()) {
                 // Devices are already refused; KVM still maps the shared
                 // backing for the guest, which must not reuse the page.
-                eprintln!(
-                    "protmem-vmm: UNSHARE {:#x}+{} pages: {e}",
-                    range.gpa(),
-                    range.npages()
-                );
+                Self::report("UNSHARE", range, &e);
                 return Err(AbiError::Fault);
             }
         }
