@@ -4,6 +4,7 @@ use crate::ctx::Ctx;
 use crate::initramfs;
 use crate::kernel::Kernel;
 use crate::ktap::{self, Status, Summary};
+use crate::setup::Qemu;
 use crate::sh;
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Write};
@@ -138,8 +139,15 @@ pub fn run_console(
 
 /// A QEMU TCG command that boots `kernel` with `initrd`, one vCPU, no
 /// devices but a serial console on stdio, and exits when the guest resets.
-pub fn qemu_tcg(cpu: &str, mem: &str, kernel: &Path, initrd: &Path, append: &str) -> Command {
-    let mut cmd = Command::new("qemu-system-x86_64");
+pub fn qemu_tcg(
+    ctx: &Ctx,
+    cpu: &str,
+    mem: &str,
+    kernel: &Path,
+    initrd: &Path,
+    append: &str,
+) -> Command {
+    let mut cmd = Qemu::find(&ctx.cache).command();
     cmd.args(["-accel", "tcg", "-cpu", cpu, "-m", mem, "-smp", "1"])
         .args([
             "-nodefaults",
@@ -227,7 +235,7 @@ pub fn tcg_kunit(
     let initrd = work.join("guest.cpio");
     std::fs::write(&initrd, initramfs::busybox(&ctx.repo, &[])?)?;
     let cmdline = format!("console=ttyS0 panic=-1 kunit.enable=1 {append}");
-    let mut cmd = qemu_tcg("qemu64", "512M", &k.bzimage, &initrd, cmdline.trim());
+    let mut cmd = qemu_tcg(ctx, "qemu64", "512M", &k.bzimage, &initrd, cmdline.trim());
     println!("boot: QEMU TCG, single level (timeout {timeout}s)");
     let console = run_console(
         &mut cmd,

@@ -310,6 +310,7 @@ pub fn run(
     std::fs::write(&l1_initrd, i.finish())?;
 
     let mut cmd = boot::qemu_tcg(
+        ctx,
         "EPYC,+svm,+npt",
         "3G",
         &k.bzimage,

@@ -119,10 +119,15 @@ fn install_packages(ctx: &Ctx) -> Result<()> {
     if !sh::have("dpkg-query") || !sh::have("apt-get") {
         bail!("this needs a Debian system with dpkg and apt-get (bookworm or newer)");
     }
-    let missing: Vec<String> = packages(&ctx.pins.llvm)
+    let mut missing: Vec<String> = packages(&ctx.pins.llvm)
         .into_iter()
         .filter(|p| !is_installed(p))
         .collect();
+    let private = Qemu::private_root(&ctx.cache);
+    if private.join(QEMU_BIN).is_file() {
+        // An earlier setup unpacked a private QEMU: keep using it.
+        missing.retain(|p| p != QEMU_PKG);
+    }
     if missing.is_empty() {
         return Ok(());
     }
@@ -134,6 +139,49 @@ fn install_packages(ctx: &Ctx) -> Result<()> {
             missing.join(" ")
         );
     }
+    if missing.iter().any(|p| p == QEMU_PKG) {
+        let sim = simulate(&[QEMU_PKG.to_string()])?;
+        let removed = removals(&sim);
+        if !removed.is_empty() {
+            // The machine's QEMU packages (e.g. a backports qemu-utils)
+            // break the suite's qemu-system-x86: install its libraries and
+            // firmware, and unpack QEMU itself under the cache instead.
+            println!(
+                "setup: installing {QEMU_PKG} would remove {}; using a private copy of it under {}",
+                removed.join(" "),
+                private.display()
+            );
+            missing.retain(|p| p != QEMU_PKG);
+            let deps: Vec<String> = installs(&sim)
+                .into_iter()
+                .filter(|p| !p.starts_with("qemu-") && !missing.contains(p))
+                .collect();
+            missing.extend(deps);
+            apt_install(&missing)?;
+            return unpack_private_qemu(&private);
+        }
+    }
+    apt_install(&missing)
+}
+
+/// `apt-get install -s` of `pkgs` (lists updated first if they are stale).
+fn simulate(pkgs: &[String]) -> Result<String> {
+    let run = || {
+        Command::new("apt-get")
+            .args(["install", "-s", "-q", "--no-install-recommends"])
+            .args(pkgs)
+            .output()
+    };
+    let mut out = run()?;
+    if !out.status.success() {
+        sh::run(Command::new("apt-get").args(["-q", "update"]))?;
+        out = run()?;
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Installs `missing`, never removing a package.
+fn apt_install(missing: &[String]) -> Result<()> {
     println!("setup: installing {}", missing.join(" "));
     let install = |update: bool| -> Result<()> {
         if update {
@@ -151,19 +199,13 @@ fn install_packages(ctx: &Ctx) -> Result<()> {
                     "--no-install-recommends",
                     "--no-remove",
                 ])
-                .args(&missing)
+                .args(missing)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )
     };
     // Lists may be missing or stale on a fresh machine: update and retry once.
     install(false).or_else(|_| install(true)).map_err(|e| {
-        let sim = Command::new("apt-get")
-            .args(["install", "-s", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .output();
-        let removed = sim
-            .map(|o| removals(&String::from_utf8_lossy(&o.stdout)))
-            .unwrap_or_default();
+        let removed = simulate(missing).map(|s| removals(&s)).unwrap_or_default();
         if removed.is_empty() {
             e.context("installing build dependencies failed; check the apt sources and network")
         } else {
@@ -176,6 +218,130 @@ fn install_packages(ctx: &Ctx) -> Result<()> {
             )
         }
     })
+}
+
+/// The Debian package of the QEMU that boots every guest.
+const QEMU_PKG: &str = "qemu-system-x86";
+/// The binary, relative to a root.
+const QEMU_BIN: &str = "usr/bin/qemu-system-x86_64";
+/// Its firmware and option ROMs, relative to a root.
+const QEMU_DATA: &str = "usr/share/qemu";
+
+/// The QEMU that boots the guests: the system's, or the private copy that
+/// setup unpacked when the system's could not be installed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Qemu {
+    /// `qemu-system-x86_64`.
+    pub bin: PathBuf,
+    /// Directory of its firmware (`-L`), for the private copy.
+    pub data: Option<PathBuf>,
+}
+
+impl Qemu {
+    fn private_root(cache: &Path) -> PathBuf {
+        cache.join("qemu")
+    }
+
+    /// The private copy under `cache` if setup made one, else the system's.
+    pub fn find(cache: &Path) -> Qemu {
+        let root = Qemu::private_root(cache);
+        if root.join(QEMU_BIN).is_file() {
+            Qemu {
+                bin: root.join(QEMU_BIN),
+                data: Some(root.join(QEMU_DATA)),
+            }
+        } else {
+            Qemu {
+                bin: "qemu-system-x86_64".into(),
+                data: None,
+            }
+        }
+    }
+
+    /// A command running this QEMU.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        if let Some(d) = &self.data {
+            cmd.arg("-L").arg(d);
+        }
+        cmd
+    }
+}
+
+/// Unpacks the suite's QEMU (binary, common and data packages) into `root`;
+/// its libraries and firmware packages are installed already. The data
+/// package's links into other packages (seabios, ipxe) are made absolute,
+/// so they resolve to the installed firmware; links within it stay.
+fn unpack_private_qemu(root: &Path) -> Result<()> {
+    let debs = root.with_extension("debs");
+    let _ = std::fs::remove_dir_all(&debs);
+    std::fs::create_dir_all(&debs)?;
+    let pkgs = [QEMU_PKG, "qemu-system-common", "qemu-system-data"];
+    sh::output(
+        Command::new("apt-get")
+            .current_dir(&debs)
+            .args(["download", "-q"])
+            .args(pkgs),
+    )
+    .with_context(|| format!("downloading {} failed", pkgs.join(" ")))?;
+    let partial = sh::with_suffix(root, ".partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial)?;
+    for deb in std::fs::read_dir(&debs)? {
+        sh::run(
+            Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(deb?.path())
+                .arg(&partial),
+        )?;
+    }
+    let data = partial.join(QEMU_DATA);
+    for entry in std::fs::read_dir(&data)
+        .with_context(|| format!("{} has no {QEMU_DATA}", partial.display()))?
+    {
+        let path = entry?.path();
+        let Ok(target) = std::fs::read_link(&path) else {
+            continue;
+        };
+        // A link within the data package stays; one into another
+        // package points at the installed copy.
+        if target.is_relative() && !data.join(&target).exists() {
+            let abs = Path::new("/").join(QEMU_DATA).join(&target);
+            std::fs::remove_file(&path)?;
+            std::os::unix::fs::symlink(&abs, &path)?;
+        }
+    }
+    let out = Command::new(partial.join(QEMU_BIN))
+        .arg("--version")
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let v = String::from_utf8_lossy(&o.stdout);
+            println!("setup: private {}", v.lines().next().unwrap_or_default());
+        }
+        Ok(o) => bail!(
+            "the private QEMU in {} does not run: {}",
+            partial.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => bail!(
+            "the private QEMU in {} does not run: {e}",
+            partial.display()
+        ),
+    }
+    let _ = std::fs::remove_dir_all(root);
+    std::fs::rename(&partial, root)?;
+    let _ = std::fs::remove_dir_all(&debs);
+    Ok(())
+}
+
+/// Packages an `apt-get -s` transcript installs (`Inst NAME [OLD] (NEW ...)`).
+fn installs(sim: &str) -> Vec<String> {
+    sim.lines()
+        .filter_map(|l| l.strip_prefix("Inst "))
+        .filter_map(|r| r.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Packages an `apt-get -s` transcript removes (`Remv NAME [VERSION]`).
@@ -465,6 +631,23 @@ mod tests {
                    Inst qemu-system-x86 (1:7.2+dfsg-7 Debian:12)\nRemv foo\n";
         assert_eq!(removals(sim), vec!["qemu-utils", "foo"]);
         assert!(removals("Inst a (1)\nConf a (1)\n").is_empty());
+        assert_eq!(installs(sim), vec!["qemu-system-x86"]);
+    }
+
+    #[test]
+    fn qemu_is_the_systems_unless_a_private_copy_exists() {
+        let cache = std::env::temp_dir().join(format!("xtask-qemu-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&cache);
+        assert_eq!(Qemu::find(&cache).bin, PathBuf::from("qemu-system-x86_64"));
+        let bin = Qemu::private_root(&cache).join(QEMU_BIN);
+        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        std::fs::write(&bin, b"").unwrap();
+        let q = Qemu::find(&cache);
+        let args: Vec<_> = q.command().get_args().map(|a| a.to_owned()).collect();
+        assert_eq!(q.bin, bin);
+        assert_eq!(args[0], "-L");
+        assert!(args[1].to_string_lossy().ends_with("qemu/usr/share/qemu"));
+        std::fs::remove_dir_all(&cache).unwrap();
     }
 
     #[test]

@@ -19,6 +19,8 @@
 //! again.
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::Serialize;
 use vm_superio::Trigger;
@@ -237,28 +239,73 @@ pub struct ExitCounts {
     pub memory_fault: u64,
 }
 
+/// [`ExitCounts`] as the vCPU threads bump them, each without a lock.
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    io_in: AtomicU64,
+    io_out: AtomicU64,
+    mmio_read: AtomicU64,
+    mmio_write: AtomicU64,
+    hypercall: AtomicU64,
+    mmio_unhandled: AtomicU64,
+    memory_fault: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl ExitCounters {
+    /// The counts now.
+    pub fn snapshot(&self) -> ExitCounts {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ExitCounts {
+            io_in: get(&self.io_in),
+            io_out: get(&self.io_out),
+            mmio_read: get(&self.mmio_read),
+            mmio_write: get(&self.mmio_write),
+            hypercall: get(&self.hypercall),
+            mmio_unhandled: get(&self.mmio_unhandled),
+            memory_fault: get(&self.memory_fault),
+        }
+    }
+}
+
 /// Entropy source type of the rng device.
 pub type EntropySource = Box<dyn Read + Send>;
 
+/// Locks `m`; a thread that panicked while holding it does not stop the
+/// others (device state stays consistent per register access).
+pub fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// All device state of the VM, raising interrupts through `T` and writing
-/// the console to `W`.
+/// the console to `W`, shared by the vCPU threads and the block I/O thread.
+///
+/// Each device has its own lock, so exits to different devices run in
+/// parallel. Lock order, outermost first: `boots`, `hypercalls`, then a
+/// device (`serial`, `blk`, `rng`, `probe`), then `prot`. Device
+/// emulation holds `prot` for reading while it touches guest memory;
+/// ENABLE, SHARE and UNSHARE hold it for writing, so a conversion waits
+/// for the accesses in flight and no access starts until it is done.
 pub struct Machine<T: Trigger, W: Write> {
     /// COM1.
-    pub serial: SerialPort<T, W>,
+    pub serial: Mutex<SerialPort<T, W>>,
     /// virtio-blk in slot 0.
-    pub blk: Option<MmioTransport<Block, T>>,
+    pub blk: Option<Mutex<MmioTransport<Block, T>>>,
     /// virtio-rng in slot 1.
-    pub rng: Option<MmioTransport<Rng<EntropySource>, T>>,
+    pub rng: Option<Mutex<MmioTransport<Rng<EntropySource>, T>>>,
     /// The probe device.
-    pub probe: Probe,
+    pub probe: Mutex<Probe>,
     /// The checked device view of RAM.
-    pub prot: Protection,
+    pub prot: RwLock<Protection>,
     /// Protected-memory hypercalls.
-    pub hypercalls: HypercallHandler,
+    pub hypercalls: Mutex<HypercallHandler>,
     /// Exit counters.
-    pub exits: ExitCounts,
+    pub exits: ExitCounters,
     /// Boot count and reboots left.
-    pub boots: Boots,
+    pub boots: Mutex<Boots>,
 }
 
 fn in_window(addr: u64, base: u64, size: u64) -> Option<u64> {
@@ -266,33 +313,64 @@ fn in_window(addr: u64, base: u64, size: u64) -> Option<u64> {
 }
 
 impl<T: Trigger, W: Write> Machine<T, W> {
+    /// Builds the machine from its parts, every lock free.
+    pub fn new(
+        serial: SerialPort<T, W>,
+        blk: Option<MmioTransport<Block, T>>,
+        rng: Option<MmioTransport<Rng<EntropySource>, T>>,
+        prot: Protection,
+        hypercalls: HypercallHandler,
+        boots: Boots,
+    ) -> Self {
+        Machine {
+            serial: Mutex::new(serial),
+            blk: blk.map(Mutex::new),
+            rng: rng.map(Mutex::new),
+            probe: Mutex::default(),
+            prot: RwLock::new(prot),
+            hypercalls: Mutex::new(hypercalls),
+            exits: ExitCounters::default(),
+            boots: Mutex::new(boots),
+        }
+    }
+
+    /// The device view, for reading (device accesses, figures).
+    pub fn prot(&self) -> RwLockReadGuard<'_, Protection> {
+        self.prot.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The device view, for a conversion or a reset.
+    pub fn prot_mut(&self) -> RwLockWriteGuard<'_, Protection> {
+        self.prot.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Handles one exit.
-    pub fn handle_exit(&mut self, exit: Exit<'_>) -> Action {
+    pub fn handle_exit(&self, exit: Exit<'_>) -> Action {
         match exit {
             Exit::IoIn { port, data } => {
-                self.exits.io_in += 1;
+                bump(&self.exits.io_in);
                 self.io_in(port, data);
                 Action::Continue
             }
             Exit::IoOut { port, data } => {
-                self.exits.io_out += 1;
+                bump(&self.exits.io_out);
                 self.io_out(port, data)
             }
             Exit::MmioRead { addr, data } => {
-                self.exits.mmio_read += 1;
+                bump(&self.exits.mmio_read);
                 self.mmio_read(addr, data);
                 Action::Continue
             }
             Exit::MmioWrite { addr, data } => {
-                self.exits.mmio_write += 1;
+                bump(&self.exits.mmio_write);
                 self.mmio_write(addr, data)
             }
             Exit::Hypercall { nr, args, ret } => {
-                self.exits.hypercall += 1;
-                match self
-                    .hypercalls
-                    .handle(&mut self.prot, nr, [args[0], args[1], args[2]])
-                {
+                bump(&self.exits.hypercall);
+                let mut hypercalls = locked(&self.hypercalls);
+                let result =
+                    hypercalls.handle(&mut self.prot_mut(), nr, [args[0], args[1], args[2]]);
+                match result {
                     Ok(value) => {
                         *ret = value;
                         Action::Continue
@@ -316,7 +394,7 @@ impl<T: Trigger, W: Write> Machine<T, W> {
                 Action::Stop(StopReason::Error("KVM_EXIT_INTERNAL_ERROR".to_string()))
             }
             Exit::MemoryFault { flags, gpa, size } => {
-                self.exits.memory_fault += 1;
+                bump(&self.exits.memory_fault);
                 let kind = if flags & u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE) != 0 {
                     "private"
                 } else {
@@ -334,7 +412,7 @@ impl<T: Trigger, W: Write> Machine<T, W> {
 
     /// A guest-initiated stop, turned into `Panic` if the console saw one.
     fn guest_stop(&self, reason: StopReason) -> Action {
-        if self.serial.console().panic_state() != PanicState::None {
+        if self.panicking() {
             Action::Stop(StopReason::Panic)
         } else {
             Action::Stop(reason)
@@ -346,7 +424,7 @@ impl<T: Trigger, W: Write> Machine<T, W> {
     fn guest_reset(&self, reason: StopReason) -> Action {
         match self.guest_stop(reason) {
             Action::Stop(r @ (StopReason::Reset | StopReason::Shutdown))
-                if self.boots.reboots_left > 0 =>
+                if locked(&self.boots).reboots_left > 0 =>
             {
                 Action::Reboot(r)
             }
@@ -362,7 +440,7 @@ impl<T: Trigger, W: Write> Machine<T, W> {
         if !matches!(first, Action::Reboot(_)) {
             return first;
         }
-        let mut panic = self.serial.console().panic_state() != PanicState::None;
+        let mut panic = self.panicking();
         for action in later {
             match action {
                 Action::Stop(e @ StopReason::Error(_)) => return Action::Stop(e),
@@ -377,11 +455,16 @@ impl<T: Trigger, W: Write> Machine<T, W> {
         }
     }
 
-    fn io_in(&mut self, port: u16, data: &mut [u8]) {
+    /// Whether the console saw a kernel panic.
+    pub fn panicking(&self) -> bool {
+        locked(&self.serial).console().panic_state() != PanicState::None
+    }
+
+    fn io_in(&self, port: u16, data: &mut [u8]) {
         if let Some(off) = port.checked_sub(COM1_BASE).filter(|o| *o < COM1_LEN) {
             data.fill(0);
             if let Some(first) = data.first_mut() {
-                *first = self.serial.read(off as u8);
+                *first = locked(&self.serial).read(off as u8);
             }
             return;
         }
@@ -392,15 +475,16 @@ impl<T: Trigger, W: Write> Machine<T, W> {
         data.fill(fill);
     }
 
-    fn io_out(&mut self, port: u16, data: &[u8]) -> Action {
+    fn io_out(&self, port: u16, data: &[u8]) -> Action {
         let Some(&value) = data.first() else {
             return Action::Continue;
         };
         if let Some(off) = port.checked_sub(COM1_BASE).filter(|o| *o < COM1_LEN) {
-            if let Err(e) = self.serial.write(off as u8, value) {
+            let mut serial = locked(&self.serial);
+            if let Err(e) = serial.write(off as u8, value) {
                 return Action::Stop(StopReason::Error(e.to_string()));
             }
-            if self.serial.console().panic_state() == PanicState::Ended {
+            if serial.console().panic_state() == PanicState::Ended {
                 return Action::Stop(StopReason::Panic);
             }
             return Action::Continue;
@@ -411,42 +495,42 @@ impl<T: Trigger, W: Write> Machine<T, W> {
         Action::Continue
     }
 
-    fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         if let (Some(off), Some(blk)) = (
             in_window(addr, slot_addr(BLK_SLOT.into()), MMIO_SIZE),
-            self.blk.as_mut(),
+            self.blk.as_ref(),
         ) {
-            return blk.read(off, data);
+            return locked(blk).read(off, data);
         }
         if let (Some(off), Some(rng)) = (
             in_window(addr, slot_addr(RNG_SLOT.into()), MMIO_SIZE),
-            self.rng.as_mut(),
+            self.rng.as_ref(),
         ) {
-            return rng.read(off, data);
+            return locked(rng).read(off, data);
         }
         if let Some(off) = in_window(addr, PROBE_BASE, PROBE_SIZE) {
-            return self.probe.read(off, data, &self.prot);
+            return locked(&self.probe).read(off, data, &self.prot());
         }
-        self.exits.mmio_unhandled += 1;
+        bump(&self.exits.mmio_unhandled);
         data.fill(0);
     }
 
-    fn mmio_write(&mut self, addr: u64, data: &[u8]) -> Action {
+    fn mmio_write(&self, addr: u64, data: &[u8]) -> Action {
         let res = if let (Some(off), Some(blk)) = (
             in_window(addr, slot_addr(BLK_SLOT.into()), MMIO_SIZE),
-            self.blk.as_mut(),
+            self.blk.as_ref(),
         ) {
-            blk.write(off, data, &self.prot)
+            locked(blk).write(off, data, &self.prot)
         } else if let (Some(off), Some(rng)) = (
             in_window(addr, slot_addr(RNG_SLOT.into()), MMIO_SIZE),
-            self.rng.as_mut(),
+            self.rng.as_ref(),
         ) {
-            rng.write(off, data, &self.prot)
+            locked(rng).write(off, data, &self.prot)
         } else if let Some(off) = in_window(addr, PROBE_BASE, PROBE_SIZE) {
-            self.probe.write(off, data);
+            locked(&self.probe).write(off, data);
             Ok(())
         } else {
-            self.exits.mmio_unhandled += 1;
+            bump(&self.exits.mmio_unhandled);
             Ok(())
         };
         match res {
@@ -467,25 +551,43 @@ impl<T: Trigger + Clone, W: Write> Machine<T, W> {
     ///
     /// Call it only with every vCPU stopped and guest RAM cleared; then load
     /// the kernel again and start fresh vCPUs.
-    pub fn reset(&mut self, reason: &StopReason) -> Result<(), ProtectionError> {
-        self.boots.resets.push(ResetRecord {
-            boot: self.boots.current,
-            reason: reason.name(),
-            pages_shared: self.prot.shared_pages(),
-            protection_enabled: self.prot.enabled(),
-        });
-        self.boots.current += 1;
-        self.boots.reboots_left = self.boots.reboots_left.saturating_sub(1);
-        self.serial.reset();
-        if let Some(blk) = self.blk.as_mut() {
-            blk.reset();
+    pub fn reset(&self, reason: &StopReason) -> Result<(), ProtectionError> {
+        let mut boots = locked(&self.boots);
+        let mut hypercalls = locked(&self.hypercalls);
+        {
+            let prot = self.prot();
+            let boot = boots.current;
+            boots.resets.push(ResetRecord {
+                boot,
+                reason: reason.name(),
+                pages_shared: prot.shared_pages(),
+                protection_enabled: prot.enabled(),
+            });
         }
-        if let Some(rng) = self.rng.as_mut() {
-            rng.reset();
+        boots.current += 1;
+        boots.reboots_left = boots.reboots_left.saturating_sub(1);
+        locked(&self.serial).reset();
+        if let Some(blk) = self.blk.as_ref() {
+            locked(blk).reset();
         }
-        self.probe = Probe::default();
-        self.hypercalls.start_boot(self.boots.current);
-        self.prot.reset()
+        if let Some(rng) = self.rng.as_ref() {
+            locked(rng).reset();
+        }
+        *locked(&self.probe) = Probe::default();
+        hypercalls.start_boot(boots.current);
+        self.prot_mut().reset()
+    }
+
+    /// Stops device activity on guest memory before a reboot clears RAM:
+    /// the virtio transports go back to reset, so a notification still
+    /// pending for the I/O thread finds no queue to process.
+    pub fn quiesce(&self) {
+        if let Some(blk) = self.blk.as_ref() {
+            locked(blk).reset();
+        }
+        if let Some(rng) = self.rng.as_ref() {
+            locked(rng).reset();
+        }
     }
 }
 
@@ -505,20 +607,18 @@ pub(crate) mod tests {
         let view = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let file = std::fs::File::open("/dev/null").unwrap();
         let source: EntropySource = Box::new(Cursor::new(vec![7u8; 64]));
-        Machine {
-            serial: SerialPort::new(CountingIrq::default(), Vec::new()),
-            blk: with_devices
+        Machine::new(
+            SerialPort::new(CountingIrq::default(), Vec::new()),
+            with_devices
                 .then(|| MmioTransport::new(Block::from_file(file, 0), CountingIrq::default())),
-            rng: with_devices.then(|| MmioTransport::new(Rng::new(source), CountingIrq::default())),
-            probe: Probe::default(),
-            prot: Protection::new(view),
-            hypercalls: HypercallHandler::new(FailKnobs::default()),
-            exits: ExitCounts::default(),
-            boots: Boots::new(0),
-        }
+            with_devices.then(|| MmioTransport::new(Rng::new(source), CountingIrq::default())),
+            Protection::new(view),
+            HypercallHandler::new(FailKnobs::default()),
+            Boots::new(0),
+        )
     }
 
-    fn out(m: &mut Machine<CountingIrq, Vec<u8>>, port: u16, s: &[u8]) -> Action {
+    fn out(m: &Machine<CountingIrq, Vec<u8>>, port: u16, s: &[u8]) -> Action {
         let mut last = Action::Continue;
         for b in s {
             last = m.handle_exit(Exit::IoOut {
@@ -529,7 +629,7 @@ pub(crate) mod tests {
         last
     }
 
-    fn hypercall(m: &mut Machine<CountingIrq, Vec<u8>>, nr: u64, a: [u64; 3]) -> u64 {
+    fn hypercall(m: &Machine<CountingIrq, Vec<u8>>, nr: u64, a: [u64; 3]) -> u64 {
         let mut ret = 0xdead;
         let args = [a[0], a[1], a[2], 0, 0, 0];
         assert_eq!(
@@ -545,10 +645,10 @@ pub(crate) mod tests {
 
     #[test]
     fn console_output_and_reset() {
-        let mut m = machine(false);
-        assert_eq!(out(&mut m, 0x3f8, b"hello\n"), Action::Continue);
-        assert_eq!(m.serial.console().output().as_slice(), b"hello\n");
-        assert_eq!(m.exits.io_out, 6);
+        let m = machine(false);
+        assert_eq!(out(&m, 0x3f8, b"hello\n"), Action::Continue);
+        assert_eq!(locked(&m.serial).console().output().as_slice(), b"hello\n");
+        assert_eq!(m.exits.snapshot().io_out, 6);
         let mut status = [0xaau8];
         m.handle_exit(Exit::IoIn {
             port: 0x64,
@@ -561,7 +661,7 @@ pub(crate) mod tests {
             data: &mut unknown,
         });
         assert_eq!(unknown, [0xff; 4]);
-        assert_eq!(out(&mut m, 0x64, &[0xfe]), Action::Stop(StopReason::Reset));
+        assert_eq!(out(&m, 0x64, &[0xfe]), Action::Stop(StopReason::Reset));
         assert_eq!(
             m.handle_exit(Exit::Shutdown),
             Action::Stop(StopReason::Shutdown)
@@ -577,19 +677,19 @@ pub(crate) mod tests {
 
     #[test]
     fn panic_wins_over_reset_and_ends_the_vm() {
-        let mut m = machine(false);
+        let m = machine(false);
         out(
-            &mut m,
+            &m,
             0x3f8,
             b"Kernel panic - not syncing: Attempted to kill init!\n",
         );
-        assert_eq!(out(&mut m, 0x64, &[0xfe]), Action::Stop(StopReason::Panic));
+        assert_eq!(out(&m, 0x64, &[0xfe]), Action::Stop(StopReason::Panic));
         assert_eq!(
             m.handle_exit(Exit::Shutdown),
             Action::Stop(StopReason::Panic)
         );
         let a = out(
-            &mut m,
+            &m,
             0x3f8,
             b"---[ end Kernel panic - not syncing: Attempted ]---\n",
         );
@@ -599,31 +699,34 @@ pub(crate) mod tests {
 
     #[test]
     fn hypercalls_write_rax() {
-        let mut m = machine(false);
+        let m = machine(false);
         assert_eq!(
-            hypercall(&mut m, KVM_HC_MEM_SHARE, [0, 1, 0]),
+            hypercall(&m, KVM_HC_MEM_SHARE, [0, 1, 0]),
             KVM_EPERM.wrapping_neg()
         );
-        assert_eq!(hypercall(&mut m, KVM_HC_ENABLE_MEM_PROTECTED, [0; 3]), 0);
-        assert_eq!(hypercall(&mut m, KVM_HC_MEM_SHARE, [0x1000, 1, 0]), 0);
+        assert_eq!(hypercall(&m, KVM_HC_ENABLE_MEM_PROTECTED, [0; 3]), 0);
+        assert_eq!(hypercall(&m, KVM_HC_MEM_SHARE, [0x1000, 1, 0]), 0);
         assert_eq!(
-            hypercall(&mut m, KVM_HC_MAP_GPA_RANGE, [0, 1, 0]),
+            hypercall(&m, KVM_HC_MAP_GPA_RANGE, [0, 1, 0]),
             KVM_ENOSYS.wrapping_neg()
         );
-        assert_eq!(m.prot.shared_pages(), 1);
-        assert_eq!(m.exits.hypercall, 4);
+        assert_eq!(m.prot().shared_pages(), 1);
+        assert_eq!(m.exits.snapshot().hypercall, 4);
     }
 
     #[test]
     fn mmio_routes_to_devices_and_probe() {
-        let mut m = machine(true);
+        let m = machine(true);
         let mut magic = [0u8; 4];
         m.handle_exit(Exit::MmioRead {
             addr: 0xd000_0000 + u64::from(VIRTIO_MMIO_MAGIC_VALUE),
             data: &mut magic,
         });
         assert_eq!(&magic, b"virt");
-        assert_eq!(r(m.blk.as_mut().unwrap(), VIRTIO_MMIO_DEVICE_ID), 2);
+        assert_eq!(
+            r(&mut locked(m.blk.as_ref().unwrap()), VIRTIO_MMIO_DEVICE_ID),
+            2
+        );
         let mut id = [0u8; 4];
         m.handle_exit(Exit::MmioRead {
             addr: 0xd000_1000 + u64::from(VIRTIO_MMIO_DEVICE_ID),
@@ -651,8 +754,8 @@ pub(crate) mod tests {
             data: &mut none,
         });
         assert_eq!(none, [0; 4]);
-        assert_eq!(m.exits.mmio_unhandled, 1);
-        let mut off = machine(false);
+        assert_eq!(m.exits.snapshot().mmio_unhandled, 1);
+        let off = machine(false);
         off.handle_exit(Exit::MmioRead {
             addr: 0xd000_0000,
             data: &mut magic,
@@ -662,10 +765,10 @@ pub(crate) mod tests {
 
     #[test]
     fn resets_reboot_while_reboots_are_left() {
-        let mut m = machine(false);
-        m.boots = Boots::new(2);
+        let m = machine(false);
+        *locked(&m.boots) = Boots::new(2);
         let reboot = Action::Reboot(StopReason::Reset);
-        assert_eq!(out(&mut m, 0x64, &[0xfe]), reboot, "i8042");
+        assert_eq!(out(&m, 0x64, &[0xfe]), reboot, "i8042");
         assert_eq!(
             m.handle_exit(Exit::Shutdown),
             Action::Reboot(StopReason::Shutdown),
@@ -684,15 +787,20 @@ pub(crate) mod tests {
             Action::Stop(StopReason::Shutdown),
             "power off is no reset"
         );
-        assert_eq!(out(&mut m, 0x64, &[0xfd]), Action::Continue);
-        assert_eq!(m.boots.reboots_left(), 2, "deciding consumes nothing");
+        assert_eq!(out(&m, 0x64, &[0xfd]), Action::Continue);
+        assert_eq!(
+            locked(&m.boots).reboots_left(),
+            2,
+            "deciding consumes nothing"
+        );
 
         m.reset(&StopReason::Reset).unwrap();
-        assert_eq!(out(&mut m, 0x64, &[0xfe]), reboot);
+        assert_eq!(out(&m, 0x64, &[0xfe]), reboot);
         m.reset(&StopReason::Shutdown).unwrap();
-        assert_eq!((m.boots.current(), m.boots.reboots_left()), (3, 0));
+        let boots = locked(&m.boots).clone();
+        assert_eq!((boots.current(), boots.reboots_left()), (3, 0));
         assert_eq!(
-            out(&mut m, 0x64, &[0xfe]),
+            out(&m, 0x64, &[0xfe]),
             Action::Stop(StopReason::Reset),
             "the reset after the last reboot ends the VM"
         );
@@ -705,10 +813,10 @@ pub(crate) mod tests {
 
     #[test]
     fn a_panic_never_reboots() {
-        let mut m = machine(false);
-        m.boots = Boots::new(5);
-        out(&mut m, 0x3f8, b"Kernel panic - not syncing: oops\n");
-        assert_eq!(out(&mut m, 0x64, &[0xfe]), Action::Stop(StopReason::Panic));
+        let m = machine(false);
+        *locked(&m.boots) = Boots::new(5);
+        out(&m, 0x3f8, b"Kernel panic - not syncing: oops\n");
+        assert_eq!(out(&m, 0x64, &[0xfe]), Action::Stop(StopReason::Panic));
         assert_eq!(
             m.handle_exit(Exit::Shutdown),
             Action::Stop(StopReason::Panic)
@@ -718,7 +826,7 @@ pub(crate) mod tests {
 
     #[test]
     fn settle_lets_errors_and_panics_beat_a_reboot() {
-        let mut m = machine(false);
+        let m = machine(false);
         let reboot = Action::Reboot(StopReason::Reset);
         let err = Action::Stop(StopReason::Error("KVM_RUN: boom".into()));
         let panic = Action::Stop(StopReason::Panic);
@@ -733,7 +841,7 @@ pub(crate) mod tests {
         assert_eq!(m.settle(panic.clone(), [reboot.clone()]), panic);
         let stop = Action::Stop(StopReason::Reset);
         assert_eq!(m.settle(stop.clone(), [err.clone()]), stop, "a stop stands");
-        out(&mut m, 0x3f8, b"Kernel panic - not syncing: late\n");
+        out(&m, 0x3f8, b"Kernel panic - not syncing: late\n");
         assert_eq!(m.settle(reboot, []), panic, "panic on the console");
     }
 
@@ -741,28 +849,36 @@ pub(crate) mod tests {
     fn reset_puts_devices_and_protection_back_to_power_on() {
         use crate::virtio::tests::{activate, Rings};
         use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_STATUS};
-        let mut m = machine(true);
-        m.boots = Boots::new(1);
+        let m = machine(true);
+        *locked(&m.boots) = Boots::new(1);
         let guest = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        activate(m.blk.as_mut().unwrap(), &guest, &Rings::new(0x1000, 16));
-        activate(m.rng.as_mut().unwrap(), &guest, &Rings::new(0x4000, 16));
-        out(&mut m, 0x3f9, &[0x02]); // IER
+        activate(
+            &mut locked(m.blk.as_ref().unwrap()),
+            &guest,
+            &Rings::new(0x1000, 16),
+        );
+        activate(
+            &mut locked(m.rng.as_ref().unwrap()),
+            &guest,
+            &Rings::new(0x4000, 16),
+        );
+        out(&m, 0x3f9, &[0x02]); // IER
         m.handle_exit(Exit::MmioWrite {
             addr: PROBE_BASE,
             data: &0x3000u64.to_le_bytes(),
         });
-        assert_eq!(hypercall(&mut m, KVM_HC_ENABLE_MEM_PROTECTED, [0; 3]), 0);
-        assert_eq!(hypercall(&mut m, KVM_HC_MEM_SHARE, [0x1000, 3, 0]), 0);
-        let exits = m.exits;
+        assert_eq!(hypercall(&m, KVM_HC_ENABLE_MEM_PROTECTED, [0; 3]), 0);
+        assert_eq!(hypercall(&m, KVM_HC_MEM_SHARE, [0x1000, 3, 0]), 0);
+        let exits = m.exits.snapshot();
 
         m.reset(&StopReason::Shutdown).unwrap();
-        for t in [
-            r(m.blk.as_mut().unwrap(), VIRTIO_MMIO_STATUS),
-            r(m.rng.as_mut().unwrap(), VIRTIO_MMIO_STATUS),
-            r(m.blk.as_mut().unwrap(), VIRTIO_MMIO_QUEUE_READY),
-        ] {
-            assert_eq!(t, 0);
-        }
+        let blk_status = r(&mut locked(m.blk.as_ref().unwrap()), VIRTIO_MMIO_STATUS);
+        let rng_status = r(&mut locked(m.rng.as_ref().unwrap()), VIRTIO_MMIO_STATUS);
+        let blk_ready = r(
+            &mut locked(m.blk.as_ref().unwrap()),
+            VIRTIO_MMIO_QUEUE_READY,
+        );
+        assert_eq!([blk_status, rng_status, blk_ready], [0; 3]);
         let mut ier = [0xffu8];
         m.handle_exit(Exit::IoIn {
             port: 0x3f9,
@@ -775,16 +891,16 @@ pub(crate) mod tests {
             data: &mut gpa,
         });
         assert_eq!(gpa, [0; 8], "probe GPA register");
-        assert!(!m.prot.enabled());
-        assert_eq!(m.prot.shared_pages(), 0);
+        assert!(!m.prot().enabled());
+        assert_eq!(m.prot().shared_pages(), 0);
         assert_eq!(
-            hypercall(&mut m, KVM_HC_MEM_SHARE, [0x1000, 1, 0]),
+            hypercall(&m, KVM_HC_MEM_SHARE, [0x1000, 1, 0]),
             KVM_EPERM.wrapping_neg(),
             "a normal VM until ENABLE"
         );
-        assert_eq!(m.boots.current(), 2);
+        assert_eq!(locked(&m.boots).current(), 2);
         assert_eq!(
-            m.boots.resets(),
+            locked(&m.boots).resets(),
             [ResetRecord {
                 boot: 1,
                 reason: "shutdown",
@@ -792,11 +908,15 @@ pub(crate) mod tests {
                 protection_enabled: true,
             }]
         );
-        assert_eq!(hypercall(&mut m, KVM_HC_ENABLE_MEM_PROTECTED, [0; 3]), 0);
-        let boots: Vec<u64> = m.hypercalls.enables().iter().map(|e| e.boot).collect();
+        assert_eq!(hypercall(&m, KVM_HC_ENABLE_MEM_PROTECTED, [0; 3]), 0);
+        let boots: Vec<u64> = locked(&m.hypercalls)
+            .enables()
+            .iter()
+            .map(|e| e.boot)
+            .collect();
         assert_eq!(boots, [1, 2]);
         assert_eq!(
-            m.exits.hypercall,
+            m.exits.snapshot().hypercall,
             exits.hypercall + 2,
             "exit counters carry on"
         );
@@ -804,7 +924,7 @@ pub(crate) mod tests {
 
     #[test]
     fn errors_stop_with_a_message() {
-        let mut m = machine(false);
+        let m = machine(false);
         let a = m.handle_exit(Exit::FailEntry { reason: 0x80000021 });
         assert_eq!(
             a,

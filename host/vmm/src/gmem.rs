@@ -101,7 +101,7 @@ pub struct GmemStats {
 /// guest_memfd protection state of one VM: the private side and the
 /// shared memfd.
 pub struct Gmem {
-    private: Box<dyn PrivateMemory>,
+    private: Box<dyn PrivateMemory + Send + Sync>,
     shared: File,
     stats: GmemStats,
 }
@@ -114,7 +114,7 @@ impl std::fmt::Debug for Gmem {
 
 impl Gmem {
     /// Wraps the private side of a VM and (a descriptor of) the shared memfd.
-    pub fn new(private: Box<dyn PrivateMemory>, shared: File) -> Self {
+    pub fn new(private: Box<dyn PrivateMemory + Send + Sync>, shared: File) -> Self {
         Gmem {
             private,
             shared,

@@ -160,6 +160,12 @@ impl VcpuThreads {
         self.threads.push((id, handle));
     }
 
+    /// Whether every thread has ended (each reports why before it ends,
+    /// unless it was stopped or panicked).
+    pub fn all_ended(&self) -> bool {
+        self.threads.iter().all(|(_, h)| h.is_finished())
+    }
+
     /// Sets the stop flag, kicks every thread until all have ended (giving
     /// up after `timeout`), and joins them.
     pub fn stop(self, timeout: Duration) -> Result<(), KickError> {

@@ -20,6 +20,7 @@ pub mod exit;
 pub mod gmem;
 pub mod gmem_kvm;
 pub mod hypercalls;
+pub mod iothread;
 pub mod kick;
 pub mod mptable;
 pub mod probe;

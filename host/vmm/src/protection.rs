@@ -19,8 +19,8 @@
 //! guest_memfd (see [`crate::gmem`]), after the device view was closed and
 //! before it is opened, so the map stays the authority for devices.
 
-use std::cell::Cell;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use hypercall::{Error as AbiError, GpaRange};
 use serde::Serialize;
@@ -176,19 +176,25 @@ pub struct AccessStats {
 
 #[derive(Debug, Default)]
 struct Counters {
-    allowed: Cell<u64>,
-    denied: Cell<u64>,
-    not_ram: Cell<u64>,
-    bytes_read: Cell<u64>,
-    bytes_written: Cell<u64>,
-    probe_allowed: Cell<u64>,
-    probe_denied: Cell<u64>,
-    mprotect_failures: Cell<u64>,
-    run_limit_refusals: Cell<u64>,
+    allowed: AtomicU64,
+    denied: AtomicU64,
+    not_ram: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    probe_allowed: AtomicU64,
+    probe_denied: AtomicU64,
+    mprotect_failures: AtomicU64,
+    run_limit_refusals: AtomicU64,
 }
 
-fn bump(c: &Cell<u64>, by: u64) {
-    c.set(c.get().saturating_add(by));
+/// Counters are bumped by device threads under a shared lock: relaxed
+/// atomics, read only for the stats.
+fn bump(c: &AtomicU64, by: u64) {
+    c.fetch_add(by, Ordering::Relaxed);
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
 }
 
 /// The device view of guest RAM with its shared-page map.
@@ -281,15 +287,15 @@ impl Protection {
     pub fn stats(&self) -> AccessStats {
         let c = &self.counters;
         AccessStats {
-            allowed: c.allowed.get(),
-            denied: c.denied.get(),
-            not_ram: c.not_ram.get(),
-            bytes_read: c.bytes_read.get(),
-            bytes_written: c.bytes_written.get(),
-            probe_allowed: c.probe_allowed.get(),
-            probe_denied: c.probe_denied.get(),
-            mprotect_failures: c.mprotect_failures.get(),
-            run_limit_refusals: c.run_limit_refusals.get(),
+            allowed: get(&c.allowed),
+            denied: get(&c.denied),
+            not_ram: get(&c.not_ram),
+            bytes_read: get(&c.bytes_read),
+            bytes_written: get(&c.bytes_written),
+            probe_allowed: get(&c.probe_allowed),
+            probe_denied: get(&c.probe_denied),
+            mprotect_failures: get(&c.mprotect_failures),
+            run_limit_refusals: get(&c.run_limit_refusals),
         }
     }
 
@@ -347,7 +353,7 @@ impl Protection {
         after.set_range(range.first_pfn(), range.npages(), share);
         let runs = after.runs();
         if runs > MAX_SHARED_RUNS {
-            if self.counters.run_limit_refusals.get() == 0 {
+            if get(&self.counters.run_limit_refusals) == 0 {
                 eprintln!(
                     "protmem-vmm: {} {:#x}+{} pages refused: it would leave {runs} runs of shared \
                      pages, more than {MAX_SHARED_RUNS} (each run splits the device view's mapping)",

@@ -47,8 +47,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use vm_superio::Trigger;
 
-use crate::cli::ProtectMode;
-use crate::exit::{ExitCounts, Machine, ResetRecord, StopReason};
+use crate::cli::{BlkIo, ProtectMode};
+use crate::exit::{locked, ExitCounts, Machine, ResetRecord, StopReason};
 use crate::gmem::GmemStats;
 use crate::hypercalls::{EnableRecord, ResultCounts};
 use crate::virtio::blk::BlockStats;
@@ -130,6 +130,8 @@ pub struct Stats {
     pub protect_mode: Option<&'static str>,
     /// guest_memfd figures (`--protect=gmem`), over all boots.
     pub gmem: Option<GmemStats>,
+    /// Where virtio-blk requests were served (`--blk-io`), if there is a disk.
+    pub blk_io: Option<&'static str>,
     /// Boots run: 1 + reboots done.
     pub boots: u64,
     /// Hypercall results by number and signed return value.
@@ -185,17 +187,35 @@ impl Stats {
         m: &Machine<T, W>,
         reason: &StopReason,
         protect: Option<ProtectMode>,
+        blk_io: BlkIo,
     ) -> Self {
-        let a = m.prot.stats();
+        let (boots, hypercalls) = (locked(&m.boots), locked(&m.hypercalls));
+        let blk = m.blk.as_ref().map(|t| {
+            let t = locked(t);
+            DeviceEntry {
+                transport: t.stats(),
+                requests: t.device().stats(),
+            }
+        });
+        let rng = m.rng.as_ref().map(|t| {
+            let t = locked(t);
+            DeviceEntry {
+                transport: t.stats(),
+                requests: t.device().stats(),
+            }
+        });
+        let console_bytes = locked(&m.serial).console().bytes();
+        let prot = m.prot();
+        let a = prot.stats();
         Stats {
-            boots: m.boots.current(),
-            hypercalls: m.hypercalls.results().clone(),
-            enable_count: m.prot.enable_count(),
-            enables: m.hypercalls.enables().to_vec(),
-            resets: m.boots.resets().to_vec(),
-            protection_enabled: m.prot.enabled(),
-            pages_shared: m.prot.shared_pages(),
-            pages_shared_peak: m.prot.shared_peak(),
+            boots: boots.current(),
+            hypercalls: hypercalls.results().clone(),
+            enable_count: prot.enable_count(),
+            enables: hypercalls.enables().to_vec(),
+            resets: boots.resets().to_vec(),
+            protection_enabled: prot.enabled(),
+            pages_shared: prot.shared_pages(),
+            pages_shared_peak: prot.shared_peak(),
             device_accesses: DeviceAccesses {
                 allowed: a.allowed,
                 denied: a.denied,
@@ -211,19 +231,11 @@ impl Stats {
             },
             mprotect_failures: a.mprotect_failures,
             run_limit_refusals: a.run_limit_refusals,
-            virtio: VirtioStats {
-                blk: m.blk.as_ref().map(|t| DeviceEntry {
-                    transport: t.stats(),
-                    requests: t.device().stats(),
-                }),
-                rng: m.rng.as_ref().map(|t| DeviceEntry {
-                    transport: t.stats(),
-                    requests: t.device().stats(),
-                }),
-            },
-            exits: m.exits,
-            console_bytes: m.serial.console().bytes(),
-            gmem: m.prot.gmem_stats(),
+            virtio: VirtioStats { blk, rng },
+            exits: m.exits.snapshot(),
+            console_bytes,
+            gmem: prot.gmem_stats(),
+            blk_io: m.blk.as_ref().map(|_| blk_io.name()),
             ..Self::stopped(reason, protect)
         }
     }
@@ -279,7 +291,7 @@ mod tests {
 
     #[test]
     fn json_has_the_documented_shape() {
-        let mut m = machine(true);
+        let m = machine(true);
         let mut ret = 0;
         for (nr, a0) in [
             (KVM_HC_ENABLE_MEM_PROTECTED, 0),
@@ -292,7 +304,12 @@ mod tests {
                 ret: &mut ret,
             });
         }
-        let s = Stats::collect(&m, &StopReason::Reset, Some(ProtectMode::View));
+        let s = Stats::collect(
+            &m,
+            &StopReason::Reset,
+            Some(ProtectMode::View),
+            BlkIo::Thread,
+        );
         let v: serde_json::Value = serde_json::to_value(&s).unwrap();
         assert_eq!(v["hypercalls"]["13"]["0"], 1);
         assert_eq!(v["hypercalls"]["14"]["0"], 1);
@@ -325,7 +342,7 @@ mod tests {
 
     type TestMachine = Machine<CountingIrq, Vec<u8>>;
 
-    fn hypercall(m: &mut TestMachine, nr: u64, gpa: u64, npages: u64) {
+    fn hypercall(m: &TestMachine, nr: u64, gpa: u64, npages: u64) {
         let mut ret = 0;
         m.handle_exit(Exit::Hypercall {
             nr,
@@ -334,7 +351,7 @@ mod tests {
         });
     }
 
-    fn i8042_reset(m: &mut TestMachine) -> Action {
+    fn i8042_reset(m: &TestMachine) -> Action {
         m.handle_exit(Exit::IoOut {
             port: 0x64,
             data: &[0xfe],
@@ -343,23 +360,33 @@ mod tests {
 
     #[test]
     fn boots_and_enables_over_a_reboot() {
-        let mut m = machine(true);
-        m.boots = Boots::new(1);
-        let s = Stats::collect(&m, &StopReason::Reset, Some(ProtectMode::View));
+        let m = machine(true);
+        *locked(&m.boots) = Boots::new(1);
+        let s = Stats::collect(
+            &m,
+            &StopReason::Reset,
+            Some(ProtectMode::View),
+            BlkIo::Thread,
+        );
         assert_eq!((s.boots, s.enables.len(), s.resets.len()), (1, 0, 0));
 
-        hypercall(&mut m, KVM_HC_ENABLE_MEM_PROTECTED, 0, 0);
-        hypercall(&mut m, KVM_HC_MEM_SHARE, 0x1000, 4);
-        hypercall(&mut m, KVM_HC_MEM_SHARE, 0x8000, 1);
-        hypercall(&mut m, KVM_HC_ENABLE_MEM_PROTECTED, 0, 0);
-        hypercall(&mut m, KVM_HC_MEM_SHARE, 0x2000, 2);
-        assert_eq!(i8042_reset(&mut m), Action::Reboot(StopReason::Reset));
+        hypercall(&m, KVM_HC_ENABLE_MEM_PROTECTED, 0, 0);
+        hypercall(&m, KVM_HC_MEM_SHARE, 0x1000, 4);
+        hypercall(&m, KVM_HC_MEM_SHARE, 0x8000, 1);
+        hypercall(&m, KVM_HC_ENABLE_MEM_PROTECTED, 0, 0);
+        hypercall(&m, KVM_HC_MEM_SHARE, 0x2000, 2);
+        assert_eq!(i8042_reset(&m), Action::Reboot(StopReason::Reset));
         m.reset(&StopReason::Reset).unwrap();
-        hypercall(&mut m, KVM_HC_ENABLE_MEM_PROTECTED, 0, 0);
-        hypercall(&mut m, KVM_HC_MEM_SHARE, 0x3000, 3);
-        assert_eq!(i8042_reset(&mut m), Action::Stop(StopReason::Reset));
+        hypercall(&m, KVM_HC_ENABLE_MEM_PROTECTED, 0, 0);
+        hypercall(&m, KVM_HC_MEM_SHARE, 0x3000, 3);
+        assert_eq!(i8042_reset(&m), Action::Stop(StopReason::Reset));
 
-        let s = Stats::collect(&m, &StopReason::Reset, Some(ProtectMode::View));
+        let s = Stats::collect(
+            &m,
+            &StopReason::Reset,
+            Some(ProtectMode::View),
+            BlkIo::Thread,
+        );
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["boots"], 2);
         assert_eq!(

@@ -33,7 +33,7 @@ use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -41,31 +41,34 @@ use kvm_bindings::{
     kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_CAP_EXIT_HYPERCALL,
     KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use linux_loader::cmdline::Cmdline;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootError};
-use crate::cli::{Cli, ProtectMode};
+use crate::cli::{BlkIo, Cli, ProtectMode};
 use crate::cpuid::{self, CpuidConfig};
 use crate::diag;
-use crate::exit::{Action, Boots, EntropySource, Exit, Machine, StopReason, BLK_SLOT, RNG_SLOT};
+use crate::exit::{
+    locked, Action, Boots, EntropySource, Exit, Machine, StopReason, BLK_SLOT, RNG_SLOT,
+};
 use crate::gmem::Gmem;
 use crate::gmem_kvm::{self, HostError, KvmPrivate};
 use crate::hypercalls::{self, FailKnobs, HypercallError, HypercallHandler};
+use crate::iothread::IoThread;
 use crate::kick::{self, KickError, VcpuThreads};
 use crate::mptable::{self, MptableError};
-use crate::probe::Probe;
 use crate::protection::{Protection, ProtectionError};
 use crate::ram::{self, GuestRam, RamError};
-use crate::serial::{PanicState, SerialPort, COM1_IRQ};
+use crate::serial::{SerialPort, COM1_IRQ};
 use crate::stats::Stats;
 use crate::virtio::blk::{Block, BlockError};
 use crate::virtio::rng::Rng;
 use crate::virtio::rng::{RngError, URANDOM};
 use crate::virtio::{slot_addr, slot_irq, MmioTransport};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
 
 /// Three pages below 4 GiB that KVM needs for the TSS on Intel (harmless on
 /// AMD); outside RAM and the MMIO windows used here.
@@ -114,6 +117,9 @@ pub enum VmmError {
         /// The OS error.
         err: io::Error,
     },
+    /// Starting the block I/O thread failed.
+    #[error(transparent)]
+    IoThread(#[from] crate::iothread::IoThreadError),
     /// Spawning a vCPU thread failed.
     #[error("spawning the thread of vCPU {id} failed: {err}")]
     Thread {
@@ -204,8 +210,8 @@ impl Trigger for IrqEvent {
     }
 }
 
-/// The machine as the vCPU threads share it.
-type SharedMachine = Arc<Mutex<Machine<IrqEvent, Box<dyn Write + Send>>>>;
+/// The machine as the vCPU threads and the I/O thread share it.
+type SharedMachine = Arc<Machine<IrqEvent, Box<dyn Write + Send>>>;
 
 /// How the run ended.
 pub struct Outcome {
@@ -227,6 +233,8 @@ struct Setup<'a> {
     cmdline: Cmdline,
     /// GSI and eventfd of each interrupt line.
     irqs: Vec<(u32, IrqEvent)>,
+    /// With `--blk-io=thread`: the ioeventfd of virtio-blk's QueueNotify.
+    blk_notify: Option<Arc<EventFd>>,
     /// Whether the TSC-rate note went to stderr already (once per run).
     tsc_note_printed: std::cell::Cell<bool>,
 }
@@ -326,6 +334,13 @@ impl Setup<'_> {
             vm.register_irqfd(&evt.0, *gsi)
                 .map_err(kvm_err(format!("KVM_IRQFD for IRQ {gsi}")))?;
         }
+        if let Some(evt) = &self.blk_notify {
+            // The driver writes the queue index (u32) to QueueNotify; queue
+            // 0 is virtio-blk's only queue. Other values still exit.
+            let addr = slot_addr(BLK_SLOT.into()) + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY);
+            vm.register_ioevent(evt, &IoEventAddress::Mmio(addr), 0u32)
+                .map_err(kvm_err(format!("KVM_IOEVENTFD at {addr:#x}")))?;
+        }
 
         let mut vcpus = Vec::new();
         for id in 0..cli.cpus {
@@ -353,16 +368,17 @@ impl Setup<'_> {
     ) -> Result<NewVm, VmmError> {
         // The guest_memfd side holds the old VM too: drop both, so KVM
         // destroys the VM and frees its guest_memfd (private pages).
-        drop(lock(machine).prot.detach_gmem());
+        drop(machine.prot_mut().detach_gmem());
         drop(vm);
+        // The I/O thread may still hold a notification of the old guest:
+        // with the queues reset it finds nothing to do in RAM being cleared.
+        machine.quiesce();
         ram::clear(self.ram)?;
-        let boot = {
-            let mut m = lock(machine);
-            let ended = m.boots.current();
-            m.reset(why)
-                .map_err(|err| VmmError::Reset { boot: ended, err })?;
-            m.boots.current()
-        };
+        let ended = locked(&machine.boots).current();
+        machine
+            .reset(why)
+            .map_err(|err| VmmError::Reset { boot: ended, err })?;
+        let boot = ended + 1;
         eprintln!(
             "protmem-vmm: guest {} ended boot {}; booting again (boot {boot})",
             why.name(),
@@ -485,6 +501,12 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
         None => None,
     };
     let cmdline = boot::build_cmdline(&cli.cmdline, &virtio)?;
+    let blk_notify = match (&blk, cli.blk_io) {
+        (Some(_), BlkIo::Thread) => Some(Arc::new(
+            EventFd::new(EFD_NONBLOCK).map_err(|err| VmmError::EventFd { irq: 0, err })?,
+        )),
+        _ => None,
+    };
 
     let mut setup = Setup {
         cli,
@@ -495,37 +517,44 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
         initrd,
         cmdline,
         irqs,
+        blk_notify: blk_notify.clone(),
         tsc_note_printed: Default::default(),
     };
     let entry = setup.load(1)?;
     let NewVm { vm, vcpus, gmem } = setup.create_vm(entry)?;
 
-    let mut machine = Machine {
-        serial: SerialPort::new(serial_irq, console),
+    let mut prot = Protection::new(device_view);
+    if let Some(g) = gmem {
+        prot.attach_gmem(g);
+    }
+    let hypercalls = HypercallHandler::new(FailKnobs {
+        enable: cli.fail_enable,
+        share: cli.fail_share.unwrap_or_default(),
+        unshare: cli.fail_unshare.unwrap_or_default(),
+    });
+    let machine: SharedMachine = Arc::new(Machine::new(
+        SerialPort::new(serial_irq, console),
         blk,
         rng,
-        probe: Probe::default(),
-        prot: Protection::new(device_view),
-        hypercalls: HypercallHandler::new(FailKnobs {
-            enable: cli.fail_enable,
-            share: cli.fail_share.unwrap_or_default(),
-            unshare: cli.fail_unshare.unwrap_or_default(),
-        }),
-        exits: Default::default(),
-        boots: Boots::new(cli.reboots),
-    };
-    if let Some(g) = gmem {
-        machine.prot.attach_gmem(g);
-    }
-    let machine: SharedMachine = Arc::new(Mutex::new(machine));
+        prot,
+        hypercalls,
+        Boots::new(cli.reboots),
+    ));
 
+    // One channel for the run: vCPU threads and the I/O thread report the
+    // action that ends a boot.
+    let (tx, rx) = mpsc::channel();
+    let _io_thread = match blk_notify {
+        Some(evt) => Some(start_blk_thread(&machine, evt, tx.clone())?),
+        None => None,
+    };
     let start = Instant::now();
     let deadline = cli.timeout.map(|s| start + Duration::from_secs(s));
     let mut panic_since = None;
-    let (mut threads, mut rx) = start_vcpus(vcpus, &machine)?;
+    let mut threads = start_vcpus(vcpus, &machine, &tx)?;
     let mut vm = vm;
     let reason = loop {
-        let first = wait_for_end(&rx, &machine, deadline, &mut panic_since);
+        let first = wait_for_end(&rx, &threads, &machine, deadline, &mut panic_since);
         if first == Action::Stop(StopReason::Timeout) {
             report_hang(&vm, &machine, threads);
             break StopReason::Timeout;
@@ -540,26 +569,25 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
             break StopReason::Error(VmmError::from(e).to_string());
         }
         let later: Vec<Action> = rx.try_iter().collect();
-        let settled = lock(&machine).settle(first, later);
+        let settled = machine.settle(first, later);
         let Action::Reboot(why) = settled else {
             break stop_reason(settled);
         };
         let next = setup.reboot(vm, &machine, &why).and_then(|new| {
             if let Some(g) = new.gmem {
-                lock(&machine).prot.attach_gmem(g);
+                machine.prot_mut().attach_gmem(g);
             }
-            Ok((new.vm, start_vcpus(new.vcpus, &machine)?))
+            Ok((new.vm, start_vcpus(new.vcpus, &machine, &tx)?))
         });
         match next {
-            Ok((new_vm, (t, r))) => (vm, threads, rx) = (new_vm, t, r),
+            Ok((new_vm, t)) => (vm, threads) = (new_vm, t),
             Err(e) => break StopReason::Error(e.to_string()),
         }
     };
-    let mut m = lock(&machine);
-    if let Err(e) = m.serial.flush() {
+    if let Err(e) = locked(&machine.serial).flush() {
         eprintln!("protmem-vmm: flushing the console: {e}");
     }
-    let stats = Stats::collect(&m, &reason, cli.protect);
+    let stats = Stats::collect(&machine, &reason, cli.protect, cli.blk_io);
     Ok(Outcome { reason, stats })
 }
 
@@ -587,31 +615,32 @@ fn report_hang(vm: &VmFd, machine: &SharedMachine, threads: VcpuThreads) {
         }
         Err(e) => eprintln!("protmem-vmm: KVM_GET_IRQCHIP(IOAPIC): {e}"),
     }
-    // A vCPU stuck in an exit handler holds the machine lock: say so
-    // instead of waiting for it.
-    let start = Instant::now();
-    let guard = loop {
-        match machine.try_lock() {
-            Ok(g) => break Some(g),
-            Err(std::sync::TryLockError::Poisoned(p)) => break Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) if start.elapsed() < REPORT_LOCK_WAIT => {
-                thread::sleep(Duration::from_millis(10));
-            }
-            Err(std::sync::TryLockError::WouldBlock) => break None,
+    // A thread stuck in a device holds that device's lock: say so instead
+    // of waiting for it.
+    let blk = machine.blk.as_ref().map(|dev| {
+        let line = try_for(REPORT_LOCK_WAIT, || {
+            let t = dev.try_lock().ok()?;
+            let p = machine.prot.try_read().ok()?;
+            Some(t.debug_line(&*p))
+        });
+        ("virtio-blk", line)
+    });
+    let rng = machine.rng.as_ref().map(|dev| {
+        let line = try_for(REPORT_LOCK_WAIT, || {
+            let t = dev.try_lock().ok()?;
+            let p = machine.prot.try_read().ok()?;
+            Some(t.debug_line(&*p))
+        });
+        ("virtio-rng", line)
+    });
+    for (name, line) in [blk, rng].into_iter().flatten() {
+        match line {
+            Some(l) => eprintln!("protmem-vmm: {l}"),
+            None => eprintln!(
+                "protmem-vmm: {name} or the protection lock is held for more than \
+                 {REPORT_LOCK_WAIT:?}: a thread is stuck in device emulation or a conversion"
+            ),
         }
-    };
-    match guard {
-        Some(m) => {
-            for t in [m.blk.as_ref().map(|t| t.debug_line(&m.prot)), m.rng.as_ref().map(|t| t.debug_line(&m.prot))]
-                .into_iter()
-                .flatten()
-            {
-                eprintln!("protmem-vmm: {t}");
-            }
-        }
-        None => eprintln!(
-            "protmem-vmm: the machine lock is held for more than {REPORT_LOCK_WAIT:?}: a vCPU is stuck in an exit handler"
-        ),
     }
     DUMP_ON_STOP.store(true, Ordering::SeqCst);
     if let Err(e) = threads.stop(STOP_TIMEOUT) {
@@ -665,8 +694,8 @@ fn stop_reason(action: Action) -> StopReason {
 fn start_vcpus(
     vcpus: Vec<VcpuFd>,
     machine: &SharedMachine,
-) -> Result<(VcpuThreads, Receiver<Action>), VmmError> {
-    let (tx, rx) = mpsc::channel();
+    tx: &Sender<Action>,
+) -> Result<VcpuThreads, VmmError> {
     let mut threads = VcpuThreads::new();
     for (id, vcpu) in (0u8..).zip(vcpus) {
         let (m, tx, stop) = (machine.clone(), tx.clone(), threads.stop_flag());
@@ -676,7 +705,7 @@ fn start_vcpus(
             .map_err(|err| VmmError::Thread { id, err })?;
         threads.push(id, handle);
     }
-    Ok((threads, rx))
+    Ok(threads)
 }
 
 /// Waits until a vCPU ends the boot, `--timeout` passes or a panicking
@@ -684,6 +713,7 @@ fn start_vcpus(
 /// [`Action::Stop`].
 fn wait_for_end(
     rx: &Receiver<Action>,
+    threads: &VcpuThreads,
     machine: &SharedMachine,
     deadline: Option<Instant>,
     panic_since: &mut Option<Instant>,
@@ -696,19 +726,62 @@ fn wait_for_end(
             }
             Err(RecvTimeoutError::Timeout) => {}
         }
+        if threads.all_ended() {
+            // A thread reports before it ends; look once more for it.
+            return rx.try_recv().unwrap_or_else(|_| {
+                Action::Stop(StopReason::Error(
+                    "every vCPU thread ended without a reason (a thread panicked?)".into(),
+                ))
+            });
+        }
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) {
             return Action::Stop(StopReason::Timeout);
         }
-        let panicking = lock(machine).serial.console().panic_state() != PanicState::None;
+        let panicking = machine.panicking();
         if panicking && now - *panic_since.get_or_insert(now) >= PANIC_GRACE {
             return Action::Stop(StopReason::Panic);
         }
     }
 }
 
-fn lock(m: &SharedMachine) -> std::sync::MutexGuard<'_, Machine<IrqEvent, Box<dyn Write + Send>>> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+/// Calls `f` every 10 ms until it returns something or `wait` passed.
+fn try_for<R>(wait: Duration, mut f: impl FnMut() -> Option<R>) -> Option<R> {
+    let start = Instant::now();
+    loop {
+        if let Some(r) = f() {
+            return Some(r);
+        }
+        if start.elapsed() >= wait {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Starts the thread that serves virtio-blk's queue when `notify` (its
+/// QueueNotify ioeventfd) fires; a failure stops the VM through `events`.
+fn start_blk_thread(
+    machine: &SharedMachine,
+    notify: Arc<EventFd>,
+    events: Sender<Action>,
+) -> Result<IoThread, VmmError> {
+    let m = machine.clone();
+    let work = move || {
+        let Some(blk) = m.blk.as_ref() else {
+            return Ok(());
+        };
+        locked(blk)
+            .queue_notify(0, &m.prot)
+            .map_err(|e| e.to_string())
+    };
+    let failed = move |e: String| {
+        // The receiver only goes away when the VMM is exiting anyway.
+        let _ = events.send(Action::Stop(StopReason::Error(format!(
+            "virtio-blk I/O thread: {e}"
+        ))));
+    };
+    Ok(IoThread::spawn("virtio-blk", notify, work, failed)?)
 }
 
 /// Creates vCPU `id`: CPUID, LAPIC LINT wiring, and for the boot CPU the
@@ -792,10 +865,7 @@ fn vcpu_loop(
     let _kick = unsafe { kick::Armed::new(immediate_exit) };
     while !stop.load(Ordering::SeqCst) {
         let action = match vcpu.run() {
-            Ok(exit) => {
-                let exit = convert(exit);
-                lock(&machine).handle_exit(exit)
-            }
+            Ok(exit) => machine.handle_exit(convert(exit)),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // A kick or another signal: disarm, then check `stop`.
                 vcpu.set_kvm_immediate_exit(0);

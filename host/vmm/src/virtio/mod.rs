@@ -32,6 +32,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, Permissions};
 use vm_superio::Trigger;
 
+use crate::protection::Protection;
+use std::sync::{PoisonError, RwLock};
+
 /// Guest-physical address of slot 0.
 pub const MMIO_BASE: u64 = 0xd000_0000;
 /// Size of one device's register window.
@@ -244,11 +247,11 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
 
     /// Guest write of `data` at `offset`; a QueueNotify runs the queue
     /// against `mem`, the device's only way to guest memory.
-    pub fn write<M: GuestMemory>(
+    pub fn write<G: MemoryGuard>(
         &mut self,
         offset: u64,
         data: &[u8],
-        mem: &M,
+        mem: &G,
     ) -> Result<(), VirtioError> {
         // Config space is read-only for the features offered here.
         if offset >= u64::from(VIRTIO_MMIO_CONFIG) || data.len() != 4 || offset % 4 != 0 {
@@ -268,7 +271,7 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
                 _ => {}
             },
             VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
-            VIRTIO_MMIO_QUEUE_NOTIFY => return self.notify(v as usize, mem),
+            VIRTIO_MMIO_QUEUE_NOTIFY => return self.queue_notify(v as usize, mem),
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !v,
             VIRTIO_MMIO_STATUS => self.write_status(v),
             reg => self.write_queue_reg(reg, v),
@@ -324,32 +327,36 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
         }
     }
 
-    fn notify<M: GuestMemory>(&mut self, index: usize, mem: &M) -> Result<(), VirtioError> {
+    /// Processes the available buffers of queue `index` (the driver
+    /// notified it, by a QueueNotify write or its ioeventfd) and raises the
+    /// interrupt if any was used. Guest memory is borrowed from `mem` once
+    /// per descriptor chain, so a conversion waits for at most one chain.
+    pub fn queue_notify<G: MemoryGuard>(
+        &mut self,
+        index: usize,
+        mem: &G,
+    ) -> Result<(), VirtioError> {
         self.stats.notifies += 1;
         if self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 {
             return Ok(());
         }
-        let Some(queue) = self.queues.get_mut(index) else {
-            return Ok(());
-        };
-        if !queue.ready() {
-            return Ok(());
-        }
-        if !rings_accessible(queue, mem) {
-            self.stats.ring_denials += 1;
+        if !self.queues.get(index).is_some_and(Queue::ready) {
             return Ok(());
         }
         let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let descs: Vec<Descriptor> = chain.collect();
-            let len = self.device.handle_chain(index, &descs, mem);
-            self.stats.chains += 1;
-            if queue.add_used(mem, head, len).is_err() {
-                self.stats.used_ring_failures += 1;
-                break;
+        loop {
+            match mem.with(|m| self.next_chain(index, m)) {
+                Step::Used => used = true,
+                Step::Empty => break,
+                Step::RingDenied => {
+                    self.stats.ring_denials += 1;
+                    break;
+                }
+                Step::UsedRingFailed => {
+                    self.stats.used_ring_failures += 1;
+                    break;
+                }
             }
-            used = true;
         }
         if used {
             self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
@@ -359,6 +366,73 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
             })?;
         }
         Ok(())
+    }
+
+    /// Handles the next available chain of queue `index`, if any.
+    fn next_chain<M: GuestMemory>(&mut self, index: usize, mem: &M) -> Step {
+        let queue = &mut self.queues[index];
+        if !rings_accessible(queue, mem) {
+            return Step::RingDenied;
+        }
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            return Step::Empty;
+        };
+        let head = chain.head_index();
+        let descs: Vec<Descriptor> = chain.collect();
+        let len = self.device.handle_chain(index, &descs, mem);
+        self.stats.chains += 1;
+        if self.queues[index].add_used(mem, head, len).is_err() {
+            return Step::UsedRingFailed;
+        }
+        Step::Used
+    }
+}
+
+/// What handling one chain did.
+enum Step {
+    /// A chain was handled and put in the used ring.
+    Used,
+    /// No chain was available.
+    Empty,
+    /// A ring is not accessible to the device.
+    RingDenied,
+    /// The used ring could not be written.
+    UsedRingFailed,
+}
+
+/// Guest memory as a device borrows it, one descriptor chain at a time.
+///
+/// The VMM's implementation is the protection lock: a borrow holds it for
+/// reading, so an UNSHARE (which takes it for writing) waits until the
+/// chain in flight is done, and every later access sees the page private.
+pub trait MemoryGuard {
+    /// The memory a borrow gives.
+    type M: GuestMemory;
+    /// Runs `f` with the memory borrowed.
+    fn with<R>(&self, f: impl FnOnce(&Self::M) -> R) -> R;
+}
+
+impl MemoryGuard for RwLock<Protection> {
+    type M = Protection;
+
+    fn with<R>(&self, f: impl FnOnce(&Protection) -> R) -> R {
+        f(&self.read().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+impl MemoryGuard for Protection {
+    type M = Protection;
+
+    fn with<R>(&self, f: impl FnOnce(&Protection) -> R) -> R {
+        f(self)
+    }
+}
+
+impl MemoryGuard for vm_memory::GuestMemoryMmap<()> {
+    type M = Self;
+
+    fn with<R>(&self, f: impl FnOnce(&Self) -> R) -> R {
+        f(self)
     }
 }
 
@@ -475,7 +549,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn w<D: VirtioDevice, T: Trigger, M: GuestMemory>(
+    fn w<D: VirtioDevice, T: Trigger, M: MemoryGuard>(
         t: &mut MmioTransport<D, T>,
         mem: &M,
         reg: u32,
@@ -491,7 +565,7 @@ pub(crate) mod tests {
     }
 
     /// Negotiates all offered features and sets queue 0 up on `rings`.
-    pub(crate) fn activate<D: VirtioDevice, T: Trigger, M: GuestMemory>(
+    pub(crate) fn activate<D: VirtioDevice, T: Trigger, M: MemoryGuard>(
         t: &mut MmioTransport<D, T>,
         mem: &M,
         rings: &Rings,
@@ -538,7 +612,7 @@ pub(crate) mod tests {
     }
 
     /// Writes QueueNotify for queue 0.
-    pub(crate) fn kick<D: VirtioDevice, T: Trigger, M: GuestMemory>(
+    pub(crate) fn kick<D: VirtioDevice, T: Trigger, M: MemoryGuard>(
         t: &mut MmioTransport<D, T>,
         mem: &M,
     ) {
