@@ -226,6 +226,8 @@ const QEMU_PKG: &str = "qemu-system-x86";
 const QEMU_BIN: &str = "usr/bin/qemu-system-x86_64";
 /// Its firmware and option ROMs, relative to a root.
 const QEMU_DATA: &str = "usr/share/qemu";
+/// Firmware of other packages (seabios, ipxe-qemu) it loads.
+const FIRMWARE_DIRS: [&str; 2] = ["usr/share/seabios", "usr/lib/ipxe"];
 
 /// The QEMU that boots the guests: the system's, or the private copy that
 /// setup unpacked when the system's could not be installed.
@@ -309,6 +311,17 @@ fn unpack_private_qemu(root: &Path) -> Result<()> {
             let abs = Path::new("/").join(QEMU_DATA).join(&target);
             std::fs::remove_file(&path)?;
             std::os::unix::fs::symlink(&abs, &path)?;
+        }
+    }
+    // QEMU looks for firmware in its configured directories relocated
+    // under its own prefix: point them at the installed firmware packages.
+    for fw in FIRMWARE_DIRS {
+        let link = partial.join(fw);
+        if !link.exists() {
+            if let Some(parent) = link.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::os::unix::fs::symlink(Path::new("/").join(fw), &link)?;
         }
     }
     let out = Command::new(partial.join(QEMU_BIN))
