@@ -76,6 +76,7 @@ fn scenario(
                 "timeout-report" => TIMEOUT_REPORT_AFTER,
                 _ => 240,
             },
+            qemu: false,
         },
         judge,
     }
@@ -125,6 +126,13 @@ pub fn all() -> Vec<Scenario> {
             judge_no_bounce,
         ),
         scenario(
+            "protected-smp4",
+            "--protect with 4 vCPUs, virtio-blk on its I/O thread: every vCPU up, KUnit all pass, a disk reader on every CPU reads intact data",
+            &["--protect", "--cpus", "4"],
+            &format!("kunit.enable=1 {SECRET} kpm.readers"),
+            judge_smp,
+        ),
+        scenario(
             "enable-fails",
             "the host refuses ENABLE: the guest says `enable failed` and boots unprotected with working I/O",
             &["--protect", "--fail-enable"],
@@ -166,6 +174,19 @@ pub fn all() -> Vec<Scenario> {
             &format!("{NO_KUNIT} kpm.sleep"),
             judge_sleep,
         ),
+        {
+            // The control for this class of bug (issue 10): the same guest
+            // and workload under QEMU/KVM in the same L1.
+            let mut s = scenario(
+                "sleep-after-io-qemu",
+                "control: the same sleep-after-I/O guest under QEMU/KVM (virtio-blk-pci) in the same L1 wakes on time",
+                &[],
+                &format!("{NO_KUNIT} kpm.sleep"),
+                judge_sleep,
+            );
+            s.run.qemu = true;
+            s
+        },
         scenario(
             "timeout-report",
             "--timeout stops a sleeping guest: exit 3 and a one-line-each report of the I/O APIC, the virtqueues and the vCPU (its TSC-deadline timer armed)",
@@ -424,6 +445,40 @@ fn judge_protected_view(o: &L2Outcome) -> Vec<Row> {
 fn judge_protected(o: &L2Outcome) -> Vec<Row> {
     let mut rows = judge_protected_with(o, &[OUR_SUITES, &["rust_doctests_kernel"]].concat());
     rows.extend([gmem_row(o), scan_row(o, false)]);
+    rows
+}
+
+/// The protected checks, plus: every one of the 4 vCPUs online, and the
+/// per-CPU disk readers all read the known data.
+fn judge_smp(o: &L2Outcome) -> Vec<Row> {
+    const CPUS: usize = 4;
+    const PASSES: usize = 3;
+    let mut rows = judge_protected(o);
+    let online = kv(o, "cpus-online").unwrap_or("none").trim();
+    rows.push(row(
+        "the guest brought every vCPU online",
+        online == CPUS.to_string(),
+        format!("cpus-online {online} of {CPUS}"),
+    ));
+    let known = nested::known_sha256();
+    let reads: Vec<&str> = o.lines_after("kpm-init: reader ").collect();
+    let good = reads
+        .iter()
+        .filter(|l| l.split_whitespace().nth(2) == Some(known.as_str()))
+        .count();
+    let cpus: std::collections::BTreeSet<&str> = reads
+        .iter()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    rows.push(row(
+        "a disk reader on every CPU, in parallel, reads the known data",
+        good == CPUS * PASSES && cpus.len() == CPUS,
+        format!(
+            "{good} of {} reads intact, on {} CPUs",
+            CPUS * PASSES,
+            cpus.len()
+        ),
+    ));
     rows
 }
 

@@ -12,6 +12,7 @@ use crate::boot::{self, Console, End};
 use crate::ctx::Ctx;
 use crate::initramfs::{self, Initramfs};
 use crate::kernel::Kernel;
+use crate::setup::Qemu;
 use crate::sh;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -48,6 +49,9 @@ pub struct L2Run {
     pub cmdline: String,
     /// Seconds before the VMM stops the guest (`--timeout`).
     pub timeout: u64,
+    /// Boot the guest under QEMU/KVM inside L1 instead of our VMM (a
+    /// control: same guest, same L1, another VMM; `vmm_args` unused).
+    pub qemu: bool,
 }
 
 /// What one L2 boot left.
@@ -192,6 +196,25 @@ pub fn l1_script(runs: &[L2Run]) -> String {
             ),
             None => ("", String::new()),
         };
+        if r.qemu {
+            // QEMU's console on stdout, not a tty (stdin /dev/null), so the
+            // harness sees each line when it is printed.
+            s.push_str(&format!(
+                "echo 'kpm-l1: begin {n}'\n\
+                 cp /l2/disk.img /tmp/{n}.img\n\
+                 timeout {} /qemu/qemu-system-x86_64 -L /qemu/share -enable-kvm -cpu qemu64 \\\n  \
+                 -m 512M -smp 1 -nodefaults -vga none -display none -monitor none -no-reboot \\\n  \
+                 -serial stdio -kernel /l2/bzImage -initrd /l2/initrd.cpio -append {} \\\n  \
+                 -drive file=/tmp/{n}.img,if=virtio,format=raw </dev/null\n\
+                 echo \"kpm-l1: exit {n} $?\"\n\
+                 echo \"kpm-l1: disk-copy {n} $(dd if=/tmp/{n}.img bs=4096 skip=256 count=256 2>/dev/null | sha256sum)\"\n\
+                 rm -f /tmp/{n}.img\n\
+                 echo 'kpm-l1: end {n}'\n",
+                r.timeout,
+                shell_quote(&r.cmdline),
+            ));
+            continue;
+        }
         s.push_str(&format!(
             "echo 'kpm-l1: begin {n}'\n\
              cp /l2/disk.img /tmp/{n}.img\n\
@@ -255,6 +278,81 @@ pub fn split_runs(log: &str, runs: &[L2Run]) -> Vec<L2Outcome> {
     out
 }
 
+/// Puts the shared libraries `bin` needs into the initramfs at their paths;
+/// `dirs` holds what is there already (directories and libraries).
+fn add_libraries(
+    i: &mut Initramfs,
+    dirs: &mut std::collections::BTreeSet<String>,
+    bin: &Path,
+) -> Result<()> {
+    for lib in libraries(bin)? {
+        let rel = lib.to_string_lossy().trim_start_matches('/').to_string();
+        if !dirs.insert(rel.clone()) {
+            continue;
+        }
+        let mut p = Path::new(&rel).parent();
+        let mut chain = Vec::new();
+        while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
+            chain.push(d.to_string_lossy().to_string());
+            p = d.parent();
+        }
+        for d in chain.into_iter().rev() {
+            if dirs.insert(d.clone()) && !["lib", "lib64"].contains(&d.as_str()) {
+                i.dir(&d);
+            }
+        }
+        // Follow the symlink: the initramfs gets the real file's bytes.
+        let real = std::fs::canonicalize(&lib)
+            .with_context(|| format!("cannot resolve {}", lib.display()))?;
+        i.copy(&rel, 0o755, &real)?;
+    }
+    Ok(())
+}
+
+/// Firmware QEMU needs to boot a Linux kernel with `-nodefaults -vga none`
+/// (PLATFORM.md, "QEMU as the L2 VMM inside L1").
+const QEMU_FIRMWARE: [&str; 4] = [
+    "bios-256k.bin",
+    "linuxboot_dma.bin",
+    "linuxboot.bin",
+    "kvmvapic.bin",
+];
+
+/// Puts the QEMU that boots L1 (setup's choice), its libraries and the
+/// firmware it loads into the initramfs under /qemu, for control runs.
+fn add_qemu(
+    ctx: &Ctx,
+    i: &mut Initramfs,
+    dirs: &mut std::collections::BTreeSet<String>,
+) -> Result<()> {
+    let q = Qemu::find(&ctx.cache);
+    let bin = if q.bin.is_absolute() {
+        q.bin.clone()
+    } else {
+        PathBuf::from(
+            sh::output(Command::new("sh").args(["-c", "command -v qemu-system-x86_64"]))?.trim(),
+        )
+    };
+    i.dir("qemu").dir("qemu/share");
+    i.copy("qemu/qemu-system-x86_64", 0o755, &bin)?;
+    add_libraries(i, dirs, &bin)?;
+    let data = q.data.unwrap_or_else(|| PathBuf::from("/usr/share/qemu"));
+    for fw in QEMU_FIRMWARE {
+        let found = [data.join(fw), Path::new("/usr/share/seabios").join(fw)]
+            .into_iter()
+            .find(|p| p.exists())
+            .with_context(|| {
+                format!(
+                    "QEMU firmware {fw} is neither in {} nor in /usr/share/seabios",
+                    data.display()
+                )
+            })?;
+        let real = std::fs::canonicalize(&found)?;
+        i.copy(&format!("qemu/share/{fw}"), 0o644, &real)?;
+    }
+    Ok(())
+}
+
 /// Boots L1 once and runs every L2 boot in it.
 pub fn run(
     ctx: &Ctx,
@@ -285,23 +383,9 @@ pub fn run(
         i.copy(&format!("vmm/{tool}"), 0o755, &vmm.with_file_name(tool))?;
     }
     let mut dirs = std::collections::BTreeSet::new();
-    for lib in libraries(vmm)? {
-        let rel = lib.to_string_lossy().trim_start_matches('/').to_string();
-        let mut p = Path::new(&rel).parent();
-        let mut chain = Vec::new();
-        while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
-            chain.push(d.to_string_lossy().to_string());
-            p = d.parent();
-        }
-        for d in chain.into_iter().rev() {
-            if dirs.insert(d.clone()) && !["lib", "lib64"].contains(&d.as_str()) {
-                i.dir(&d);
-            }
-        }
-        // Follow the symlink: the initramfs gets the real file's bytes.
-        let real = std::fs::canonicalize(&lib)
-            .with_context(|| format!("cannot resolve {}", lib.display()))?;
-        i.copy(&rel, 0o755, &real)?;
+    add_libraries(&mut i, &mut dirs, vmm)?;
+    if runs.iter().any(|r| r.qemu) {
+        add_qemu(ctx, &mut i, &mut dirs)?;
     }
     i.copy("l2/bzImage", 0o644, &k.bzimage)?;
     i.file("l2/initrd.cpio", 0o644, &l2_initrd);
@@ -406,6 +490,7 @@ mod tests {
             vmm_args: vec![],
             cmdline: "kpm.secret=12".into(),
             timeout: 60,
+            qemu: false,
         }];
         let script = l1_script(&runs);
         assert!(script.contains("--cmdline 'kpm.secret=12'  &"), "{script}");
@@ -426,6 +511,7 @@ mod tests {
             vmm_args: vec!["--protect".into()],
             cmdline: "x 'y'".into(),
             timeout: 60,
+            qemu: false,
         }];
         let s = l1_script(&runs);
         assert!(s.contains("--protect"));
@@ -450,6 +536,7 @@ mod tests {
             vmm_args: vec![],
             cmdline: String::new(),
             timeout: 60,
+            qemu: false,
         }];
         let o = split_runs("kpm-l1: begin b\npartial\n", &runs);
         assert_eq!(o.len(), 1);

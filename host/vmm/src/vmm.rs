@@ -801,6 +801,9 @@ fn create_vcpu(
         vcpu_id: u32::from(id),
         nr_vcpus: u32::from(cli.cpus),
         protect: cli.protect.is_some(),
+        tsc_deadline: vm.check_extension(Cap::TscDeadlineTimer),
+        // The rate `pin_tsc_khz` set for the VM; 0 (unknown) if KVM cannot say.
+        tsc_khz: vcpu.get_tsc_khz().unwrap_or(0),
     };
     let entries = cpuid::patch(supported.as_slice(), cfg);
     let table = CpuId::from_entries(&entries).map_err(|e| VmmError::Cpuid {
