@@ -53,18 +53,23 @@ pub const RNG_SLOT: u32 = 1;
 /// One vCPU exit, as the dispatcher sees it.
 #[derive(Debug)]
 pub enum Exit<'a> {
-    /// `in` from `port`; fill `data`.
+    /// `in` (or `rep ins`) from `port`; fill `data`, `size` bytes per
+    /// element.
     IoIn {
         /// Port.
         port: u16,
-        /// Bytes to return.
+        /// Bytes per element: 1, 2 or 4.
+        size: usize,
+        /// Elements to return, `size` bytes each.
         data: &'a mut [u8],
     },
-    /// `out` to `port`.
+    /// `out` (or `rep outs`) to `port`: `size` bytes per element.
     IoOut {
         /// Port.
         port: u16,
-        /// Bytes written.
+        /// Bytes per element: 1, 2 or 4.
+        size: usize,
+        /// Elements written, in order.
         data: &'a [u8],
     },
     /// MMIO read at `addr`; fill `data`.
@@ -347,14 +352,22 @@ impl<T: Trigger, W: Write> Machine<T, W> {
     /// Handles one exit.
     pub fn handle_exit(&self, exit: Exit<'_>) -> Action {
         match exit {
-            Exit::IoIn { port, data } => {
+            Exit::IoIn { port, size, data } => {
                 bump(&self.exits.io_in);
-                self.io_in(port, data);
+                for element in data.chunks_mut(size.max(1)) {
+                    self.io_in(port, element);
+                }
                 Action::Continue
             }
-            Exit::IoOut { port, data } => {
+            Exit::IoOut { port, size, data } => {
                 bump(&self.exits.io_out);
-                self.io_out(port, data)
+                for element in data.chunks(size.max(1)) {
+                    let action = self.io_out(port, element);
+                    if action != Action::Continue {
+                        return action;
+                    }
+                }
+                Action::Continue
             }
             Exit::MmioRead { addr, data } => {
                 bump(&self.exits.mmio_read);
@@ -460,6 +473,7 @@ impl<T: Trigger, W: Write> Machine<T, W> {
         locked(&self.serial).console().panic_state() != PanicState::None
     }
 
+    /// One element of an `in`.
     fn io_in(&self, port: u16, data: &mut [u8]) {
         if let Some(off) = port.checked_sub(COM1_BASE).filter(|o| *o < COM1_LEN) {
             data.fill(0);
@@ -475,6 +489,7 @@ impl<T: Trigger, W: Write> Machine<T, W> {
         data.fill(fill);
     }
 
+    /// One element of an `out`.
     fn io_out(&self, port: u16, data: &[u8]) -> Action {
         let Some(&value) = data.first() else {
             return Action::Continue;
@@ -623,6 +638,7 @@ pub(crate) mod tests {
         for b in s {
             last = m.handle_exit(Exit::IoOut {
                 port,
+                size: 1,
                 data: std::slice::from_ref(b),
             });
         }
@@ -652,12 +668,14 @@ pub(crate) mod tests {
         let mut status = [0xaau8];
         m.handle_exit(Exit::IoIn {
             port: 0x64,
+            size: 1,
             data: &mut status,
         });
         assert_eq!(status, [0], "i8042 never busy");
         let mut unknown = [0u8; 4];
         m.handle_exit(Exit::IoIn {
             port: 0xcfc,
+            size: 4,
             data: &mut unknown,
         });
         assert_eq!(unknown, [0xff; 4]);
@@ -673,6 +691,44 @@ pub(crate) mod tests {
             Action::Stop(StopReason::Reset)
         );
         assert_eq!(StopReason::Reset.exit_code(), 0);
+    }
+
+    #[test]
+    fn rep_port_io_handles_every_element() {
+        let m = machine(false);
+        // `rep outsb` of a whole string to COM1 in one exit.
+        let a = m.handle_exit(Exit::IoOut {
+            port: 0x3f8,
+            size: 1,
+            data: b"rep\n",
+        });
+        assert_eq!(a, Action::Continue);
+        assert_eq!(locked(&m.serial).console().output().as_slice(), b"rep\n");
+        // `rep insw` from an unknown port: every element all-ones.
+        let mut words = [0u8; 8];
+        m.handle_exit(Exit::IoIn {
+            port: 0x510,
+            size: 2,
+            data: &mut words,
+        });
+        assert_eq!(words, [0xff; 8]);
+        // `rep insb` from COM1's LSR: every element is a register read.
+        let mut lsr = [0u8; 3];
+        m.handle_exit(Exit::IoIn {
+            port: 0x3fd,
+            size: 1,
+            data: &mut lsr,
+        });
+        assert!(lsr.iter().all(|b| *b == lsr[0] && *b != 0), "{lsr:?}");
+        // A reset in the middle of a `rep outsb` to the i8042 ends there.
+        let m = machine(false);
+        let a = m.handle_exit(Exit::IoOut {
+            port: 0x64,
+            size: 1,
+            data: &[0xfd, 0xfe, 0xfd],
+        });
+        assert_eq!(a, Action::Stop(StopReason::Reset));
+        assert_eq!(m.exits.snapshot().io_out, 1, "one exit");
     }
 
     #[test]
@@ -882,6 +938,7 @@ pub(crate) mod tests {
         let mut ier = [0xffu8];
         m.handle_exit(Exit::IoIn {
             port: 0x3f9,
+            size: 1,
             data: &mut ier,
         });
         assert_eq!(ier, [0], "UART at power-on");

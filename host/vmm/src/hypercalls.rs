@@ -140,6 +140,11 @@ pub struct EnableRecord {
     pub result: i64,
 }
 
+/// Most ENABLE records kept: a guest that calls ENABLE in a loop must not
+/// grow the VMM without bound. Later ones are counted in
+/// [`HypercallHandler::enables_dropped`] (the result counts see them all).
+pub const MAX_ENABLE_RECORDS: usize = 64;
+
 /// Decides protected-memory hypercalls and counts their results.
 #[derive(Debug)]
 pub struct HypercallHandler {
@@ -149,6 +154,7 @@ pub struct HypercallHandler {
     results: ResultCounts,
     boot: u64,
     enables: Vec<EnableRecord>,
+    enables_dropped: u64,
 }
 
 impl Default for HypercallHandler {
@@ -167,6 +173,7 @@ impl HypercallHandler {
             results: ResultCounts::new(),
             boot: 1,
             enables: Vec::new(),
+            enables_dropped: 0,
         }
     }
 
@@ -175,9 +182,14 @@ impl HypercallHandler {
         &self.results
     }
 
-    /// Every ENABLE so far, in order, over all boots.
+    /// The first [`MAX_ENABLE_RECORDS`] ENABLEs, in order, over all boots.
     pub fn enables(&self) -> &[EnableRecord] {
         &self.enables
+    }
+
+    /// ENABLEs past [`MAX_ENABLE_RECORDS`], not recorded one by one.
+    pub fn enables_dropped(&self) -> u64 {
+        self.enables_dropped
     }
 
     /// Tags the following ENABLEs with boot number `boot`. Counters and the
@@ -224,6 +236,10 @@ impl HypercallHandler {
     }
 
     fn record_enable(&mut self, pages_shared_before: u64, ret: u64) {
+        if self.enables.len() >= MAX_ENABLE_RECORDS {
+            self.enables_dropped += 1;
+            return;
+        }
         self.enables.push(EnableRecord {
             boot: self.boot,
             pages_shared_before,
@@ -433,6 +449,12 @@ mod tests {
         });
         assert_eq!(enable(&mut h, &mut p), neg(KVM_ENOSYS));
         assert_eq!(h.enables(), [rec(1, 0, -1000)], "failed ENABLEs too");
+        for _ in 0..MAX_ENABLE_RECORDS + 10 {
+            enable(&mut h, &mut p);
+        }
+        assert_eq!(h.enables().len(), MAX_ENABLE_RECORDS, "bounded");
+        assert_eq!(h.enables_dropped(), 11);
+        h.enables = h.enables[..1].to_vec();
         let v = serde_json::to_value(h.enables()).unwrap();
         assert_eq!(
             v,

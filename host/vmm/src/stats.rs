@@ -138,8 +138,10 @@ pub struct Stats {
     pub hypercalls: ResultCounts,
     /// Successful ENABLEs.
     pub enable_count: u64,
-    /// Every ENABLE hypercall, in order.
+    /// The ENABLE hypercalls, in order (the first 64).
     pub enables: Vec<EnableRecord>,
+    /// ENABLEs after the first 64, only counted.
+    pub enables_dropped: u64,
     /// Every reboot done, in order.
     pub resets: Vec<ResetRecord>,
     /// Protection enabled at exit.
@@ -212,6 +214,7 @@ impl Stats {
             hypercalls: hypercalls.results().clone(),
             enable_count: prot.enable_count(),
             enables: hypercalls.enables().to_vec(),
+            enables_dropped: hypercalls.enables_dropped(),
             resets: boots.resets().to_vec(),
             protection_enabled: prot.enabled(),
             pages_shared: prot.shared_pages(),
@@ -354,6 +357,7 @@ mod tests {
     fn i8042_reset(m: &TestMachine) -> Action {
         m.handle_exit(Exit::IoOut {
             port: 0x64,
+            size: 1,
             data: &[0xfe],
         })
     }

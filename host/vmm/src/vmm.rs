@@ -829,11 +829,21 @@ fn create_vcpu(
     Ok(vcpu)
 }
 
-/// Converts a kvm-ioctls exit into the dispatcher's [`Exit`].
-fn convert(exit: VcpuExit<'_>) -> Exit<'_> {
+/// Converts a kvm-ioctls exit into the dispatcher's [`Exit`]; `io_size` is
+/// the element size of a port I/O exit (kvm-ioctls passes on only the
+/// bytes of all `rep` elements together).
+fn convert(exit: VcpuExit<'_>, io_size: usize) -> Exit<'_> {
     match exit {
-        VcpuExit::IoIn(port, data) => Exit::IoIn { port, data },
-        VcpuExit::IoOut(port, data) => Exit::IoOut { port, data },
+        VcpuExit::IoIn(port, data) => Exit::IoIn {
+            port,
+            size: io_size,
+            data,
+        },
+        VcpuExit::IoOut(port, data) => Exit::IoOut {
+            port,
+            size: io_size,
+            data,
+        },
         VcpuExit::MmioRead(addr, data) => Exit::MmioRead { addr, data },
         VcpuExit::MmioWrite(addr, data) => Exit::MmioWrite { addr, data },
         VcpuExit::Hypercall(h) => Exit::Hypercall {
@@ -860,6 +870,7 @@ fn vcpu_loop(
     events: Sender<Action>,
     stop: Arc<AtomicBool>,
 ) {
+    let run = vcpu.get_kvm_run() as *const kvm_bindings::kvm_run;
     let immediate_exit = std::ptr::addr_of_mut!(vcpu.get_kvm_run().immediate_exit);
     // The byte is otherwise written only by the kernel and by
     // `set_kvm_immediate_exit` below, on this thread.
@@ -868,7 +879,16 @@ fn vcpu_loop(
     let _kick = unsafe { kick::Armed::new(immediate_exit) };
     while !stop.load(Ordering::SeqCst) {
         let action = match vcpu.run() {
-            Ok(exit) => machine.handle_exit(convert(exit)),
+            Ok(exit) => {
+                // SAFETY: `run` points into this vCPU's kvm_run mapping,
+                // mapped as long as `vcpu`; after a KVM_EXIT_IO the kernel
+                // has filled `io` and does not write it until the next
+                // KVM_RUN. The exit's data slice lies at `io.data_offset`,
+                // past the struct, so this read aliases nothing borrowed.
+                let io_size =
+                    unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read_volatile() };
+                machine.handle_exit(convert(exit, usize::from(io_size)))
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // A kick or another signal: disarm, then check `stop`.
                 vcpu.set_kvm_immediate_exit(0);

@@ -33,7 +33,10 @@ use vm_memory::{GuestAddress, GuestMemory, Permissions};
 use vm_superio::Trigger;
 
 use crate::protection::Protection;
+use std::sync::atomic::{fence, Ordering};
 use std::sync::{PoisonError, RwLock};
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use vm_memory::Bytes;
 
 /// Guest-physical address of slot 0.
 pub const MMIO_BASE: u64 = 0xd000_0000;
@@ -106,6 +109,8 @@ pub struct TransportStats {
     pub bad_status_writes: u64,
     /// Queue register writes refused (before FEATURES_OK or after DRIVER_OK).
     pub early_queue_writes: u64,
+    /// Interrupts not raised because the driver set `VRING_AVAIL_F_NO_INTERRUPT`.
+    pub interrupts_suppressed: u64,
 }
 
 /// A virtio-mmio register window in front of device `D`, raising `T`.
@@ -358,14 +363,22 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
                 }
             }
         }
-        if used {
-            self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
-            self.irq.trigger().map_err(|e| VirtioError::Irq {
-                device: self.device.device_type(),
-                msg: format!("{e:?}"),
-            })?;
+        if !used {
+            return Ok(());
         }
-        Ok(())
+        // The used index must be visible before the driver's flags are
+        // read, or a driver that re-enables interrupts and then checks the
+        // used ring could miss both (virtio 1.x 2.7.7).
+        fence(Ordering::SeqCst);
+        if mem.with(|m| no_interrupt(&self.queues[index], m)) {
+            self.stats.interrupts_suppressed += 1;
+            return Ok(());
+        }
+        self.interrupt_status |= VIRTIO_MMIO_INT_VRING;
+        self.irq.trigger().map_err(|e| VirtioError::Irq {
+            device: self.device.device_type(),
+            msg: format!("{e:?}"),
+        })
     }
 
     /// Handles the next available chain of queue `index`, if any.
@@ -454,6 +467,16 @@ pub fn next_status(cur: u32, v: u32) -> Option<u32> {
         && needs(VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_DRIVER)
         && needs(VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK);
     ok.then_some(v)
+}
+
+/// Whether the driver asked for no interrupt on used buffers of `q`
+/// (`VRING_AVAIL_F_NO_INTERRUPT` in the available ring's flags; without
+/// `VIRTIO_F_EVENT_IDX`, which no device here offers, that is the only
+/// suppression). virtio-queue's `needs_notification` ignores the flag, so
+/// the transport reads it itself. An unreadable ring never suppresses.
+fn no_interrupt<M: GuestMemory>(q: &Queue, mem: &M) -> bool {
+    mem.read_obj::<u16>(GuestAddress(q.avail_ring()))
+        .is_ok_and(|flags| flags & VRING_AVAIL_F_NO_INTERRUPT as u16 != 0)
 }
 
 /// Whether the descriptor table, available ring and used ring of `q` are
@@ -829,6 +852,20 @@ pub(crate) mod tests {
         assert_eq!(irq.count(), 1, "nothing new, no interrupt");
         assert_eq!(t.stats().chains, 2);
         assert_eq!(t.stats().notifies, 2);
+
+        // The driver suppresses interrupts: used, but not raised.
+        m.write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, GuestAddress(rings.avail))
+            .unwrap();
+        rings.add_chain(&m, &[(0xa000, 8, true)]);
+        kick(&mut t, &m);
+        assert_eq!(rings.used_idx(&m), 3);
+        assert_eq!(irq.count(), 1, "suppressed");
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        assert_eq!(t.stats().interrupts_suppressed, 1);
+        m.write_obj(0u16, GuestAddress(rings.avail)).unwrap();
+        rings.add_chain(&m, &[(0xa000, 8, true)]);
+        kick(&mut t, &m);
+        assert_eq!(irq.count(), 2, "raised again once the flag is clear");
     }
 
     /// Every register value the driver can read, for each queue selected.
