@@ -12,6 +12,7 @@ mod nested;
 mod overlay;
 mod setup;
 mod sh;
+mod stock;
 mod test;
 mod uapi;
 
@@ -136,24 +137,40 @@ fn run(cli: Cli) -> Result<()> {
             verbose,
         } => {
             let mut all = e2e::all();
+            let mut stock = e2e::stock_host();
             if list {
-                for s in &all {
-                    println!("{:<24} {}", s.name, s.expect);
+                for s in all.iter().chain(&stock) {
+                    println!("{:<28} {}", s.name, s.expect);
                 }
                 return Ok(());
             }
             if !names.is_empty() {
                 for n in &names {
-                    if !all.iter().any(|s| s.name == n) {
+                    if !all.iter().chain(&stock).any(|s| s.name == n) {
                         anyhow::bail!("no scenario named {n} (see --list)");
                     }
                 }
                 all.retain(|s| names.iter().any(|n| n == s.name));
+                stock.retain(|s| names.iter().any(|n| n == s.name));
             }
             let tools = setup::run(&ctx)?;
             let k = kernel::build(&ctx, &tools)?;
             let vmm = nested::build_vmm(&ctx)?;
-            e2e::run(&ctx, &k, &vmm, all, verbose, "scenarios-l1.log").map(|_| ())
+            // Our L1 always runs (the KVM handler test); the stock L1 only
+            // for its own scenarios.
+            let ours = if names.is_empty() || !all.is_empty() {
+                e2e::run(&ctx, &k, &vmm, all, verbose, "scenarios-l1.log").map(|_| ())
+            } else {
+                Ok(())
+            };
+            let theirs = if stock.is_empty() {
+                Ok(())
+            } else {
+                let host = stock::host(&ctx)?;
+                let l1 = nested::L1::Stock(&host);
+                e2e::run_on(&ctx, &l1, &k, &vmm, stock, verbose, "stock-l1.log").map(|_| ())
+            };
+            ours.and(theirs)
         }
         Cmd::Bench => {
             let tools = setup::run(&ctx)?;

@@ -1,7 +1,7 @@
 //! `cargo xtask test`: every test the project has, in one command.
 
 use crate::ctx::Ctx;
-use crate::{boot, e2e, kernel, nested, setup, sh, uapi};
+use crate::{boot, e2e, kernel, nested, setup, sh, stock, uapi};
 use anyhow::{bail, Result};
 use std::process::Command;
 use std::time::Instant;
@@ -146,10 +146,22 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     steps.push(step("TCG boot + KUnit", t, res));
 
     let t = Instant::now();
-    let res = nested::build_vmm(ctx)
-        .and_then(|vmm| e2e::run(ctx, &k, &vmm, e2e::all(), false, "test-l1.log"));
+    let vmm = nested::build_vmm(ctx);
+    let res = vmm
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .and_then(|vmm| e2e::run(ctx, &k, vmm, e2e::all(), false, "test-l1.log"));
     let res = res.map(|(p, f)| (p, f, format!("{p} scenarios passed, {f} failed")));
     steps.push(step("nested L1/L2 scenarios", t, res));
+
+    let t = Instant::now();
+    let res = vmm.map_err(|e| anyhow::anyhow!("{e:#}")).and_then(|vmm| {
+        let host = stock::host(ctx)?;
+        let l1 = nested::L1::Stock(&host);
+        e2e::run_on(ctx, &l1, &k, &vmm, e2e::stock_host(), false, "stock-l1.log")
+    });
+    let res = res.map(|(p, f)| (p, f, format!("{p} scenarios passed, {f} failed")));
+    steps.push(step("stock-host L1 scenarios", t, res));
 
     finish(start, &steps)
 }
