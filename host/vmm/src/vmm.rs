@@ -617,22 +617,14 @@ fn report_hang(vm: &VmFd, machine: &SharedMachine, threads: VcpuThreads) {
     }
     // A thread stuck in a device holds that device's lock: say so instead
     // of waiting for it.
-    let blk = machine.blk.as_ref().map(|dev| {
-        let line = try_for(REPORT_LOCK_WAIT, || {
-            let t = dev.try_lock().ok()?;
-            let p = machine.prot.try_read().ok()?;
-            Some(t.debug_line(&*p))
-        });
-        ("virtio-blk", line)
-    });
-    let rng = machine.rng.as_ref().map(|dev| {
-        let line = try_for(REPORT_LOCK_WAIT, || {
-            let t = dev.try_lock().ok()?;
-            let p = machine.prot.try_read().ok()?;
-            Some(t.debug_line(&*p))
-        });
-        ("virtio-rng", line)
-    });
+    let blk = machine
+        .blk
+        .as_ref()
+        .map(|d| ("virtio-blk", device_line(d, &machine.prot)));
+    let rng = machine
+        .rng
+        .as_ref()
+        .map(|d| ("virtio-rng", device_line(d, &machine.prot)));
     for (name, line) in [blk, rng].into_iter().flatten() {
         match line {
             Some(l) => eprintln!("protmem-vmm: {l}"),
@@ -743,6 +735,19 @@ fn wait_for_end(
             return Action::Stop(StopReason::Panic);
         }
     }
+}
+
+/// The hang-report line of a virtio device, unless its lock or the
+/// protection lock stays taken for [`REPORT_LOCK_WAIT`].
+fn device_line<D: crate::virtio::VirtioDevice>(
+    dev: &std::sync::Mutex<MmioTransport<D, IrqEvent>>,
+    prot: &std::sync::RwLock<Protection>,
+) -> Option<String> {
+    try_for(REPORT_LOCK_WAIT, || {
+        let t = dev.try_lock().ok()?;
+        let p = prot.try_read().ok()?;
+        Some(t.debug_line(&*p))
+    })
 }
 
 /// Calls `f` every 10 ms until it returns something or `wait` passed.
