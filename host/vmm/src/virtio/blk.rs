@@ -13,11 +13,12 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestMemory};
 
@@ -199,11 +200,19 @@ impl VirtioDevice for Block {
     }
 
     fn device_features(&self) -> u64 {
-        // SIZE_MAX and SEG_MAX are not offered yet: with them a guest whose
-        // SHAREs fail (share-every-7th) hangs before submitting a write
-        // (see the closing note of issue 10). Without SEG_MAX Linux sends
-        // one data buffer per request, well inside `SEG_MAX`.
-        1 << VIRTIO_BLK_F_FLUSH
+        // SIZE_MAX and SEG_MAX: the limits the device enforces, so a driver
+        // never builds a request it would refuse. INDIRECT_DESC with them:
+        // a request of SEG_MAX + 2 descriptors must fit whatever ring the
+        // driver ends up with. Linux reads seg_max before it sets up the
+        // queue, and when a protected guest cannot share the ring's pages
+        // it retries with a smaller ring (128 entries where 256 failed);
+        // without indirect tables a request longer than the ring then gets
+        // -ENOSPC forever, and the queue stays stopped with nothing in
+        // flight to restart it (share-every-7th-fails hung so).
+        (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -211,8 +220,12 @@ impl VirtioDevice for Block {
     }
 
     fn config(&self) -> Vec<u8> {
-        // struct virtio_blk_config starts with `le64 capacity` (in sectors).
-        self.capacity.to_le_bytes().to_vec()
+        // struct virtio_blk_config: le64 capacity (sectors), le32 size_max,
+        // le32 seg_max.
+        let mut c = self.capacity.to_le_bytes().to_vec();
+        c.extend(MAX_BUFFER.to_le_bytes());
+        c.extend(SEG_MAX.to_le_bytes());
+        c
     }
 
     fn handle_chain<M: GuestMemory>(&mut self, _q: usize, descs: &[Descriptor], mem: &M) -> u32 {
@@ -400,6 +413,67 @@ mod tests {
         assert_eq!(rings.used_elem(&m, 3).1, 0, "no header: dropped");
         assert_eq!(t.device().stats().ioerr, 3);
         assert_eq!(t.device().stats().dropped, 1);
+    }
+
+    #[test]
+    fn limits_are_advertised_and_indirect_chains_served() {
+        let m = GuestMemoryMmap::from_ranges(&[(ga(0), 0x10_0000)]).unwrap();
+        let (_f, blk) = disk();
+        let f = blk.device_features();
+        for bit in [
+            VIRTIO_BLK_F_SIZE_MAX,
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_RING_F_INDIRECT_DESC,
+        ] {
+            assert_ne!(f & (1 << bit), 0, "feature bit {bit}");
+        }
+        let mut t = MmioTransport::new(blk, CountingIrq::default());
+        let mut rings = Rings::new(0x1000, 16);
+        activate(&mut t, &m, &rings);
+        let mut cfg = [0u8; 4];
+        t.read(0x100 + 8, &mut cfg);
+        assert_eq!(u32::from_le_bytes(cfg), MAX_BUFFER, "size_max");
+        t.read(0x100 + 12, &mut cfg);
+        assert_eq!(u32::from_le_bytes(cfg), SEG_MAX, "seg_max");
+
+        // One ring slot, an indirect table of header, 3 data buffers and
+        // the status byte.
+        use virtio_bindings::virtio_ring::{
+            VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+        };
+        m.write_slice(&header_bytes(VIRTIO_BLK_T_IN, 1), ga(0x8000))
+            .unwrap();
+        let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+        let table = [
+            Descriptor::new(0x8000, 16, next, 1),
+            Descriptor::new(0x9000, 512, next | write, 2),
+            Descriptor::new(0xa000, 512, next | write, 3),
+            Descriptor::new(0xb000, 512, next | write, 4),
+            Descriptor::new(0x8100, 1, write, 0),
+        ];
+        for (i, d) in table.iter().enumerate() {
+            m.write_obj(*d, ga(0xc000 + 16 * i as u64)).unwrap();
+        }
+        let head = rings.add_chain(&m, &[(0xc000, 16 * table.len() as u32, false)]);
+        let d = Descriptor::new(
+            0xc000,
+            16 * table.len() as u32,
+            VRING_DESC_F_INDIRECT as u16,
+            0,
+        );
+        m.write_obj(d, ga(rings.desc + 16 * u64::from(head)))
+            .unwrap();
+        kick(&mut t, &m);
+        assert_eq!(rings.used_idx(&m), 1);
+        assert_eq!(rings.used_elem(&m, 0).1, 3 * 512 + 1);
+        assert_eq!(
+            m.read_obj::<u8>(ga(0x8100)).unwrap() as u32,
+            VIRTIO_BLK_S_OK
+        );
+        let mut got = vec![0u8; 512];
+        m.read_slice(&mut got, ga(0xa000)).unwrap();
+        let want: Vec<u8> = (2 * 512..3 * 512u64).map(|i| (i % 251) as u8).collect();
+        assert_eq!(got, want, "sector 2 in the second data buffer");
     }
 
     /// A virtio-blk on a protected guest whose rings (0x1000-0x3fff) and
