@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 /// KUnit suites every boot of our kernel must report.
 pub const EXPECTED_SUITES: &[&str] = &[
     "kvm_protmem_abi",
+    "kvm_protmem_policy",
     "kvm_protmem_ranges",
     "kvm_protmem_live",
     "rust_doctests_kernel",

@@ -32,7 +32,12 @@ const TIMEOUT_REPORT_AFTER: u64 = 15;
 const NO_KUNIT: &str = "kunit.enable=0";
 
 /// Our suites, which every KUnit run in L2 must report.
-pub const OUR_SUITES: &[&str] = &["kvm_protmem_abi", "kvm_protmem_ranges", "kvm_protmem_live"];
+pub const OUR_SUITES: &[&str] = &[
+    "kvm_protmem_abi",
+    "kvm_protmem_policy",
+    "kvm_protmem_ranges",
+    "kvm_protmem_live",
+];
 
 /// One verification row.
 pub struct Row {
@@ -138,6 +143,20 @@ pub fn all() -> Vec<Scenario> {
             &["--protect", "--fail-enable"],
             NO_KUNIT,
             judge_enable_fails,
+        ),
+        scenario(
+            "require-not-offered",
+            "kvm_protmem=require on a host that does not offer protection: one precise panic line, VMM exit 2, no userspace",
+            &[],
+            "kvm_protmem=require kunit.enable=0",
+            judge_require_not_offered,
+        ),
+        scenario(
+            "require-enable-fails",
+            "kvm_protmem=require and the host refuses ENABLE: one precise panic line, VMM exit 2, no userspace",
+            &["--protect", "--fail-enable"],
+            "kvm_protmem=require kunit.enable=0",
+            judge_require_enable_fails,
         ),
         scenario(
             "pool-share-fails",
@@ -618,6 +637,39 @@ fn judge_unprotected(o: &L2Outcome) -> Vec<Row> {
     rows.extend(disk_rows(o));
     rows.push(scan_row(o, true));
     rows
+}
+
+fn judge_require_not_offered(o: &L2Outcome) -> Vec<Row> {
+    judge_required(o, "but the host does not offer it")
+}
+
+fn judge_require_enable_fails(o: &L2Outcome) -> Vec<Row> {
+    judge_required(o, "but the host refused ENABLE")
+}
+
+/// `kvm_protmem=require` without protection: the exact panic, exit 2, and
+/// the guest never reached userspace.
+fn judge_required(o: &L2Outcome, why: &str) -> Vec<Row> {
+    let line = format!(
+        "Kernel panic - not syncing: kvm_protmem: protection required (kvm_protmem=require) {why}; refusing to boot unprotected"
+    );
+    vec![
+        row(
+            "the guest panics with the precise line",
+            dmesg_has(o, &line),
+            why,
+        ),
+        row(
+            "the VMM reports the panic (exit 2)",
+            o.exit == Some(2),
+            format!("VMM exit {:?}", o.exit),
+        ),
+        row(
+            "no userspace ran",
+            !dmesg_has(o, "kpm-init: userspace up"),
+            "no `kpm-init: userspace up`",
+        ),
+    ]
 }
 
 fn judge_no_bounce(o: &L2Outcome) -> Vec<Row> {

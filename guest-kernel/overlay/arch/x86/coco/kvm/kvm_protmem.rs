@@ -20,10 +20,17 @@
 //! pool cannot be shared, DMA cannot work: the guest panics with one
 //! precise message rather than boot with broken I/O.
 //!
+//! `kvm_protmem=require` (or `CONFIG_KVM_PROTMEM_REQUIRE`) turns a host
+//! that does not offer protection, or refuses ENABLE, into a panic with
+//! one precise line instead of an unprotected boot; `kvm_protmem=off`
+//! opts out. Under another confidential-computing platform (SEV, TDX) the
+//! feature is never taken, whatever the host offers.
+//!
 //! Stable dmesg lines (tests grep them), all prefixed `kvm_protmem: `:
-//! `enabled: ...`, `not offered by the host...`, `disabled on the command
-//! line...`, `enable failed: ...`, `swiotlb pool shared: ...`,
-//! `share failed: ...`, `unshare failed: ...`.
+//! `enabled: ...`, `not offered by the host...`, `not offered: ... is
+//! active`, `disabled on the command line...`, `enable failed: ...`,
+//! `protection required (kvm_protmem=require) but ...` (panic),
+//! `swiotlb pool shared: ...`, `share failed: ...`, `unshare failed: ...`.
 //!
 //! C header: [`arch/x86/include/asm/kvm_protmem.h`](srctree/arch/x86/include/asm/kvm_protmem.h)
 
@@ -31,7 +38,7 @@ use core::ptr::addr_of;
 use kernel::{
     bindings,
     debugfs::{Dir, File},
-    ffi::{c_int, c_ulong, c_void},
+    ffi::{c_int, c_uint, c_ulong, c_void},
     prelude::*,
     sync::atomic::{Atomic, Relaxed},
 };
@@ -336,12 +343,63 @@ extern "C" fn enc_kexec_finish() {
     }
 }
 
-/// Whether the command line says `kvm_protmem=off`.
+/// What `kvm_protmem=` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `off`: never enable, even if offered.
+    Off,
+    /// `on`: enable when offered, else boot unprotected (with a line).
+    On,
+    /// `require`: enable, or stop the boot with one precise panic line.
+    Require,
+}
+
+impl Mode {
+    /// The mode without a `kvm_protmem=` parameter.
+    pub const DEFAULT: Mode = if cfg!(CONFIG_KVM_PROTMEM_REQUIRE) {
+        Mode::Require
+    } else {
+        Mode::On
+    };
+
+    /// Parses a `kvm_protmem=` value.
+    pub fn parse(v: &[u8]) -> Option<Mode> {
+        match v {
+            b"off" => Some(Mode::Off),
+            b"on" => Some(Mode::On),
+            b"require" => Some(Mode::Require),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Off => "off",
+            Mode::On => "on",
+            Mode::Require => "require",
+        }
+    }
+}
+
+/// The mode early boot read, as a `Mode` discriminant.
+static MODE: Atomic<u32> = Atomic::new(0);
+
+/// The `kvm_protmem=` mode early boot found (the default before).
+pub fn mode() -> Mode {
+    match MODE.load(Relaxed) {
+        1 => Mode::Off,
+        2 => Mode::On,
+        3 => Mode::Require,
+        _ => Mode::DEFAULT,
+    }
+}
+
+/// Reads `kvm_protmem=` from the boot command line.
 ///
 /// In `.init.text`: it reads `boot_command_line`, which is init data.
 #[link_section = ".init.text"]
-fn opted_out() -> bool {
-    let mut buf = [0u8; 8];
+fn read_mode() -> Mode {
+    let mut buf = [0u8; 16];
     // SAFETY: `boot_command_line` is a NUL-terminated array filled before
     // `setup_arch()` parses it; `buf` is writable for its length.
     let n = unsafe {
@@ -353,16 +411,33 @@ fn opted_out() -> bool {
         )
     };
     if n < 0 {
-        return false;
+        return Mode::DEFAULT;
     }
-    match &buf[..(n as usize).min(buf.len() - 1)] {
-        b"off" => true,
-        b"on" => false,
-        _ => {
-            pr_warn!("ignoring unknown kvm_protmem= value (use off)\n");
-            false
-        }
+    let v = &buf[..(n as usize).min(buf.len() - 1)];
+    Mode::parse(v).unwrap_or_else(|| {
+        pr_warn!(
+            "ignoring unknown kvm_protmem= value (use off, on or require); mode {}\n",
+            Mode::DEFAULT.name()
+        );
+        Mode::DEFAULT
+    })
+}
+
+/// The other confidential-computing platform that is active, if any: SEV
+/// or TDX (or a Hyper-V isolated VM) encrypt memory and own `cc_vendor`
+/// and the `x86_platform.guest` hooks, so protection must not take them.
+/// `encrypting` is `cc_platform_has(CC_ATTR_MEM_ENCRYPT)` before this
+/// module touched `cc_vendor`; the vendor alone says nothing (x86 sets
+/// `CC_VENDOR_AMD` on any AMD CPU whose kernel supports SME, active or not).
+pub fn other_cc_platform(vendor: c_uint, encrypting: bool) -> Option<&'static str> {
+    if !encrypting {
+        return None;
     }
+    Some(match vendor {
+        bindings::cc_vendor_CC_VENDOR_AMD => "AMD SEV",
+        bindings::cc_vendor_CC_VENDOR_INTEL => "Intel TDX",
+        _ => "another confidential-computing platform",
+    })
 }
 
 /// Shares the pages of `[start, end)` during early boot; logs failures.
@@ -406,6 +481,15 @@ pub extern "C" fn kvm_protmem_kvmclock_usable() -> bool {
 #[link_section = ".init.text"]
 pub unsafe extern "C" fn kvm_protmem_init() {
     lock_init();
+    let mode = read_mode();
+    MODE.store(
+        match mode {
+            Mode::Off => 1,
+            Mode::On => 2,
+            Mode::Require => 3,
+        },
+        Relaxed,
+    );
     let Some(features) = hv::kvm_features() else {
         set_state(State::NotOffered);
         pr_info!("not offered by the host (no KVM signature)\n");
@@ -416,7 +500,21 @@ pub unsafe extern "C" fn kvm_protmem_init() {
         pr_info!("not offered by the host\n");
         return;
     }
-    if opted_out() {
+    // SAFETY: `cc_vendor` is written only in early boot on the boot CPU
+    // (SEV, TDX, Hyper-V set it before `setup_arch()` gets here), and
+    // `cc_platform_has()` only reads it and the vendor's own state.
+    let (vendor, encrypting) = unsafe {
+        (
+            bindings::cc_vendor,
+            bindings::cc_platform_has(bindings::cc_attr_CC_ATTR_MEM_ENCRYPT),
+        )
+    };
+    if let Some(other) = other_cc_platform(vendor, encrypting) {
+        set_state(State::NotOffered);
+        pr_warn!("not offered: {} is active (cc_vendor {}); leaving it alone\n", other, vendor);
+        return;
+    }
+    if mode == Mode::Off {
         set_state(State::OptedOut);
         pr_info!("disabled on the command line (kvm_protmem=off)\n");
         return;
@@ -427,10 +525,16 @@ pub unsafe extern "C" fn kvm_protmem_init() {
     };
     if let Err(e) = abi::issue(&mut kvm, Hypercall::Enable) {
         set_state(State::EnableFailed);
+        let next = if mode == Mode::Require {
+            "protection is required: the boot stops"
+        } else {
+            "booting unprotected"
+        };
         pr_warn!(
-            "enable failed: host returned {} ({:#x}); booting unprotected\n",
+            "enable failed: host returned {} ({:#x}); {}\n",
             e.name(),
-            e.to_ret()
+            e.to_ret(),
+            next
         );
         return;
     }
@@ -502,6 +606,26 @@ macro_rules! counter_file {
     };
 }
 
+/// With `kvm_protmem=require` (or `KVM_PROTMEM_REQUIRE`), stops the boot
+/// unless protection is enabled, with one precise panic line.
+///
+/// Runs from this module's initializer: late enough that the console
+/// shows the line (a panic in `setup_arch()` would reset silently), early
+/// enough that no device driver has probed (arch/ initcalls run before
+/// drivers/ ones at the same level) and long before userspace.
+fn require_protection(mode: Mode, state: State) {
+    if mode != Mode::Require || state == State::Enabled {
+        return;
+    }
+    let why: &CStr = match state {
+        State::EnableFailed => c"kvm_protmem: protection required (kvm_protmem=require) but the host refused ENABLE; refusing to boot unprotected\n",
+        State::OptedOut => return,
+        _ => c"kvm_protmem: protection required (kvm_protmem=require) but the host does not offer it; refusing to boot unprotected\n",
+    };
+    // SAFETY: `why` is a NUL-terminated format without conversions.
+    unsafe { bindings::panic(why.as_char_ptr()) };
+}
+
 impl kernel::Module for KvmProtmem {
     fn init(_module: &'static ThisModule) -> Result<Self> {
         lock_init();
@@ -509,6 +633,7 @@ impl kernel::Module for KvmProtmem {
             set_state(State::NotOffered);
             pr_info!("not offered by the host (not running on KVM)\n");
         }
+        require_protection(mode(), state());
         let dir = Dir::new(c"kvm_protmem");
         let mut files = KVec::new();
         files.push(

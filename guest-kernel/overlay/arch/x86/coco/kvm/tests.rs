@@ -2,7 +2,8 @@
 
 //! KUnit suites of the KVM protected memory guest.
 //!
-//! `kvm_protmem_abi` and `kvm_protmem_ranges` need no host; the suite
+//! `kvm_protmem_abi`, `kvm_protmem_policy` and `kvm_protmem_ranges` need
+//! no host; the suite
 //! `kvm_protmem_live` runs against the real host when protection is on and
 //! skips, rather than passes, when it is off.
 
@@ -104,6 +105,39 @@ mod abi_tests {
 
     /// Mainline's MAP_GPA_RANGE: not ours.
     const KVM_HC_MAP_GPA_RANGE_NR: u64 = bindings::KVM_HC_MAP_GPA_RANGE as u64;
+}
+
+#[kernel::macros::kunit_tests(kvm_protmem_policy)]
+mod policy_tests {
+    use crate::{other_cc_platform, Mode};
+    use kernel::bindings;
+
+    #[test]
+    fn kvm_protmem_parameter_values() {
+        assert_eq!(Mode::parse(b"off"), Some(Mode::Off));
+        assert_eq!(Mode::parse(b"on"), Some(Mode::On));
+        assert_eq!(Mode::parse(b"require"), Some(Mode::Require));
+        assert_eq!(Mode::parse(b"required"), None);
+        assert_eq!(Mode::parse(b""), None);
+        let default = if cfg!(CONFIG_KVM_PROTMEM_REQUIRE) {
+            Mode::Require
+        } else {
+            Mode::On
+        };
+        assert_eq!(Mode::DEFAULT, default);
+    }
+
+    #[test]
+    fn another_cc_platform_is_never_overridden() {
+        use bindings::{cc_vendor_CC_VENDOR_AMD as AMD, cc_vendor_CC_VENDOR_INTEL as INTEL};
+        use bindings::cc_vendor_CC_VENDOR_NONE as NONE;
+        assert_eq!(other_cc_platform(NONE, false), None);
+        // AMD without SEV: the vendor is set, nothing is encrypted.
+        assert_eq!(other_cc_platform(AMD, false), None);
+        assert_eq!(other_cc_platform(AMD, true), Some("AMD SEV"));
+        assert_eq!(other_cc_platform(INTEL, true), Some("Intel TDX"));
+        assert!(other_cc_platform(0x7f, true).is_some());
+    }
 }
 
 #[kernel::macros::kunit_tests(kvm_protmem_ranges)]
