@@ -181,39 +181,53 @@ pub fn boot_pool() -> Option<(u64, u64)> {
 /// `set_memory_decrypted()` is `mem_encrypt_init()` sharing the default
 /// swiotlb pool (this file shares its own early pages directly).
 fn is_boot_pool_share(npages: usize) -> bool {
-    // SAFETY: `system_state` is written only by the boot CPU during init;
+    // SAFETY: `system_state` is a plain enum that the kernel updates with
+    // plain stores (boot CPU during init, any CPU at shutdown); a volatile
+    // read of an aligned word cannot tear, and a stale value only delays
+    // the boot-pool decision for a call that races with the end of boot.
     // `swiotlb_size_or_default()` only reads the pool size.
     unsafe {
-        bindings::system_state == bindings::system_states_SYSTEM_BOOTING
+        core::ptr::read_volatile(addr_of!(bindings::system_state))
+            == bindings::system_states_SYSTEM_BOOTING
             && npages as u64 * abi::PAGE_SIZE == bindings::swiotlb_size_or_default() as u64
     }
 }
 
-/// Converts the pages behind `[vaddr, vaddr + npages * PAGE_SIZE)`.
+/// Converts the pages behind `[vaddr, vaddr + npages * PAGE_SIZE)`. On
+/// failure, also returns which failure of the boot this is (1 for the
+/// first), read under the same lock that raised the count.
 ///
 /// # Safety
 ///
 /// The range must be mapped in the kernel page tables.
-unsafe fn convert_virt(vaddr: usize, npages: usize, dir: Direction) -> Result<u64, Failed> {
-    let mut kvm = hv::Kvm::get().ok_or(Failed {
+unsafe fn convert_virt(vaddr: usize, npages: usize, dir: Direction) -> Result<u64, (Failed, u64)> {
+    let no_kvm = Failed {
         run: ranges::PfnRun { pfn: 0, npages: 0 },
         error: abi::Error::NotSupported,
         done: 0,
-    })?;
+    };
+    let Some(mut kvm) = hv::Kvm::get() else {
+        let mut guard = SHARED.lock();
+        guard.stats.failures += 1;
+        return Err((no_kvm, guard.stats.failures));
+    };
     let page = abi::PAGE_SIZE as usize;
     // SAFETY: every page of the range is mapped (caller).
     let frames = (0..npages).map(|i| unsafe { virt_to_pfn(vaddr + i * page) });
     let mut guard = SHARED.lock();
     let shared = &mut *guard;
     ranges::convert(&mut kvm, frames, npages as u64, dir, &mut shared.set, &mut shared.stats)
+        .map_err(|f| (f, shared.stats.failures))
 }
 
-fn report_failure(dir: Direction, vaddr: usize, npages: usize, f: &Failed) {
+/// Logs failure number `nth` of the boot (the first ten one by one) and
+/// WARNs on the first: exactly once, however failures race.
+fn report_failure(dir: Direction, vaddr: usize, npages: usize, f: &Failed, nth: u64) {
     let what = match dir {
         Direction::Share => "share",
         Direction::Unshare => "unshare",
     };
-    let failures = stats().failures;
+    let failures = nth;
     if failures <= LOGGED_FAILURES {
         pr_err!(
             "{what} failed: {npages} pages at {vaddr:#x}: host returned {} ({:#x}) for pfn {:#x}+{}; pages leaked\n",
@@ -234,7 +248,12 @@ fn report_failure(dir: Direction, vaddr: usize, npages: usize, f: &Failed) {
 ///
 /// The range must be mapped in the kernel page tables.
 unsafe fn hook_convert(vaddr: c_ulong, npages: c_int, dir: Direction) -> c_int {
-    let (vaddr, npages) = (vaddr, npages.max(0) as usize);
+    let Ok(npages) = usize::try_from(npages) else {
+        // A negative count is a caller bug: refuse it rather than report
+        // a conversion that never happened.
+        pr_err!("refusing a conversion of {} pages at {:#x}\n", npages, vaddr);
+        return EINVAL.to_errno();
+    };
     let pool = dir == Direction::Share && is_boot_pool_share(npages);
     // SAFETY: the range is mapped (caller).
     match unsafe { convert_virt(vaddr, npages, dir) } {
@@ -253,7 +272,7 @@ unsafe fn hook_convert(vaddr: c_ulong, npages: c_int, dir: Direction) -> c_int {
             }
             0
         }
-        Err(f) => {
+        Err((f, nth)) => {
             if pool {
                 pr_emerg!(
                     "swiotlb pool not shared: host returned {} ({:#x}) for pfn {:#x}+{} of {} MiB at {:#x}\n",
@@ -273,7 +292,7 @@ unsafe fn hook_convert(vaddr: c_ulong, npages: c_int, dir: Direction) -> c_int {
                     )
                 };
             }
-            report_failure(dir, vaddr, npages, &f);
+            report_failure(dir, vaddr, npages, &f, nth);
             EIO.to_errno()
         }
     }
@@ -449,8 +468,8 @@ fn share_section(what: &str, start: usize, end: usize) -> bool {
         return true;
     }
     // SAFETY: the section is part of the mapped kernel image.
-    if let Err(f) = unsafe { convert_virt(start, npages, Direction::Share) } {
-        report_failure(Direction::Share, start, npages, &f);
+    if let Err((f, nth)) = unsafe { convert_virt(start, npages, Direction::Share) } {
+        report_failure(Direction::Share, start, npages, &f, nth);
         pr_err!("{what}: the host cannot update it\n");
         return false;
     }

@@ -128,6 +128,22 @@ mod policy_tests {
     }
 
     #[test]
+    fn negative_page_count_is_refused() {
+        use crate::ranges::Direction;
+        let before = crate::stats();
+        for dir in [Direction::Share, Direction::Unshare] {
+            // SAFETY: a negative count is refused before the range is
+            // looked at; 0x1000 is never dereferenced.
+            let rc = unsafe { crate::hook_convert(0x1000, -1, dir) };
+            assert_eq!(rc, kernel::error::code::EINVAL.to_errno());
+        }
+        let after = crate::stats();
+        assert_eq!((after.shares, after.unshares), (before.shares, before.unshares));
+        // No hypercall was made, so nothing failed.
+        assert_eq!(after.failures, before.failures);
+    }
+
+    #[test]
     fn another_cc_platform_is_never_overridden() {
         use bindings::{cc_vendor_CC_VENDOR_AMD as AMD, cc_vendor_CC_VENDOR_INTEL as INTEL};
         use bindings::cc_vendor_CC_VENDOR_NONE as NONE;
