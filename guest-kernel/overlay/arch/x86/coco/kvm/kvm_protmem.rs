@@ -346,18 +346,18 @@ extern "C" fn enc_kexec_begin() {
 
 /// Before jumping to the next kernel: make all memory private again and
 /// drop every share, so that the next kernel starts clean.
+///
+/// Also the kdump path (`native_machine_crash_shutdown()`), where the other
+/// CPUs were stopped by NMI, possibly inside a conversion that holds the
+/// `SHARED` lock, or this CPU crashed holding it: so this takes no lock.
+/// The host's ENABLE drops every share by itself; the range set dies with
+/// this kernel, and nothing reads it after this point.
 extern "C" fn enc_kexec_finish() {
     let Some(mut kvm) = hv::Kvm::get() else {
         return;
     };
     match abi::issue(&mut kvm, Hypercall::Enable) {
-        Ok(()) => {
-            let mut g = SHARED.lock();
-            g.set = RangeSet::new();
-            g.stats.pages_shared = 0;
-            drop(g);
-            pr_info!("kexec: all memory private again\n");
-        }
+        Ok(()) => pr_info!("kexec: all memory private again\n"),
         Err(e) => pr_err!("kexec: re-enable failed: host returned {}\n", e.name()),
     }
 }
