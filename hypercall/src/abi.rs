@@ -284,14 +284,34 @@ impl Hypercall {
 
 /// Executes hypercalls: the `vmcall`/`vmmcall` instruction in a guest, or
 /// a software host in tests.
+///
+/// Issuing one is `unsafe`: a protected-memory hypercall changes which
+/// guest pages the host may read and write. SHARE exposes a page's
+/// contents; UNSHARE and ENABLE take pages away from the host (and, on a
+/// guest_memfd host, discard their contents on the other side), breaking
+/// any device or host mapping that still uses them.
 pub trait Hypervisor {
     /// Issues hypercall `nr` with arguments a0..a2 and returns RAX.
-    fn hypercall(&mut self, nr: u64, args: [u64; 3]) -> u64;
+    ///
+    /// # Safety
+    ///
+    /// If `nr` and `args` name a valid conversion, the caller must own
+    /// every page in it: no data that must stay private may be in a page
+    /// it shares, and nothing (the host, a device, the guest's own DMA
+    /// mappings) may still rely on a page it makes private. Calls the
+    /// host must refuse (bad arguments) change nothing.
+    unsafe fn hypercall(&mut self, nr: u64, args: [u64; 3]) -> u64;
 }
 
 /// Issues `call` through `hv` and decodes the host's reply.
-pub fn issue<H: Hypervisor + ?Sized>(hv: &mut H, call: Hypercall) -> Result<(), Error> {
-    decode_ret(hv.hypercall(call.nr(), call.args()))
+///
+/// # Safety
+///
+/// As [`Hypervisor::hypercall`], for the pages `call` names (all guest
+/// RAM for [`Hypercall::Enable`]).
+pub unsafe fn issue<H: Hypervisor + ?Sized>(hv: &mut H, call: Hypercall) -> Result<(), Error> {
+    // SAFETY: the caller owns the pages `call` names.
+    decode_ret(unsafe { hv.hypercall(call.nr(), call.args()) })
 }
 
 /// Whether CPUID leaf `KVM_CPUID_FEATURES` EAX advertises protected memory.

@@ -291,7 +291,13 @@ pub struct Failed {
 /// converted and recorded, and the whole request counts as leaked
 /// (`npages` frames): its owner must never hand those pages out again,
 /// because their state is now mixed and the host is not trusted.
-pub fn convert<H, I, const N: usize>(
+///
+/// # Safety
+///
+/// As [`Hypervisor::hypercall`]: the caller owns every frame of `frames`
+/// (nothing private in them for a share; nothing still using them as
+/// shared for an unshare).
+pub unsafe fn convert<H, I, const N: usize>(
     hv: &mut H,
     frames: I,
     npages: u64,
@@ -310,7 +316,8 @@ where
                 Direction::Share => Hypercall::Share(r),
                 Direction::Unshare => Hypercall::Unshare(r),
             };
-            abi::issue(hv, call)
+            // SAFETY: the caller owns every frame of the request.
+            unsafe { abi::issue(hv, call) }
         });
         if let Err(error) = res {
             stats.failures += 1;

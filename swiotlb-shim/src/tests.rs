@@ -50,8 +50,21 @@ struct Host {
     fail_at: Option<usize>,
 }
 
+/// [`convert`] over the software host, which changes no memory.
+fn unsafe_convert<I: IntoIterator<Item = u64>, const N: usize>(
+    host: &mut Host,
+    frames: I,
+    npages: u64,
+    dir: Direction,
+    set: &mut RangeSet<N>,
+    stats: &mut Stats,
+) -> Result<u64, Failed> {
+    // SAFETY: `Host` only records calls; no memory changes state.
+    unsafe { convert(host, frames, npages, dir, set, stats) }
+}
+
 impl Hypervisor for Host {
-    fn hypercall(&mut self, nr: u64, args: [u64; 3]) -> u64 {
+    unsafe fn hypercall(&mut self, nr: u64, args: [u64; 3]) -> u64 {
         let i = self.calls.len();
         match Hypercall::decode(nr, args) {
             Some(Ok(c)) => self.calls.push(c),
@@ -75,7 +88,7 @@ fn a_64_mib_pool_takes_one_share() {
     let mut stats = Stats::default();
     let base = 0x3c00_0000 >> 12;
     let n = (64 << 20) >> 12;
-    let done = convert(
+    let done = unsafe_convert(
         &mut host,
         base..base + n,
         n,
@@ -91,7 +104,7 @@ fn a_64_mib_pool_takes_one_share() {
     // 4 GiB contiguous would take 4 calls at the 1 GiB bound.
     let mut host = Host::default();
     let n4 = (4u64 << 30) >> 12;
-    let done = convert(
+    let done = unsafe_convert(
         &mut host,
         0..n4,
         n4,
@@ -110,10 +123,10 @@ fn share_then_unshare_round_trip() {
     let mut stats = Stats::default();
     // A vmalloc buffer backed by two physical pieces.
     let frames = [100, 101, 102, 200, 201];
-    convert(&mut host, frames, 5, Direction::Share, &mut set, &mut stats).unwrap();
+    unsafe_convert(&mut host, frames, 5, Direction::Share, &mut set, &mut stats).unwrap();
     assert_eq!(stats.pages_shared, 5);
     assert_eq!(set.runs().len(), 2);
-    convert(
+    unsafe_convert(
         &mut host,
         frames,
         5,
@@ -141,7 +154,7 @@ fn refused_conversion_stops_and_leaks_the_request() {
     };
     let mut set = RangeSet::<8>::new();
     let mut stats = Stats::default();
-    let err = convert(
+    let err = unsafe_convert(
         &mut host,
         [1, 2, 5, 9],
         4,
@@ -170,7 +183,7 @@ fn refused_conversion_stops_and_leaks_the_request() {
 #[test]
 fn frames_beyond_the_abi_are_refused_before_the_host() {
     let mut host = Host::default();
-    let err = convert(
+    let err = unsafe_convert(
         &mut host,
         [u64::MAX >> 12],
         1,
@@ -188,7 +201,7 @@ fn full_set_is_counted_not_lost() {
     let mut host = Host::default();
     let mut set = RangeSet::<2>::new();
     let mut stats = Stats::default();
-    convert(
+    unsafe_convert(
         &mut host,
         [1, 3, 5],
         3,

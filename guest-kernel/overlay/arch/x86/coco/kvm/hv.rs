@@ -13,7 +13,7 @@ use kernel::sync::atomic::{Atomic, Relaxed};
 
 /// Registers returned by CPUID.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CpuidResult {
+pub(crate) struct CpuidResult {
     /// EAX.
     pub eax: u32,
     /// EBX.
@@ -25,7 +25,7 @@ pub struct CpuidResult {
 }
 
 /// Executes CPUID for `leaf` (subleaf 0).
-pub fn cpuid(leaf: u32) -> CpuidResult {
+pub(crate) fn cpuid(leaf: u32) -> CpuidResult {
     let (eax, ebx, ecx, edx): (u32, u32, u32, u32);
     // SAFETY: CPUID is available on every x86-64 CPU, has no memory side
     // effects and writes only the four output registers. RBX is reserved
@@ -51,7 +51,7 @@ const HYPERVISOR_BIT: u32 = 1 << 31;
 /// Finds the base of the KVM CPUID leaves, as `kvm_cpuid_base()` does:
 /// the KVM signature may sit at 0x40000000 or, next to another
 /// hypervisor's leaves, at a multiple of 0x100 above it.
-pub fn kvm_cpuid_base() -> Option<u32> {
+pub(crate) fn kvm_cpuid_base() -> Option<u32> {
     if cpuid(1).ecx & HYPERVISOR_BIT == 0 {
         return None;
     }
@@ -64,7 +64,7 @@ pub fn kvm_cpuid_base() -> Option<u32> {
 }
 
 /// The KVM paravirt feature bits (`KVM_CPUID_FEATURES` EAX), if on KVM.
-pub fn kvm_features() -> Option<u32> {
+pub(crate) fn kvm_features() -> Option<u32> {
     let base = kvm_cpuid_base()?;
     let offset = abi::KVM_CPUID_FEATURES - abi::KVM_CPUID_SIGNATURE;
     Some(cpuid(base + offset).eax)
@@ -84,7 +84,7 @@ fn uses_vmmcall() -> bool {
 /// # Invariants
 ///
 /// Only constructed when CPUID showed the KVM signature.
-pub struct Kvm {
+pub(crate) struct Kvm {
     vmmcall: bool,
 }
 
@@ -94,7 +94,7 @@ static PROBED: Atomic<u32> = Atomic::new(0);
 impl Kvm {
     /// Returns the hypercall interface if running on KVM, and remembers it
     /// for [`Kvm::get`].
-    pub fn probe() -> Option<Self> {
+    pub(crate) fn probe() -> Option<Self> {
         kvm_cpuid_base()?;
         let vmmcall = uses_vmmcall();
         PROBED.store(if vmmcall { 2 } else { 1 }, Relaxed);
@@ -104,7 +104,7 @@ impl Kvm {
 
     /// The interface [`Kvm::probe`] found, without executing CPUID (which
     /// traps to the host).
-    pub fn get() -> Option<Self> {
+    pub(crate) fn get() -> Option<Self> {
         match PROBED.load(Relaxed) {
             // INVARIANT: `probe()` found the KVM signature.
             1 => Some(Kvm { vmmcall: false }),
@@ -140,7 +140,7 @@ macro_rules! kvm_hypercall3 {
 }
 
 impl Hypervisor for Kvm {
-    fn hypercall(&mut self, nr: u64, args: [u64; 3]) -> u64 {
+    unsafe fn hypercall(&mut self, nr: u64, args: [u64; 3]) -> u64 {
         let [a0, a1, a2] = args;
         if self.vmmcall {
             kvm_hypercall3!("vmmcall", nr, a0, a1, a2)

@@ -45,7 +45,7 @@ use kernel::{
 
 #[path = "hypercall_abi.rs"]
 pub mod abi;
-pub mod hv;
+pub(crate) mod hv;
 #[path = "share_ranges.rs"]
 pub mod ranges;
 
@@ -216,7 +216,10 @@ unsafe fn convert_virt(vaddr: usize, npages: usize, dir: Direction) -> Result<u6
     let frames = (0..npages).map(|i| unsafe { virt_to_pfn(vaddr + i * page) });
     let mut guard = SHARED.lock();
     let shared = &mut *guard;
-    ranges::convert(&mut kvm, frames, npages as u64, dir, &mut shared.set, &mut shared.stats)
+    // SAFETY: the caller (a `set_memory_*()` hook or early boot) owns the
+    // range: it shares pages that hold nothing private and makes private
+    // pages it no longer hands to the host.
+    unsafe { ranges::convert(&mut kvm, frames, npages as u64, dir, &mut shared.set, &mut shared.stats) }
         .map_err(|f| (f, shared.stats.failures))
 }
 
@@ -356,7 +359,9 @@ extern "C" fn enc_kexec_finish() {
     let Some(mut kvm) = hv::Kvm::get() else {
         return;
     };
-    match abi::issue(&mut kvm, Hypercall::Enable) {
+    // SAFETY: the kernel is handing over to the next one: no device or
+    // host mapping of a shared page may outlive it.
+    match unsafe { abi::issue(&mut kvm, Hypercall::Enable) } {
         Ok(()) => pr_info!("kexec: all memory private again\n"),
         Err(e) => pr_err!("kexec: re-enable failed: host returned {}\n", e.name()),
     }
@@ -542,7 +547,9 @@ pub unsafe extern "C" fn kvm_protmem_init() {
         set_state(State::NotOffered);
         return;
     };
-    if let Err(e) = abi::issue(&mut kvm, Hypercall::Enable) {
+    // SAFETY: early boot, before anything was shared: making all RAM
+    // private takes nothing from the host that it relies on.
+    if let Err(e) = unsafe { abi::issue(&mut kvm, Hypercall::Enable) } {
         set_state(State::EnableFailed);
         let next = if mode == Mode::Require {
             "protection is required: the boot stops"

@@ -168,7 +168,7 @@ mod range_tests {
     }
 
     impl Hypervisor for Host {
-        fn hypercall(&mut self, nr: u64, args: [u64; 3]) -> u64 {
+        unsafe fn hypercall(&mut self, nr: u64, args: [u64; 3]) -> u64 {
             self.calls += 1;
             match Hypercall::decode(nr, args) {
                 Some(Ok(_)) if self.calls == self.fail_at => Error::Fault.to_ret(),
@@ -195,7 +195,8 @@ mod range_tests {
         let mut set = RangeSet::<4>::new();
         let mut stats = Stats::new();
         let n = (64u64 << 20) >> 12;
-        let res = convert(&mut host, 0x10000..0x10000 + n, n, Direction::Share, &mut set, &mut stats);
+        // SAFETY: the software host changes no memory.
+        let res = unsafe { convert(&mut host, 0x10000..0x10000 + n, n, Direction::Share, &mut set, &mut stats) };
         assert_eq!(res, Ok(1));
         assert_eq!(host.calls, 1);
         assert_eq!(stats.pages_shared, n);
@@ -206,7 +207,8 @@ mod range_tests {
         let mut host = Host { calls: 0, fail_at: 2 };
         let mut set = RangeSet::<4>::new();
         let mut stats = Stats::new();
-        let res = convert(&mut host, [1u64, 2, 5, 9], 4, Direction::Share, &mut set, &mut stats);
+        // SAFETY: the software host changes no memory.
+        let res = unsafe { convert(&mut host, [1u64, 2, 5, 9], 4, Direction::Share, &mut set, &mut stats) };
         assert!(res.is_err());
         assert_eq!(stats.failures, 1);
         assert_eq!(stats.pages_leaked, 4);
@@ -405,9 +407,12 @@ mod live_tests {
         };
         // Unaligned GPA and nonzero flags: the host must refuse, not act.
         use abi::Hypervisor as _;
-        let ret = kvm.hypercall(abi::KVM_HC_MEM_SHARE, [0x1001, 1, 0]);
+        // SAFETY: malformed arguments, which the host refuses without
+        // converting anything.
+        let ret = unsafe { kvm.hypercall(abi::KVM_HC_MEM_SHARE, [0x1001, 1, 0]) };
         assert_eq!(abi::decode_ret(ret), Err(abi::Error::Invalid));
-        let ret = kvm.hypercall(abi::KVM_HC_MEM_UNSHARE, [0x1000, 1, 7]);
+        // SAFETY: as above.
+        let ret = unsafe { kvm.hypercall(abi::KVM_HC_MEM_UNSHARE, [0x1000, 1, 7]) };
         assert_eq!(abi::decode_ret(ret), Err(abi::Error::Invalid));
     }
 }
