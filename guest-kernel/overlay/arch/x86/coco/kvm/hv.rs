@@ -1,9 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! The one safe wrapper around CPUID and the KVM hypercall instruction.
+//! The one wrapper around CPUID and the KVM hypercall instruction.
 //!
 //! No other code of the KVM protected memory guest executes `cpuid`,
-//! `vmcall` or `vmmcall`.
+//! `vmcall` or `vmmcall`. CPUID is safe to call; issuing a hypercall is
+//! `unsafe` ([`Hypervisor::hypercall`]), because a conversion changes which
+//! pages the host may access. Crate-private: nothing outside this module
+//! crate can reach the hypercall instruction.
 //!
 //! C header: [`arch/x86/include/asm/kvm_para.h`](srctree/arch/x86/include/asm/kvm_para.h)
 
