@@ -106,9 +106,12 @@ impl State {
     }
 }
 
-/// Runs the shared-range set can hold: the bounce pool, the decrypted
-/// sections, a run per CPU, DMA-coherent buffers and dynamic pools.
-const MAX_RUNS: usize = 256;
+/// Runs the shared-range set can hold: one per possible CPU (its per-CPU
+/// decrypted page: steal time, async PF, PV EOI; per-CPU areas are apart,
+/// so these never coalesce), and 256 more for the bounce pool, the
+/// decrypted sections, DMA-coherent buffers and dynamic pools. A set that
+/// is full still converts; it only counts the frames as `untracked`.
+const MAX_RUNS: usize = bindings::NR_CPUS as usize + 256;
 
 /// Failures logged one by one; later ones are only counted.
 const LOGGED_FAILURES: u64 = 10;
