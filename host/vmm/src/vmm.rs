@@ -593,7 +593,7 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
 
 /// Set on `--timeout`: each vCPU thread prints its state as it stops.
 static DUMP_ON_STOP: AtomicBool = AtomicBool::new(false);
-/// How long the hang report waits for the machine lock.
+/// How long the hang report waits for a device or the protection lock.
 const REPORT_LOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// On `--timeout`: prints the I/O APIC, every virtqueue and every vCPU
