@@ -885,11 +885,11 @@ fn vcpu_loop(
     while !stop.load(Ordering::SeqCst) {
         let action = match vcpu.run() {
             Ok(exit) => {
-                // SAFETY: `run` points into this vCPU's kvm_run mapping,
-                // mapped as long as `vcpu`; after a KVM_EXIT_IO the kernel
-                // has filled `io` and does not write it until the next
-                // KVM_RUN. The exit's data slice lies at `io.data_offset`,
-                // past the struct, so this read aliases nothing borrowed.
+                // `run` points into this vCPU's kvm_run mapping, mapped as
+                // long as `vcpu`; after a KVM_EXIT_IO the kernel has filled
+                // `io` and does not write it until the next KVM_RUN. The
+                // exit's data slice lies at `io.data_offset`, past the struct.
+                // SAFETY: as above; this read aliases nothing borrowed.
                 let io_size =
                     unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read_volatile() };
                 machine.handle_exit(convert(exit, usize::from(io_size)))

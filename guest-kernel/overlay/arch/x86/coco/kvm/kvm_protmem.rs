@@ -184,10 +184,10 @@ pub fn boot_pool() -> Option<(u64, u64)> {
 /// `set_memory_decrypted()` is `mem_encrypt_init()` sharing the default
 /// swiotlb pool (this file shares its own early pages directly).
 fn is_boot_pool_share(npages: usize) -> bool {
-    // SAFETY: `system_state` is a plain enum that the kernel updates with
-    // plain stores (boot CPU during init, any CPU at shutdown); a volatile
-    // read of an aligned word cannot tear, and a stale value only delays
-    // the boot-pool decision for a call that races with the end of boot.
+    // `system_state` is a plain enum that the kernel updates with plain
+    // stores (boot CPU during init, any CPU at shutdown); a stale value only
+    // delays the boot-pool decision for a call racing with the end of boot.
+    // SAFETY: a volatile read of an aligned word cannot tear;
     // `swiotlb_size_or_default()` only reads the pool size.
     unsafe {
         core::ptr::read_volatile(addr_of!(bindings::system_state))
