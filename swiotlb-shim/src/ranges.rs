@@ -8,7 +8,8 @@
 //! frames, each run at most a bounded number of pages, and each run becomes
 //! one `KVM_HC_MEM_SHARE` or `KVM_HC_MEM_UNSHARE`. What is shared is tracked
 //! in a fixed-capacity set of runs (no allocation: conversions happen before
-//! the allocators are up and under a spinlock).
+//! the allocators are up, and the set lives under a spinlock), which is
+//! locked only to record a result, never across a hypercall ([`Book`]).
 //!
 //! This file is compiled by cargo as part of the `swiotlb-shim` crate and,
 //! unchanged, into the guest kernel next to the ABI module, which both
@@ -244,9 +245,15 @@ pub struct Stats {
     pub pages_shared: u64,
     /// Conversions (calls of [`convert`]) that failed.
     pub failures: u64,
-    /// Frames of failed conversions: their owners never reuse them.
+    /// Frames of failed conversions that were not made private again
+    /// since: their owners must never reuse them. A caller that rolls a
+    /// failed share back with a successful unshare (as
+    /// `swiotlb_alloc_tlb()` does before it frees the pages) gets them
+    /// back, and they leave this count.
     pub pages_leaked: u64,
-    /// Frames the range set could not record (it was full).
+    /// Frames the range sets could not record (they were full); frames of
+    /// a failure that could not be recorded stay in `pages_leaked` for
+    /// good.
     pub untracked: u64,
 }
 
@@ -261,6 +268,100 @@ impl Stats {
             pages_leaked: 0,
             untracked: 0,
         }
+    }
+}
+
+/// Runs of failed conversions a [`Ledger`] remembers. Failures are rare
+/// and every one is logged; beyond this, leaked frames are counted in
+/// [`Stats::untracked`] as well and never leave `pages_leaked`.
+pub const LEAKED_RUNS: usize = 64;
+
+/// What is shared with the host, what leaked, and the counters: the state
+/// one lock protects. See [`Book`].
+pub struct Ledger<const N: usize> {
+    /// Frames shared with the host now.
+    pub set: RangeSet<N>,
+    /// Frames of failed conversions not made private again since.
+    pub leaked: RangeSet<LEAKED_RUNS>,
+    /// The counters.
+    pub stats: Stats,
+}
+
+impl<const N: usize> Default for Ledger<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const N: usize> Ledger<N> {
+    /// Nothing shared, all counters zero.
+    pub const fn new() -> Self {
+        Ledger {
+            set: RangeSet::new(),
+            leaked: RangeSet::new(),
+            stats: Stats::new(),
+        }
+    }
+
+    /// Records a run the host converted.
+    fn converted(&mut self, run: PfnRun, dir: Direction) {
+        match dir {
+            Direction::Share => {
+                self.stats.shares += 1;
+                match self.set.insert(run) {
+                    Ok(n) => self.stats.pages_shared += n,
+                    Err(Full) => self.stats.untracked += run.npages,
+                }
+            }
+            Direction::Unshare => {
+                self.stats.unshares += 1;
+                match self.set.remove(run) {
+                    Ok(n) => self.stats.pages_shared -= n,
+                    Err(Full) => self.stats.untracked += run.npages,
+                }
+                // Private again: whoever leaked these frames got them back.
+                if let Ok(n) = self.leaked.remove(run) {
+                    self.stats.pages_leaked -= n;
+                }
+            }
+        }
+    }
+
+    /// Records a failed request of `frames`; returns which failure this is
+    /// (1 for the first).
+    fn failed<I: Iterator<Item = u64>>(&mut self, frames: I) -> u64 {
+        self.stats.failures += 1;
+        for run in coalesce(frames, MAX_RUN_PAGES) {
+            match self.leaked.insert(run) {
+                Ok(n) => self.stats.pages_leaked += n,
+                Err(Full) => {
+                    self.stats.pages_leaked += run.npages;
+                    self.stats.untracked += run.npages;
+                }
+            }
+        }
+        self.stats.failures
+    }
+}
+
+/// Exclusive access to the [`Ledger`] that [`convert`] keeps up to date:
+/// in the kernel, a spinlock. [`convert`] enters it only to record a
+/// result, never across a hypercall, so conversions on different CPUs
+/// reach the host in parallel.
+///
+/// Exactness under concurrency rests on ownership: a page has one owner,
+/// and only its owner converts it, so concurrent requests name disjoint
+/// frames and each run's record commutes with the others'. Between a
+/// run's hypercall and its record the ledger lags by that run.
+pub trait Book<const N: usize> {
+    /// Runs `f` with the ledger, excluding every other `with`.
+    fn with<R>(&self, f: impl FnOnce(&mut Ledger<N>) -> R) -> R;
+}
+
+/// A ledger used from one thread only (tests, early boot).
+impl<const N: usize> Book<N> for core::cell::RefCell<Ledger<N>> {
+    fn with<R>(&self, f: impl FnOnce(&mut Ledger<N>) -> R) -> R {
+        f(&mut self.borrow_mut())
     }
 }
 
@@ -282,35 +383,39 @@ pub struct Failed {
     pub error: abi::Error,
     /// Hypercalls that succeeded before the failure.
     pub done: u64,
+    /// Which failure since boot this is (1 for the first), read under the
+    /// lock that counted it: exactly one caller sees 1.
+    pub nth: u64,
 }
 
-/// Converts the frames behind one request, run by run, and keeps `set` and
-/// `stats` up to date.
+/// Converts the frames behind one request, run by run, and records each
+/// converted run in `book`'s ledger. Returns the hypercalls issued.
 ///
 /// Stops at the first run the host refuses: the runs before it stay
-/// converted and recorded, and the whole request counts as leaked
-/// (`npages` frames): its owner must never hand those pages out again,
-/// because their state is now mixed and the host is not trusted.
+/// converted and recorded, and all frames of the request count as leaked
+/// until they are made private again: their state is now mixed, and the
+/// host is not trusted.
 ///
 /// # Safety
 ///
 /// As [`Hypervisor::hypercall`]: the caller owns every frame of `frames`
 /// (nothing private in them for a share; nothing still using them as
 /// shared for an unshare).
-pub unsafe fn convert<H, I, const N: usize>(
+pub unsafe fn convert<H, I, B, const N: usize>(
     hv: &mut H,
     frames: I,
-    npages: u64,
     dir: Direction,
-    set: &mut RangeSet<N>,
-    stats: &mut Stats,
+    book: &B,
 ) -> Result<u64, Failed>
 where
     H: Hypervisor + ?Sized,
     I: IntoIterator<Item = u64>,
+    I::IntoIter: Clone,
+    B: Book<N> + ?Sized,
 {
+    let frames = frames.into_iter();
     let mut done = 0;
-    for run in coalesce(frames, MAX_RUN_PAGES) {
+    for run in coalesce(frames.clone(), MAX_RUN_PAGES) {
         let res = GpaRange::from_pfn(run.pfn, run.npages).and_then(|r| {
             let call = match dir {
                 Direction::Share => Hypercall::Share(r),
@@ -320,27 +425,16 @@ where
             unsafe { abi::issue(hv, call) }
         });
         if let Err(error) = res {
-            stats.failures += 1;
-            stats.pages_leaked += npages;
-            return Err(Failed { run, error, done });
+            let nth = book.with(|l| l.failed(frames));
+            return Err(Failed {
+                run,
+                error,
+                done,
+                nth,
+            });
         }
         done += 1;
-        match dir {
-            Direction::Share => {
-                stats.shares += 1;
-                match set.insert(run) {
-                    Ok(n) => stats.pages_shared += n,
-                    Err(Full) => stats.untracked += run.npages,
-                }
-            }
-            Direction::Unshare => {
-                stats.unshares += 1;
-                match set.remove(run) {
-                    Ok(n) => stats.pages_shared -= n,
-                    Err(Full) => stats.untracked += run.npages,
-                }
-            }
-        }
+        book.with(|l| l.converted(run, dir));
     }
     Ok(done)
 }

@@ -5,9 +5,13 @@
 extern crate std;
 
 use super::*;
+use core::cell::RefCell;
 use hypercall::{Error, Hypercall, Hypervisor};
 use proptest::prelude::*;
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 use std::vec::Vec;
 
 fn runs(frames: &[u64], max: u64) -> Vec<PfnRun> {
@@ -50,17 +54,26 @@ struct Host {
     fail_at: Option<usize>,
 }
 
-/// [`convert`] over the software host, which changes no memory.
-fn unsafe_convert<I: IntoIterator<Item = u64>, const N: usize>(
-    host: &mut Host,
+/// [`convert`] over a software host, which changes no memory.
+fn unsafe_convert<H, I, const N: usize>(
+    host: &mut H,
     frames: I,
-    npages: u64,
     dir: Direction,
-    set: &mut RangeSet<N>,
-    stats: &mut Stats,
-) -> Result<u64, Failed> {
-    // SAFETY: `Host` only records calls; no memory changes state.
-    unsafe { convert(host, frames, npages, dir, set, stats) }
+    book: &impl Book<N>,
+) -> Result<u64, Failed>
+where
+    H: Hypervisor,
+    I: IntoIterator<Item = u64>,
+    I::IntoIter: Clone,
+{
+    // SAFETY: the software hosts only record calls; no memory changes
+    // state.
+    unsafe { convert(host, frames, dir, book) }
+}
+
+/// A ledger for one thread.
+fn ledger<const N: usize>() -> RefCell<Ledger<N>> {
+    RefCell::new(Ledger::new())
 }
 
 impl Hypervisor for Host {
@@ -84,59 +97,35 @@ fn a_64_mib_pool_takes_one_share() {
     // The default swiotlb pool is one physically contiguous memblock
     // allocation: 64 MiB is 16384 frames.
     let mut host = Host::default();
-    let mut set = RangeSet::<8>::new();
-    let mut stats = Stats::default();
+    let book = ledger::<8>();
     let base = 0x3c00_0000 >> 12;
     let n = (64 << 20) >> 12;
-    let done = unsafe_convert(
-        &mut host,
-        base..base + n,
-        n,
-        Direction::Share,
-        &mut set,
-        &mut stats,
-    )
-    .unwrap();
+    let done = unsafe_convert(&mut host, base..base + n, Direction::Share, &book).unwrap();
     assert_eq!(done, 1);
     assert_eq!(host.calls.len(), 1);
-    assert_eq!(stats.shares, 1);
-    assert_eq!(stats.pages_shared, 16384);
+    let l = book.borrow();
+    assert_eq!(l.stats.shares, 1);
+    assert_eq!(l.stats.pages_shared, 16384);
     // 4 GiB contiguous would take 4 calls at the 1 GiB bound.
     let mut host = Host::default();
     let n4 = (4u64 << 30) >> 12;
-    let done = unsafe_convert(
-        &mut host,
-        0..n4,
-        n4,
-        Direction::Share,
-        &mut RangeSet::<8>::new(),
-        &mut Stats::default(),
-    )
-    .unwrap();
+    let done = unsafe_convert(&mut host, 0..n4, Direction::Share, &ledger::<8>()).unwrap();
     assert_eq!(done, 4);
 }
 
 #[test]
 fn share_then_unshare_round_trip() {
     let mut host = Host::default();
-    let mut set = RangeSet::<8>::new();
-    let mut stats = Stats::default();
+    let book = ledger::<8>();
     // A vmalloc buffer backed by two physical pieces.
     let frames = [100, 101, 102, 200, 201];
-    unsafe_convert(&mut host, frames, 5, Direction::Share, &mut set, &mut stats).unwrap();
-    assert_eq!(stats.pages_shared, 5);
-    assert_eq!(set.runs().len(), 2);
-    unsafe_convert(
-        &mut host,
-        frames,
-        5,
-        Direction::Unshare,
-        &mut set,
-        &mut stats,
-    )
-    .unwrap();
-    assert_eq!(stats.pages_shared, 0);
-    assert_eq!((stats.shares, stats.unshares), (2, 2));
+    unsafe_convert(&mut host, frames, Direction::Share, &book).unwrap();
+    assert_eq!(book.borrow().stats.pages_shared, 5);
+    assert_eq!(book.borrow().set.runs().len(), 2);
+    unsafe_convert(&mut host, frames, Direction::Unshare, &book).unwrap();
+    let l = book.borrow();
+    assert_eq!(l.stats.pages_shared, 0);
+    assert_eq!((l.stats.shares, l.stats.unshares), (2, 2));
     let expect = [
         Hypercall::Share(hypercall::GpaRange::from_pfn(100, 3).unwrap()),
         Hypercall::Share(hypercall::GpaRange::from_pfn(200, 2).unwrap()),
@@ -152,32 +141,69 @@ fn refused_conversion_stops_and_leaks_the_request() {
         fail_at: Some(1),
         ..Host::default()
     };
-    let mut set = RangeSet::<8>::new();
-    let mut stats = Stats::default();
-    let err = unsafe_convert(
-        &mut host,
-        [1, 2, 5, 9],
-        4,
-        Direction::Share,
-        &mut set,
-        &mut stats,
-    )
-    .unwrap_err();
+    let book = ledger::<8>();
+    let err = unsafe_convert(&mut host, [1, 2, 5, 9], Direction::Share, &book).unwrap_err();
     assert_eq!(
         err,
         Failed {
             run: PfnRun { pfn: 5, npages: 1 },
             error: Error::Fault,
-            done: 1
+            done: 1,
+            nth: 1,
         }
     );
     // The third run was never asked for.
     assert_eq!(host.calls.len(), 2);
-    assert_eq!(stats.failures, 1);
-    assert_eq!(stats.pages_leaked, 4);
+    let l = book.borrow();
+    assert_eq!(l.stats.failures, 1);
+    assert_eq!(l.stats.pages_leaked, 4);
     // What the host did accept is recorded as shared.
-    assert_eq!(stats.pages_shared, 2);
-    assert!(set.contains(1) && set.contains(2) && !set.contains(5));
+    assert_eq!(l.stats.pages_shared, 2);
+    assert!(l.set.contains(1) && l.set.contains(2) && !l.set.contains(5));
+}
+
+#[test]
+fn a_rolled_back_share_is_not_leaked() {
+    // `swiotlb_alloc_tlb()`: a share fails half way, the caller makes the
+    // range private again and frees it. The pages are not lost.
+    let mut host = Host {
+        fail_at: Some(1),
+        ..Host::default()
+    };
+    let book = ledger::<8>();
+    let frames = [1, 2, 5, 9];
+    unsafe_convert(&mut host, frames, Direction::Share, &book).unwrap_err();
+    assert_eq!(book.borrow().stats.pages_leaked, 4);
+    unsafe_convert(&mut host, frames, Direction::Unshare, &book).unwrap();
+    let l = book.borrow();
+    assert_eq!(l.stats.pages_leaked, 0);
+    assert_eq!(l.stats.pages_shared, 0);
+    assert_eq!(l.leaked.pages(), 0);
+    // A failure counts once, and the second failure is the second.
+    drop(l);
+    let mut host = Host {
+        fail_at: Some(0),
+        ..Host::default()
+    };
+    let err = unsafe_convert(&mut host, [7, 8], Direction::Unshare, &book).unwrap_err();
+    assert_eq!(err.nth, 2);
+    // A failed unshare that is never retried stays leaked.
+    assert_eq!(book.borrow().stats.pages_leaked, 2);
+}
+
+#[test]
+fn leaked_frames_beyond_the_ledger_stay_counted() {
+    let mut host = Host {
+        fail_at: Some(0),
+        ..Host::default()
+    };
+    let book = ledger::<8>();
+    // More scattered runs than the ledger remembers.
+    let frames: Vec<u64> = (0..LEAKED_RUNS as u64 + 3).map(|i| i * 2).collect();
+    unsafe_convert(&mut host, frames.clone(), Direction::Share, &book).unwrap_err();
+    let l = book.borrow();
+    assert_eq!(l.stats.pages_leaked, frames.len() as u64);
+    assert_eq!(l.stats.untracked, 3);
 }
 
 #[test]
@@ -186,10 +212,8 @@ fn frames_beyond_the_abi_are_refused_before_the_host() {
     let err = unsafe_convert(
         &mut host,
         [u64::MAX >> 12],
-        1,
         Direction::Share,
-        &mut RangeSet::<4>::new(),
-        &mut Stats::default(),
+        &ledger::<4>(),
     )
     .unwrap_err();
     assert_eq!(err.error, Error::Invalid);
@@ -199,20 +223,92 @@ fn frames_beyond_the_abi_are_refused_before_the_host() {
 #[test]
 fn full_set_is_counted_not_lost() {
     let mut host = Host::default();
-    let mut set = RangeSet::<2>::new();
-    let mut stats = Stats::default();
-    unsafe_convert(
-        &mut host,
-        [1, 3, 5],
-        3,
-        Direction::Share,
-        &mut set,
-        &mut stats,
-    )
-    .unwrap();
-    assert_eq!(stats.shares, 3);
-    assert_eq!(stats.pages_shared, 2);
-    assert_eq!(stats.untracked, 1);
+    let book = ledger::<2>();
+    unsafe_convert(&mut host, [1, 3, 5], Direction::Share, &book).unwrap();
+    let l = book.borrow();
+    assert_eq!(l.stats.shares, 3);
+    assert_eq!(l.stats.pages_shared, 2);
+    assert_eq!(l.stats.untracked, 1);
+}
+
+/// A ledger shared between threads, as the kernel's spinlock shares it.
+impl<const N: usize> Book<N> for Mutex<Ledger<N>> {
+    fn with<R>(&self, f: impl FnOnce(&mut Ledger<N>) -> R) -> R {
+        f(&mut self.lock().unwrap())
+    }
+}
+
+/// A host whose first call on each thread waits until every thread has a
+/// call in flight: it can only return if the ledger's lock is not held
+/// across hypercalls.
+struct Rendezvous<'a> {
+    arrived: &'a AtomicUsize,
+    threads: usize,
+    first: bool,
+    calls: u64,
+}
+
+impl Hypervisor for Rendezvous<'_> {
+    unsafe fn hypercall(&mut self, _nr: u64, _args: [u64; 3]) -> u64 {
+        self.calls += 1;
+        if core::mem::take(&mut self.first) {
+            self.arrived.fetch_add(1, Ordering::SeqCst);
+            let until = Instant::now() + Duration::from_secs(10);
+            while self.arrived.load(Ordering::SeqCst) < self.threads {
+                if Instant::now() > until {
+                    return Error::Fault.to_ret();
+                }
+                std::thread::yield_now();
+            }
+        }
+        0
+    }
+}
+
+#[test]
+fn conversions_on_different_cpus_run_in_parallel_and_stay_exact() {
+    const THREADS: usize = 4;
+    const ROUNDS: u64 = 200;
+    let book = Mutex::new(Ledger::<64>::new());
+    let arrived = AtomicUsize::new(0);
+    let calls: Vec<u64> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..THREADS as u64)
+            .map(|t| {
+                let (book, arrived) = (&book, &arrived);
+                s.spawn(move || {
+                    let mut host = Rendezvous {
+                        arrived,
+                        threads: THREADS,
+                        first: true,
+                        calls: 0,
+                    };
+                    // Each thread owns frames [t * 1000, t * 1000 + 16):
+                    // it shares and unshares pieces of different sizes, and
+                    // keeps the first 4 shared at the end.
+                    let base = t * 1000;
+                    for i in 0..ROUNDS {
+                        let n = 1 + i % 16;
+                        unsafe_convert(&mut host, base..base + n, Direction::Share, book)
+                            .expect("share");
+                        unsafe_convert(&mut host, base..base + n, Direction::Unshare, book)
+                            .expect("unshare");
+                    }
+                    unsafe_convert(&mut host, base..base + 4, Direction::Share, book)
+                        .expect("share");
+                    host.calls
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let l = book.lock().unwrap();
+    let r = |pfn, npages| PfnRun { pfn, npages };
+    assert_eq!(l.set.runs(), [r(0, 4), r(1000, 4), r(2000, 4), r(3000, 4)]);
+    assert_eq!(l.stats.pages_shared, 16);
+    assert_eq!(l.stats.shares, THREADS as u64 * (ROUNDS + 1));
+    assert_eq!(l.stats.unshares, THREADS as u64 * ROUNDS);
+    assert_eq!(calls.iter().sum::<u64>(), l.stats.shares + l.stats.unshares);
+    assert_eq!((l.stats.failures, l.stats.pages_leaked), (0, 0));
 }
 
 #[test]

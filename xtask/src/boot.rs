@@ -52,6 +52,121 @@ impl Console {
     }
 }
 
+/// What [`run_console`] does when a guest goes silent: after `after`
+/// without a console line it samples the guest CPU through QEMU's HMP
+/// monitor, names the kernel function it is in, and stops the run, so a
+/// hang ends with where it hung rather than at the overall timeout.
+pub struct Stall {
+    /// QEMU's `-monitor unix:PATH,server=on,wait=off` socket.
+    pub monitor: PathBuf,
+    /// The guest kernel's `System.map`, to name addresses.
+    pub system_map: PathBuf,
+    /// Silence before the guest counts as hung.
+    pub after: Duration,
+}
+
+impl Stall {
+    /// The QEMU arguments that open the monitor.
+    pub fn qemu_args(&self) -> [String; 2] {
+        [
+            "-monitor".to_string(),
+            format!("unix:{},server=on,wait=off", self.monitor.display()),
+        ]
+    }
+
+    /// Samples the CPU `n` times, 0.5 s apart; one line per sample.
+    fn sample(&self, n: usize) -> Vec<String> {
+        let map = std::fs::read_to_string(&self.system_map).unwrap_or_default();
+        let syms = symbols(&map);
+        (0..n)
+            .map(|i| {
+                if i > 0 {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                match hmp(&self.monitor, "info registers") {
+                    Ok(regs) => describe_regs(&regs, &syms),
+                    Err(e) => format!("monitor: {e:#}"),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The text symbols of a `System.map`, sorted by address.
+fn symbols(map: &str) -> Vec<(u64, &str)> {
+    let mut v: Vec<(u64, &str)> = map
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let addr = u64::from_str_radix(it.next()?, 16).ok()?;
+            let kind = it.next()?;
+            let name = it.next()?;
+            matches!(kind, "t" | "T" | "w" | "W").then_some((addr, name))
+        })
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// `name+0xoff` for `addr`, when it is in the kernel's text.
+fn symbolize(syms: &[(u64, &str)], addr: u64) -> String {
+    match syms.partition_point(|&(a, _)| a <= addr) {
+        0 => format!("{addr:#x}"),
+        i if addr - syms[i - 1].0 < 0x10_0000 => {
+            format!("{}+{:#x}", syms[i - 1].1, addr - syms[i - 1].0)
+        }
+        _ => format!("{addr:#x}"),
+    }
+}
+
+/// One HMP command over the monitor socket; returns its output.
+fn hmp(sock: &Path, command: &str) -> Result<String> {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .with_context(|| format!("cannot connect to {}", sock.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut read_prompt =
+        |s: &mut std::os::unix::net::UnixStream, got: &mut Vec<u8>| -> Result<()> {
+            while !got.ends_with(b"(qemu) ") {
+                let n = s.read(&mut buf).context("monitor read")?;
+                if n == 0 {
+                    bail!("monitor closed");
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            Ok(())
+        };
+    read_prompt(&mut s, &mut got)?;
+    got.clear();
+    s.write_all(format!("{command}\n").as_bytes())?;
+    read_prompt(&mut s, &mut got)?;
+    Ok(String::from_utf8_lossy(&got).replace('\r', ""))
+}
+
+/// RIP (named), RSP, CR3 and whether interrupts are on, from `info
+/// registers`.
+fn describe_regs(regs: &str, syms: &[(u64, &str)]) -> String {
+    let field = |name: &str| -> Option<u64> {
+        let i = regs.find(&format!("{name}="))?;
+        let v = &regs[i + name.len() + 1..];
+        let end = v.find(|c: char| !c.is_ascii_hexdigit()).unwrap_or(v.len());
+        u64::from_str_radix(&v[..end], 16).ok()
+    };
+    match field("RIP") {
+        Some(rip) => format!(
+            "RIP {} ({rip:#x}) RSP {:#x} CR3 {:#x} IF {} HLT {}",
+            symbolize(syms, rip),
+            field("RSP").unwrap_or(0),
+            field("CR3").unwrap_or(0),
+            field("RFL").map_or("?".to_string(), |f| ((f >> 9) & 1).to_string()),
+            field("HLT").map_or("?".to_string(), |f| f.to_string()),
+        ),
+        None => format!("no RIP in `info registers`: {}", regs.trim()),
+    }
+}
+
 /// Runs `cmd`, copying its stdout and stderr line by line to `log` (and to
 /// the terminal when `echo`), until it exits or `timeout` passes.
 pub fn run_console(
@@ -59,6 +174,18 @@ pub fn run_console(
     log: &Path,
     echo: bool,
     timeout: Duration,
+) -> Result<Console> {
+    run_console_watched(cmd, log, echo, timeout, None)
+}
+
+/// [`run_console`], stopping early with a [`Stall`] report when the guest
+/// goes silent.
+pub fn run_console_watched(
+    cmd: &mut Command,
+    log: &Path,
+    echo: bool,
+    timeout: Duration,
+    stall: Option<&Stall>,
 ) -> Result<Console> {
     if let Some(d) = log.parent() {
         std::fs::create_dir_all(d)?;
@@ -102,9 +229,11 @@ pub fn run_console(
     let mut text = String::new();
     let mut markers = Vec::new();
     let mut end = None;
+    let mut last_line = Instant::now();
     while end.is_none() {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(line) => {
+                last_line = Instant::now();
                 writeln!(file, "{line}")?;
                 if echo {
                     println!("  | {line}");
@@ -119,6 +248,22 @@ pub fn run_console(
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 end = Some(End::Exited(child.wait()?.code()));
             }
+        }
+        if let Some(st) = stall.filter(|st| end.is_none() && last_line.elapsed() > st.after) {
+            let mut report = vec![format!(
+                "xtask: no console output for {}s: the guest CPU, sampled through the QEMU monitor:",
+                st.after.as_secs()
+            )];
+            report.extend(st.sample(8).into_iter().map(|l| format!("xtask:   {l}")));
+            for line in report {
+                writeln!(file, "{line}")?;
+                println!("{line}");
+                text.push_str(&line);
+                text.push('\n');
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            end = Some(End::TimedOut);
         }
         if end.is_none() && start.elapsed() > timeout {
             let _ = child.kill();
@@ -266,4 +411,24 @@ pub fn tcg_kunit(
     }
     let ktap = ktap::parse(&console.text);
     Ok(KunitBoot { console, ktap })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stalled_cpu_is_named() {
+        let map =
+            "ffffffff81000000 T _stext\nffffffff81001000 t do_spin\nffffffff82000000 D some_data\n";
+        let syms = symbols(map);
+        let regs = "RAX=0000000000000000 RBX=0000000000000001\nRSI=0 RDI=0 RBP=0 RSP=ffffc90000003e00\nRIP=ffffffff81001010 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=0\nCR0=80050033 CR2=0 CR3=0000000001234000 CR4=00350ef0\n";
+        let d = describe_regs(regs, &syms);
+        assert!(
+            d.starts_with("RIP do_spin+0x10 (0xffffffff81001010)"),
+            "{d}"
+        );
+        assert!(d.contains("CR3 0x1234000 IF 1 HLT 0"), "{d}");
+        assert_eq!(symbolize(&syms, 0x1000), "0x1000");
+    }
 }

@@ -6,6 +6,7 @@ use crate::ctx::Ctx;
 use crate::kernel::Kernel;
 use crate::ktap::{self, Status};
 use crate::nested::{self, L2Outcome, L2Run, L1};
+use crate::verify;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -516,8 +517,41 @@ fn judge_protected_view(o: &L2Outcome) -> Vec<Row> {
 
 fn judge_protected(o: &L2Outcome) -> Vec<Row> {
     let mut rows = judge_protected_with(o, &[OUR_SUITES, &["rust_doctests_kernel"]].concat());
-    rows.extend([gmem_row(o), scan_row(o, false)]);
+    rows.extend([gmem_row(o), scan_row(o, false), ledgers_agree_row(o)]);
     rows
+}
+
+/// The guest's ledger (debugfs, read by /init at the end) and the host's
+/// count at exit name the same number of shared pages, and nothing leaked.
+fn ledgers_agree_row(o: &L2Outcome) -> Row {
+    let v = stats(o);
+    let guest = debugfs(o, "pages_shared");
+    let leaked = debugfs(o, "pages_leaked");
+    let host = num(&v, "pages_shared");
+    row(
+        "guest and host agree on the pages shared; none leaked",
+        guest == Some(host) && leaked == Some(0),
+        format!("guest debugfs pages_shared {guest:?}, host {host}; pages_leaked {leaked:?}"),
+    )
+}
+
+/// The SMP conversion stress (KUnit `every_cpu_converts_its_own_pages_concurrently`)
+/// ran on `cpus` CPUs; its figures.
+fn stress_row(o: &L2Outcome, cpus: usize) -> Row {
+    let line = o.lines_after("kvm_protmem: stress: ").next().unwrap_or("");
+    let ran = line
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse::<usize>().ok());
+    row(
+        "every CPU converts its own pages concurrently (KUnit stress)",
+        ran == Some(cpus),
+        if line.is_empty() {
+            "no `stress:` line".to_string()
+        } else {
+            format!("stress: {}", line.trim())
+        },
+    )
 }
 
 /// The protected checks, plus: every one of the 4 vCPUs online, and the
@@ -526,6 +560,7 @@ fn judge_smp(o: &L2Outcome) -> Vec<Row> {
     const CPUS: usize = 4;
     const PASSES: usize = 3;
     let mut rows = judge_protected(o);
+    rows.push(stress_row(o, CPUS));
     let online = kv(o, "cpus-online").unwrap_or("none").trim();
     rows.push(row(
         "the guest brought every vCPU online",
@@ -607,6 +642,12 @@ fn judge_protected_with(o: &L2Outcome, suites: &[&str]) -> Vec<Row> {
         ),
     ));
     rows.push(kunit_row(o, suites, true));
+    let verdict = verify::assess(&o.console);
+    rows.push(row(
+        "`cargo xtask verify` on the console: protected and healthy",
+        verdict.healthy(),
+        verdict.summary(),
+    ));
     rows.push(row(
         "VMM stats: no denied access, pages shared at exit",
         denied == 0 && num(&v, "pages_shared") > 0,
@@ -715,10 +756,17 @@ fn judge_enable_fails(o: &L2Outcome) -> Vec<Row> {
 }
 
 fn judge_pool_share_fails(o: &L2Outcome) -> Vec<Row> {
-    let msg = "Kernel panic - not syncing: kvm_protmem: cannot share the swiotlb bounce pool";
+    let why = "kvm_protmem: swiotlb pool not shared: host returned KVM_EFAULT";
+    let msg =
+        "Kernel panic - not syncing: Cannot decrypt the SWIOTLB bounce buffer; DMA would not work";
     vec![
         row(
-            "guest panics with the precise message",
+            "guest names the refused pool share",
+            dmesg_has(o, why),
+            why.to_string(),
+        ),
+        row(
+            "mem_encrypt_init() stops the boot with the precise message",
             dmesg_has(o, msg),
             msg.to_string(),
         ),
@@ -748,6 +796,14 @@ fn judge_flaky_share(o: &L2Outcome) -> Vec<Row> {
             format!("SHARE {ok}/{all} ok; guest failures {failures}, pages leaked {leaked}"),
         ),
         kunit_row(o, OUR_SUITES, true),
+        {
+            let v = verify::assess(&o.console);
+            row(
+                "`cargo xtask verify` flags the failures and the leak",
+                !v.healthy() && v.failures > 0 && v.debugfs_leaked == Some(leaked),
+                v.summary(),
+            )
+        },
     ];
     rows.extend(disk_rows(o));
     rows

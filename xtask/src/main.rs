@@ -15,6 +15,7 @@ mod sh;
 mod stock;
 mod test;
 mod uapi;
+mod verify;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -82,6 +83,13 @@ enum Cmd {
     /// Run every test: cargo checks and tests, kernel build, TCG boot with
     /// KUnit, and the end-to-end scenarios.
     Test,
+    /// Read a guest's console log or `dmesg` output and print a verdict
+    /// table; exits non-zero unless the guest is protected and healthy.
+    Verify {
+        /// The log file (`dmesg > guest.log` inside the guest, or a console
+        /// capture).
+        log: std::path::PathBuf,
+    },
 }
 
 fn main() {
@@ -185,5 +193,6 @@ fn run(cli: Cli) -> Result<()> {
             e2e::soak(&ctx, &k, &vmm, n)
         }
         Cmd::Test => test::run(&ctx),
+        Cmd::Verify { log } => verify::run(&log),
     }
 }

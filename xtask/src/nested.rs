@@ -446,11 +446,24 @@ pub fn run_on(
         "nested: L1 = {which} on QEMU TCG -cpu EPYC,+svm,+npt; {} L2 boot(s) in it (timeout {total}s)",
         runs.len()
     );
-    let console = boot::run_console(
+    // A hung L1 (or an L2 its VMM cannot stop) ends with where its CPU
+    // is, after 150 silent seconds, not at the overall timeout.
+    let stall = boot::Stall {
+        monitor: work.join("l1-monitor.sock"),
+        system_map: match l1 {
+            L1::Ours => k.build.join("System.map"),
+            L1::Stock(_) => PathBuf::new(),
+        },
+        after: Duration::from_secs(150),
+    };
+    let _ = std::fs::remove_file(&stall.monitor);
+    cmd.args(stall.qemu_args());
+    let console = boot::run_console_watched(
         &mut cmd,
         &ctx.logs().join(log_name),
         echo,
         Duration::from_secs(total),
+        Some(&stall),
     )?;
     println!(
         "nested: L1 log {} ({}s)",

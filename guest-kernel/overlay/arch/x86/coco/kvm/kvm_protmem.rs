@@ -17,8 +17,8 @@
 //! Failure policy: the host is not trusted. A conversion the host refuses
 //! fails `set_memory_*()` with -EIO, whose callers leak the pages; the pages
 //! are counted here and the first failure WARNs. If the boot-time bounce
-//! pool cannot be shared, DMA cannot work: the guest panics with one
-//! precise message rather than boot with broken I/O.
+//! pool cannot be shared, DMA cannot work: this says so in one precise
+//! line, and `mem_encrypt_init()` stops the boot.
 //!
 //! `kvm_protmem=require` (or `CONFIG_KVM_PROTMEM_REQUIRE`) turns a host
 //! that does not offer protection, or refuses ENABLE, into a panic with
@@ -50,7 +50,7 @@ pub(crate) mod hv;
 pub mod ranges;
 
 use abi::Hypercall;
-use ranges::{Direction, Failed, RangeSet, Stats};
+use ranges::{Book, Direction, Failed, Ledger, Stats};
 
 module! {
     type: KvmProtmem,
@@ -116,28 +116,24 @@ const MAX_RUNS: usize = bindings::NR_CPUS as usize + 256;
 /// Failures logged one by one; later ones are only counted.
 const LOGGED_FAILURES: u64 = 10;
 
-/// What is shared, and the counters.
-pub struct Shared {
-    set: RangeSet<MAX_RUNS>,
-    stats: Stats,
-}
-
-impl Shared {
-    const fn new() -> Self {
-        Shared {
-            set: RangeSet::new(),
-            stats: Stats::new(),
-        }
-    }
-}
-
 kernel::sync::global_lock! {
     // SAFETY: `lock_init()` initializes it before any use; early boot and
     // the module initializer both call it before touching the lock.
-    unsafe(uninit) static SHARED: SpinLock<Shared> = Shared::new();
+    unsafe(uninit) static SHARED: SpinLock<Ledger<MAX_RUNS>> = Ledger::new();
 }
 
 static LOCK_READY: Atomic<bool> = Atomic::new(false);
+
+/// The ledger behind `SHARED`: [`ranges::convert`] takes the spinlock only
+/// to record a result, so conversions from different CPUs reach the host
+/// in parallel and no CPU spins behind another's host round trip.
+struct SharedBook;
+
+impl Book<MAX_RUNS> for SharedBook {
+    fn with<R>(&self, f: impl FnOnce(&mut Ledger<MAX_RUNS>) -> R) -> R {
+        f(&mut SHARED.lock())
+    }
+}
 
 fn lock_init() {
     if !LOCK_READY.xchg(true, Relaxed) {
@@ -179,14 +175,25 @@ pub fn boot_pool() -> Option<(u64, u64)> {
     (n > 0).then(|| (POOL_PFN.load(Relaxed), n))
 }
 
-/// Whether a share of `npages` is the boot-time bounce pool: during
-/// `start_kernel()`, before the scheduler, the only caller of
-/// `set_memory_decrypted()` is `mem_encrypt_init()` sharing the default
-/// swiotlb pool (this file shares its own early pages directly).
-fn is_boot_pool_share(npages: usize) -> bool {
+/// Cleared by the first share that reaches the hooks.
+static FIRST_HOOK_SHARE: Atomic<bool> = Atomic::new(true);
+
+/// Whether a share of `npages` through the hooks is the default swiotlb
+/// pool, which `swiotlb_update_mem_attributes()` shares from
+/// `mem_encrypt_init()`: `set_memory_*()` works only once the page
+/// allocator is up, this file shares its own early pages without the
+/// hooks, and `mem_encrypt_init()` is the first caller after that, so the
+/// pool is the first share the hooks see, of the pool's size, during
+/// `start_kernel()`. The pool itself is private to swiotlb.c.
+///
+/// Only the `swiotlb pool shared` line and [`boot_pool`] depend on this:
+/// a failure to share the pool stops the boot in `mem_encrypt_init()`.
+fn is_default_pool_share(npages: usize) -> bool {
+    if !FIRST_HOOK_SHARE.xchg(false, Relaxed) {
+        return false;
+    }
     // `system_state` is a plain enum that the kernel updates with plain
-    // stores (boot CPU during init, any CPU at shutdown); a stale value only
-    // delays the boot-pool decision for a call racing with the end of boot.
+    // stores (boot CPU during init, any CPU at shutdown).
     // SAFETY: a volatile read of an aligned word cannot tear;
     // `swiotlb_size_or_default()` only reads the pool size.
     unsafe {
@@ -196,44 +203,42 @@ fn is_boot_pool_share(npages: usize) -> bool {
     }
 }
 
-/// Converts the pages behind `[vaddr, vaddr + npages * PAGE_SIZE)`. On
-/// failure, also returns which failure of the boot this is (1 for the
-/// first), read under the same lock that raised the count.
+/// Converts the pages behind `[vaddr, vaddr + npages * PAGE_SIZE)`;
+/// returns the hypercalls issued.
 ///
 /// # Safety
 ///
 /// The range must be mapped in the kernel page tables.
-unsafe fn convert_virt(vaddr: usize, npages: usize, dir: Direction) -> Result<u64, (Failed, u64)> {
-    let no_kvm = Failed {
-        run: ranges::PfnRun { pfn: 0, npages: 0 },
-        error: abi::Error::NotSupported,
-        done: 0,
-    };
+unsafe fn convert_virt(vaddr: usize, npages: usize, dir: Direction) -> Result<u64, Failed> {
     let Some(mut kvm) = hv::Kvm::get() else {
-        let mut guard = SHARED.lock();
-        guard.stats.failures += 1;
-        return Err((no_kvm, guard.stats.failures));
+        let nth = SharedBook.with(|l| {
+            l.stats.failures += 1;
+            l.stats.failures
+        });
+        return Err(Failed {
+            run: ranges::PfnRun { pfn: 0, npages: 0 },
+            error: abi::Error::NotSupported,
+            done: 0,
+            nth,
+        });
     };
     let page = abi::PAGE_SIZE as usize;
     // SAFETY: every page of the range is mapped (caller).
-    let frames = (0..npages).map(|i| unsafe { virt_to_pfn(vaddr + i * page) });
-    let mut guard = SHARED.lock();
-    let shared = &mut *guard;
+    let frames = (0..npages).map(move |i| unsafe { virt_to_pfn(vaddr + i * page) });
     // SAFETY: the caller (a `set_memory_*()` hook or early boot) owns the
     // range: it shares pages that hold nothing private and makes private
     // pages it no longer hands to the host.
-    unsafe { ranges::convert(&mut kvm, frames, npages as u64, dir, &mut shared.set, &mut shared.stats) }
-        .map_err(|f| (f, shared.stats.failures))
+    unsafe { ranges::convert(&mut kvm, frames, dir, &SharedBook) }
 }
 
-/// Logs failure number `nth` of the boot (the first ten one by one) and
-/// WARNs on the first: exactly once, however failures race.
-fn report_failure(dir: Direction, vaddr: usize, npages: usize, f: &Failed, nth: u64) {
+/// Logs a failure (the first ten of the boot one by one) and WARNs on the
+/// first: exactly once, however failures race.
+fn report_failure(dir: Direction, vaddr: usize, npages: usize, f: &Failed) {
     let what = match dir {
         Direction::Share => "share",
         Direction::Unshare => "unshare",
     };
-    let failures = nth;
+    let failures = f.nth;
     if failures <= LOGGED_FAILURES {
         pr_err!(
             "{what} failed: {npages} pages at {vaddr:#x}: host returned {} ({:#x}) for pfn {:#x}+{}; pages leaked\n",
@@ -260,7 +265,7 @@ unsafe fn hook_convert(vaddr: c_ulong, npages: c_int, dir: Direction) -> c_int {
         pr_err!("refusing a conversion of {} pages at {:#x}\n", npages, vaddr);
         return EINVAL.to_errno();
     };
-    let pool = dir == Direction::Share && is_boot_pool_share(npages);
+    let pool = dir == Direction::Share && is_default_pool_share(npages);
     // SAFETY: the range is mapped (caller).
     match unsafe { convert_virt(vaddr, npages, dir) } {
         Ok(calls) => {
@@ -278,8 +283,9 @@ unsafe fn hook_convert(vaddr: c_ulong, npages: c_int, dir: Direction) -> c_int {
             }
             0
         }
-        Err((f, nth)) => {
+        Err(f) => {
             if pool {
+                // `mem_encrypt_init()` stops the boot on this -EIO.
                 pr_emerg!(
                     "swiotlb pool not shared: host returned {} ({:#x}) for pfn {:#x}+{} of {} MiB at {:#x}\n",
                     f.error.name(),
@@ -289,16 +295,8 @@ unsafe fn hook_convert(vaddr: c_ulong, npages: c_int, dir: Direction) -> c_int {
                     (npages as u64 * abi::PAGE_SIZE) >> 20,
                     vaddr
                 );
-                // SAFETY: a constant format without conversions.
-                unsafe {
-                    bindings::panic(
-                        c"kvm_protmem: cannot share the swiotlb bounce pool; refusing to boot with broken DMA\n"
-                            .as_ptr()
-                            .cast(),
-                    )
-                };
             }
-            report_failure(dir, vaddr, npages, &f, nth);
+            report_failure(dir, vaddr, npages, &f);
             EIO.to_errno()
         }
     }
@@ -476,8 +474,8 @@ fn share_section(what: &str, start: usize, end: usize) -> bool {
         return true;
     }
     // SAFETY: the section is part of the mapped kernel image.
-    if let Err((f, nth)) = unsafe { convert_virt(start, npages, Direction::Share) } {
-        report_failure(Direction::Share, start, npages, &f, nth);
+    if let Err(f) = unsafe { convert_virt(start, npages, Direction::Share) } {
+        report_failure(Direction::Share, start, npages, &f);
         pr_err!("{what}: the host cannot update it\n");
         return false;
     }
@@ -613,7 +611,7 @@ struct KvmProtmem {
 }
 
 /// A debugfs file: name and what it prints.
-type Show = fn(&Shared) -> u64;
+type Show = fn(&Ledger<MAX_RUNS>) -> u64;
 
 const COUNTERS: [(&CStr, Show); 6] = [
     (c"shares", |s| s.stats.shares),

@@ -160,6 +160,7 @@ mod policy_tests {
 mod range_tests {
     use crate::abi::{Error, Hypercall, Hypervisor};
     use crate::ranges::*;
+    use core::cell::RefCell;
 
     /// A software host that accepts everything and counts calls.
     struct Host {
@@ -192,27 +193,31 @@ mod range_tests {
     #[test]
     fn pool_of_64_mib_takes_one_hypercall() {
         let mut host = Host { calls: 0, fail_at: 0 };
-        let mut set = RangeSet::<4>::new();
-        let mut stats = Stats::new();
+        let book = RefCell::new(Ledger::<4>::new());
         let n = (64u64 << 20) >> 12;
         // SAFETY: the software host changes no memory.
-        let res = unsafe { convert(&mut host, 0x10000..0x10000 + n, n, Direction::Share, &mut set, &mut stats) };
+        let res = unsafe { convert(&mut host, 0x10000..0x10000 + n, Direction::Share, &book) };
         assert_eq!(res, Ok(1));
         assert_eq!(host.calls, 1);
-        assert_eq!(stats.pages_shared, n);
+        assert_eq!(book.borrow().stats.pages_shared, n);
     }
 
     #[test]
-    fn refusal_leaks_the_request() {
+    fn refusal_leaks_the_request_until_rolled_back() {
         let mut host = Host { calls: 0, fail_at: 2 };
-        let mut set = RangeSet::<4>::new();
-        let mut stats = Stats::new();
+        let book = RefCell::new(Ledger::<4>::new());
         // SAFETY: the software host changes no memory.
-        let res = unsafe { convert(&mut host, [1u64, 2, 5, 9], 4, Direction::Share, &mut set, &mut stats) };
+        let res = unsafe { convert(&mut host, [1u64, 2, 5, 9], Direction::Share, &book) };
         assert!(res.is_err());
-        assert_eq!(stats.failures, 1);
-        assert_eq!(stats.pages_leaked, 4);
-        assert_eq!(stats.pages_shared, 2);
+        assert_eq!(book.borrow().stats.failures, 1);
+        assert_eq!(book.borrow().stats.pages_leaked, 4);
+        assert_eq!(book.borrow().stats.pages_shared, 2);
+        // The caller makes the range private again: nothing is lost.
+        // SAFETY: as above.
+        let res = unsafe { convert(&mut host, [1u64, 2, 5, 9], Direction::Unshare, &book) };
+        assert_eq!(res, Ok(3));
+        assert_eq!(book.borrow().stats.pages_leaked, 0);
+        assert_eq!(book.borrow().stats.pages_shared, 0);
     }
 
     #[test]
@@ -230,7 +235,17 @@ mod range_tests {
 mod live_tests {
     use super::{skip, skip_unless_enabled};
     use crate::{abi, boot_pool, is_shared, stats, virt_to_pfn};
-    use kernel::bindings;
+    use core::ptr::addr_of;
+    use kernel::{
+        bindings,
+        cpu::{nr_cpu_ids, CpuId},
+        cpumask::Cpumask,
+        error::from_err_ptr,
+        ffi::{c_int, c_void},
+        prelude::*,
+        sync::atomic::{Acquire, Atomic, Relaxed, Release},
+        time::{Instant, Monotonic},
+    };
 
     #[test]
     fn pool_is_shared() {
@@ -274,6 +289,160 @@ mod live_tests {
         assert!(!is_shared(pfn));
         // SAFETY: the page is private again and ours to free.
         unsafe { bindings::free_pages(addr, 0) };
+    }
+
+    /// Round trips (a share and an unshare) each CPU makes in the stress.
+    const STRESS_ROUNDS: u64 = 100;
+    /// Each CPU converts 1, 2, 4, 8 and 16 pages of its own block in turn.
+    const STRESS_ORDER: u32 = 4;
+
+    /// One CPU's part of the stress: written by its thread, read by the
+    /// test after the thread is done.
+    struct Worker {
+        done: Atomic<bool>,
+        failed: Atomic<bool>,
+        conversions: Atomic<u64>,
+        hypercalls: Atomic<u64>,
+        pfn: Atomic<u64>,
+    }
+
+    /// The stress thread: allocates a block on its CPU, converts pieces of
+    /// it back and forth, frees it private, and waits to be stopped.
+    ///
+    /// # Safety
+    ///
+    /// `data` is a `Worker` that outlives the thread.
+    unsafe extern "C" fn stress_thread(data: *mut c_void) -> c_int {
+        // SAFETY: the caller's `Worker` outlives this thread.
+        let w = unsafe { &*data.cast::<Worker>() };
+        // SAFETY: plain page allocation; freed below.
+        let addr = unsafe { bindings::get_free_pages_noprof(bindings::GFP_KERNEL, STRESS_ORDER) };
+        if addr == 0 {
+            w.failed.store(true, Relaxed);
+        } else {
+            // SAFETY: `addr` is a mapped page of the direct map we own.
+            w.pfn.store(unsafe { virt_to_pfn(addr as usize) }, Relaxed);
+            for i in 0..STRESS_ROUNDS {
+                let n = 1 << (i % u64::from(STRESS_ORDER + 1));
+                // SAFETY: the block is ours and holds nothing private; it
+                // is made private again before it is freed or reused.
+                let ok = unsafe {
+                    bindings::set_memory_decrypted(addr, n) == 0 && bindings::set_memory_encrypted(addr, n) == 0
+                };
+                if !ok {
+                    w.failed.store(true, Relaxed);
+                    break;
+                }
+                w.conversions.fetch_add(2, Relaxed);
+                // The block is physically contiguous: one call each way.
+                w.hypercalls.fetch_add(2, Relaxed);
+            }
+            if !w.failed.load(Relaxed) {
+                // SAFETY: the block is private again and ours to free.
+                unsafe { bindings::free_pages(addr, STRESS_ORDER) };
+            }
+        }
+        w.done.store(true, Release);
+        // `kthread_stop()` must find this thread alive.
+        // SAFETY: plain calls from the thread itself.
+        while !unsafe { bindings::kthread_should_stop() } {
+            // SAFETY: as above.
+            unsafe { bindings::schedule_timeout_uninterruptible(1) };
+        }
+        0
+    }
+
+    #[test]
+    fn every_cpu_converts_its_own_pages_concurrently() {
+        if skip_unless_enabled(b"protection is off") {
+            return;
+        }
+        let empty = || Worker {
+            done: Atomic::new(false),
+            failed: Atomic::new(false),
+            conversions: Atomic::new(0),
+            hypercalls: Atomic::new(0),
+            pfn: Atomic::new(0),
+        };
+        // SAFETY: `__cpu_online_mask` is a valid static cpumask; CPUs do
+        // not go offline during boot-time KUnit.
+        let online = unsafe { Cpumask::from_raw(addr_of!(bindings::__cpu_online_mask)) };
+        let cpus: Result<KVec<CpuId>, _> = (0..nr_cpu_ids())
+            .filter_map(CpuId::from_u32)
+            .filter(|&c| online.test(c))
+            .try_fold(KVec::new(), |mut v, c| v.push(c, GFP_KERNEL).map(|()| v));
+        assert!(cpus.is_ok());
+        let Ok(cpus) = cpus else {
+            return;
+        };
+        let mut workers = KVec::new();
+        for _ in 0..cpus.len() {
+            assert!(workers.push(empty(), GFP_KERNEL).is_ok());
+        }
+        if workers.len() != cpus.len() {
+            return;
+        }
+        let before = stats();
+        let start = Instant::<Monotonic>::now();
+        let mut tasks = KVec::new();
+        for (w, cpu) in workers.iter().zip(cpus.iter()) {
+            // SAFETY: `w` outlives the thread: every thread is stopped
+            // below before `workers` is dropped.
+            let task = unsafe {
+                bindings::kthread_create_on_cpu(
+                    Some(stress_thread),
+                    core::ptr::from_ref(w).cast_mut().cast(),
+                    cpu.as_u32(),
+                    c"kpm_stress/%u".as_char_ptr(),
+                )
+            };
+            let task = from_err_ptr(task);
+            assert!(task.is_ok());
+            let Ok(task) = task else {
+                break;
+            };
+            assert!(tasks.push(task, GFP_KERNEL).is_ok());
+            // SAFETY: `task` was just created and not yet woken.
+            unsafe { bindings::wake_up_process(task) };
+        }
+        // At most 60 s of the L1 clock; a lost wakeup fails, never hangs.
+        for _ in 0..6000 {
+            if workers.iter().take(tasks.len()).all(|w| w.done.load(Acquire)) {
+                break;
+            }
+            // SAFETY: plain sleep in process context.
+            unsafe { bindings::msleep(10) };
+        }
+        let finished = workers.iter().take(tasks.len()).all(|w| w.done.load(Acquire));
+        let elapsed = start.elapsed();
+        for &task in tasks.iter() {
+            // SAFETY: each thread waits for this stop before it exits.
+            unsafe { bindings::kthread_stop(task) };
+        }
+        assert!(finished);
+        assert_eq!(tasks.len(), cpus.len());
+        let after = stats();
+        let conversions: u64 = workers.iter().map(|w| w.conversions.load(Relaxed)).sum();
+        let hypercalls: u64 = workers.iter().map(|w| w.hypercalls.load(Relaxed)).sum();
+        for w in workers.iter() {
+            assert!(!w.failed.load(Relaxed));
+            assert_eq!(w.conversions.load(Relaxed), 2 * STRESS_ROUNDS);
+            let pfn = w.pfn.load(Relaxed);
+            assert!(!(pfn..pfn + (1 << STRESS_ORDER)).any(is_shared));
+        }
+        // Every conversion reached the host, and the ledger is exact.
+        assert!(after.shares + after.unshares - before.shares - before.unshares >= hypercalls);
+        assert_eq!(after.pages_shared, before.pages_shared);
+        assert_eq!(after.failures, before.failures);
+        assert_eq!(after.pages_leaked, before.pages_leaked);
+        pr_info!(
+            "stress: {} CPUs x {} conversions each: {} conversions, {} hypercalls in {} ms\n",
+            cpus.len(),
+            2 * STRESS_ROUNDS,
+            conversions,
+            hypercalls,
+            elapsed.as_millis()
+        );
     }
 
     /// The reference VMM's probe device (host/vmm/src/probe.rs): write a GPA
