@@ -74,21 +74,36 @@ impl Stall {
         ]
     }
 
-    /// Samples the CPU `n` times, 0.5 s apart; one line per sample.
+    /// Samples the CPU `n` times, 0.5 s apart (one line per sample), then
+    /// scans its stack for kernel text addresses: a rough backtrace.
     fn sample(&self, n: usize) -> Vec<String> {
         let map = std::fs::read_to_string(&self.system_map).unwrap_or_default();
         let syms = symbols(&map);
-        (0..n)
+        let mut rsp = None;
+        let mut lines: Vec<String> = (0..n)
             .map(|i| {
                 if i > 0 {
                     std::thread::sleep(Duration::from_millis(500));
                 }
                 match hmp(&self.monitor, "info registers") {
-                    Ok(regs) => describe_regs(&regs, &syms),
+                    Ok(regs) => {
+                        rsp = reg(&regs, "RSP");
+                        describe_regs(&regs, &syms)
+                    }
                     Err(e) => format!("monitor: {e:#}"),
                 }
             })
-            .collect()
+            .collect();
+        if let Some(rsp) = rsp {
+            match hmp(&self.monitor, &format!("x /256gx {rsp:#x}")) {
+                Ok(dump) => {
+                    let frames = stack_text(&dump, &syms);
+                    lines.push(format!("stack scan from RSP: {}", frames.join(" < ")));
+                }
+                Err(e) => lines.push(format!("stack: monitor: {e:#}")),
+            }
+        }
+        lines
     }
 }
 
@@ -145,15 +160,33 @@ fn hmp(sock: &Path, command: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&got).replace('\r', ""))
 }
 
+/// Register `name` from `info registers`.
+fn reg(regs: &str, name: &str) -> Option<u64> {
+    let i = regs.find(&format!("{name}="))?;
+    let v = &regs[i + name.len() + 1..];
+    let end = v.find(|c: char| !c.is_ascii_hexdigit()).unwrap_or(v.len());
+    u64::from_str_radix(&v[..end], 16).ok()
+}
+
+/// The kernel text addresses in an `x /Ngx` dump, named, innermost first.
+fn stack_text(dump: &str, syms: &[(u64, &str)]) -> Vec<String> {
+    let (lo, hi) = match (syms.first(), syms.last()) {
+        (Some(a), Some(b)) => (a.0, b.0 + 0x10_0000),
+        _ => return Vec::new(),
+    };
+    dump.lines()
+        .filter_map(|l| l.split_once(':').map(|(_, v)| v))
+        .flat_map(|v| v.split_whitespace())
+        .filter_map(|w| u64::from_str_radix(w.trim_start_matches("0x"), 16).ok())
+        .filter(|&a| a >= lo && a < hi)
+        .map(|a| symbolize(syms, a))
+        .collect()
+}
+
 /// RIP (named), RSP, CR3 and whether interrupts are on, from `info
 /// registers`.
 fn describe_regs(regs: &str, syms: &[(u64, &str)]) -> String {
-    let field = |name: &str| -> Option<u64> {
-        let i = regs.find(&format!("{name}="))?;
-        let v = &regs[i + name.len() + 1..];
-        let end = v.find(|c: char| !c.is_ascii_hexdigit()).unwrap_or(v.len());
-        u64::from_str_radix(&v[..end], 16).ok()
-    };
+    let field = |name: &str| reg(regs, name);
     match field("RIP") {
         Some(rip) => format!(
             "RIP {} ({rip:#x}) RSP {:#x} CR3 {:#x} IF {} HLT {}",
@@ -430,5 +463,7 @@ mod tests {
         );
         assert!(d.contains("CR3 0x1234000 IF 1 HLT 0"), "{d}");
         assert_eq!(symbolize(&syms, 0x1000), "0x1000");
+        let dump = "ffffc90000003e00: 0x0000000000000001 0xffffffff81001020\nffffc90000003e10: 0xffffffff81000010 0xffff888000000000\n";
+        assert_eq!(stack_text(dump, &syms), ["do_spin+0x20", "_stext+0x10"]);
     }
 }

@@ -994,10 +994,13 @@ pub fn run_on(
 /// a protected L2, in one L1 boot; prints the figures side by side.
 /// `cargo xtask soak N`: N protected boots in one L1 boot, each judged
 /// like the demo's, then the spread of host seconds to L2 userspace.
-pub fn soak(ctx: &Ctx, k: &Kernel, vmm: &Path, n: usize) -> Result<()> {
+pub fn soak(ctx: &Ctx, k: &Kernel, vmm: &Path, n: usize, name: &str) -> Result<()> {
     let scenarios: Vec<Scenario> = (1..=n)
         .map(|i| {
-            let mut s = protected();
+            let mut s = all()
+                .into_iter()
+                .find(|s| s.name == name)
+                .unwrap_or_else(protected);
             // Scenario names are static: a CLI run leaks n short strings.
             s.name = Box::leak(format!("soak-{i}").into_boxed_str());
             s.run.name = s.name.to_string();

@@ -11,6 +11,7 @@ mod ktap;
 mod nested;
 mod overlay;
 mod setup;
+mod series;
 mod sh;
 mod stock;
 mod test;
@@ -72,17 +73,32 @@ enum Cmd {
     /// I/O benchmark: the same disk workload in an unprotected, a view and
     /// a gmem L2, figures side by side.
     Bench,
-    /// Soak: N consecutive protected (gmem) L2 boots with the full KUnit
-    /// suite and disk I/O in one L1 boot (not in `test`); prints the spread
-    /// of boot times.
+    /// Soak: N consecutive L2 boots of one scenario (by default the
+    /// protected gmem boot with the full KUnit suite and disk I/O) in one L1
+    /// boot (not in `test`); prints the spread of boot times.
     Soak {
         /// Number of L2 boots.
         #[arg(default_value_t = 20)]
         n: usize,
+        /// The scenario to repeat.
+        #[arg(long, default_value = "protected")]
+        scenario: String,
     },
     /// Run every test: cargo checks and tests, kernel build, TCG boot with
     /// KUnit, and the end-to-end scenarios.
     Test,
+    /// Export the whole change as a `git format-patch` series against the
+    /// pinned base (with a cover letter), check that it applies to the
+    /// pristine files and equals the built tree, and run checkpatch.
+    Series {
+        /// Where to write the series (default: a directory in the cache).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// Also build the kernel after each patch (incrementally, in a
+        /// scratch tree) and report the first step that fails.
+        #[arg(long)]
+        bisect: bool,
+    },
     /// Read a guest's console log or `dmesg` output and print a verdict
     /// table; exits non-zero unless the guest is protected and healthy.
     Verify {
@@ -186,13 +202,25 @@ fn run(cli: Cli) -> Result<()> {
             let vmm = nested::build_vmm(&ctx)?;
             e2e::bench(&ctx, &k, &vmm)
         }
-        Cmd::Soak { n } => {
+        Cmd::Soak { n, scenario } => {
+            if !e2e::all().iter().any(|s| s.name == scenario) {
+                anyhow::bail!("no scenario named {scenario} on our L1 (see `scenarios --list`)");
+            }
             let tools = setup::run(&ctx)?;
             let k = kernel::build(&ctx, &tools)?;
             let vmm = nested::build_vmm(&ctx)?;
-            e2e::soak(&ctx, &k, &vmm, n)
+            e2e::soak(&ctx, &k, &vmm, n, &scenario)
         }
         Cmd::Test => test::run(&ctx),
         Cmd::Verify { log } => verify::run(&log),
+        Cmd::Series { out, bisect } => {
+            let tools = setup::run(&ctx)?;
+            let k = kernel::build(&ctx, &tools)?;
+            let ex = series::run(&ctx, &tools.pristine, &k.tree, out)?;
+            if bisect {
+                kernel::bisect(&ctx, &tools, &ex)?;
+            }
+            Ok(())
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! `cargo xtask test`: every test the project has, in one command.
 
 use crate::ctx::Ctx;
-use crate::{boot, e2e, kernel, nested, setup, sh, stock, uapi};
+use crate::{boot, e2e, kernel, nested, series, setup, sh, stock, uapi};
 use anyhow::{bail, Result};
 use std::process::Command;
 use std::time::Instant;
@@ -136,6 +136,20 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     let t = Instant::now();
     let res = uapi::check(&tools, &k).map(|n| (n, 0, format!("{n} constants equal")));
     steps.push(step("uapi vs ABI (bindgen)", t, res));
+
+    let t = Instant::now();
+    let res = series::run(ctx, &tools.pristine, &k.tree, None).map(|ex| {
+        (
+            ex.patches.len(),
+            0,
+            format!("{} patches: git am = built tree, checkpatch clean", ex.patches.len()),
+        )
+    });
+    steps.push(step("series (am, checkpatch)", t, res));
+
+    let t = Instant::now();
+    let res = kernel::kconfig_checks(ctx, &tools, &k).map(|l| (l.len(), 0, l.join("; ")));
+    steps.push(step("Kconfig (RUST=n, KVM_GUEST=n)", t, res));
 
     let t = Instant::now();
     let res = boot::tcg_kunit(ctx, &k, false, 180, "").and_then(|b| {

@@ -38,7 +38,7 @@ use core::ptr::addr_of;
 use kernel::{
     bindings,
     debugfs::{Dir, File},
-    ffi::{c_int, c_uint, c_ulong, c_void},
+    ffi::{c_char, c_int, c_uint, c_ulong, c_void},
     prelude::*,
     sync::atomic::{Atomic, Relaxed},
 };
@@ -397,6 +397,14 @@ impl Mode {
         }
     }
 
+    fn encode(self) -> u32 {
+        match self {
+            Mode::Off => 1,
+            Mode::On => 2,
+            Mode::Require => 3,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Mode::Off => "off",
@@ -406,10 +414,11 @@ impl Mode {
     }
 }
 
-/// The mode early boot read, as a `Mode` discriminant.
+/// The `kvm_protmem=` mode, as [`Mode::encode`] gives it; 0 when the
+/// parameter was not given.
 static MODE: Atomic<u32> = Atomic::new(0);
 
-/// The `kvm_protmem=` mode early boot found (the default before).
+/// The `kvm_protmem=` mode (the default without the parameter).
 pub fn mode() -> Mode {
     match MODE.load(Relaxed) {
         1 => Mode::Off,
@@ -419,33 +428,31 @@ pub fn mode() -> Mode {
     }
 }
 
-/// Reads `kvm_protmem=` from the boot command line.
+/// `kvm_protmem=`: the `early_param()` handler, registered in
+/// `arch/x86/kernel/kvm.c`. `parse_early_param()` runs it before
+/// `kvm_init_platform()` calls [`kvm_protmem_init`].
 ///
-/// In `.init.text`: it reads `boot_command_line`, which is init data.
+/// # Safety
+///
+/// `arg` is null or a NUL-terminated string, as `parse_early_param()`
+/// passes it.
+#[export]
 #[link_section = ".init.text"]
-fn read_mode() -> Mode {
-    let mut buf = [0u8; 16];
-    // SAFETY: `boot_command_line` is a NUL-terminated array filled before
-    // `setup_arch()` parses it; `buf` is writable for its length.
-    let n = unsafe {
-        bindings::cmdline_find_option(
-            addr_of!(bindings::boot_command_line).cast(),
-            c"kvm_protmem".as_ptr().cast(),
-            buf.as_mut_ptr().cast(),
-            buf.len() as c_int,
-        )
+pub unsafe extern "C" fn kvm_protmem_setup(arg: *mut c_char) -> c_int {
+    let mode = if arg.is_null() {
+        None
+    } else {
+        // SAFETY: a NUL-terminated string that outlives this call (caller).
+        Mode::parse(unsafe { CStr::from_char_ptr(arg) }.to_bytes())
     };
-    if n < 0 {
-        return Mode::DEFAULT;
-    }
-    let v = &buf[..(n as usize).min(buf.len() - 1)];
-    Mode::parse(v).unwrap_or_else(|| {
-        pr_warn!(
+    match mode {
+        Some(m) => MODE.store(m.encode(), Relaxed),
+        None => pr_warn!(
             "ignoring unknown kvm_protmem= value (use off, on or require); mode {}\n",
             Mode::DEFAULT.name()
-        );
-        Mode::DEFAULT
-    })
+        ),
+    }
+    0
 }
 
 /// The other confidential-computing platform that is active, if any: SEV
@@ -506,15 +513,7 @@ pub extern "C" fn kvm_protmem_kvmclock_usable() -> bool {
 #[link_section = ".init.text"]
 pub unsafe extern "C" fn kvm_protmem_init() {
     lock_init();
-    let mode = read_mode();
-    MODE.store(
-        match mode {
-            Mode::Off => 1,
-            Mode::On => 2,
-            Mode::Require => 3,
-        },
-        Relaxed,
-    );
+    let mode = mode();
     let Some(features) = hv::kvm_features() else {
         set_state(State::NotOffered);
         pr_info!("not offered by the host (no KVM signature)\n");

@@ -9,6 +9,7 @@
  * arch/x86/coco/kvm/kvm_protmem.rs.
  */
 #ifdef CONFIG_KVM_PROTMEM_GUEST
+int kvm_protmem_setup(char *arg);
 void kvm_protmem_init(void);
 void kvm_protmem_share_early(void *ptr, unsigned long size);
 bool kvm_protmem_kvmclock_usable(void);
