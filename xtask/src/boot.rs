@@ -87,24 +87,100 @@ impl Stall {
                 }
                 match hmp(&self.monitor, "info registers") {
                     Ok(regs) => {
-                        rsp = reg(&regs, "RSP");
+                        rsp = reg(&regs, "RSP").zip(reg(&regs, "RDI"));
                         describe_regs(&regs, &syms)
                     }
                     Err(e) => format!("monitor: {e:#}"),
                 }
             })
             .collect();
-        if let Some(rsp) = rsp {
-            match hmp(&self.monitor, &format!("x /256gx {rsp:#x}")) {
-                Ok(dump) => {
-                    let frames = stack_text(&dump, &syms);
-                    lines.push(format!("stack scan from RSP: {}", frames.join(" < ")));
-                }
-                Err(e) => lines.push(format!("stack: monitor: {e:#}")),
+        if let Some((rsp, rdi)) = rsp {
+            // The stack through the CPU's page tables, and through the
+            // direct map's physical address (when the CPU is in a nested
+            // guest, the virtual walk is the guest's).
+            let mut cmds = vec![format!("x /256gx {rsp:#x}")];
+            if let Some(phys) = rsp.checked_sub(DIRECT_MAP).filter(|p| *p < 1 << 40) {
+                cmds.push(format!("xp /256gx {phys:#x}"));
             }
+            for cmd in cmds {
+                match hmp(&self.monitor, &cmd) {
+                    Ok(dump) => {
+                        let frames = stack_text(&dump, &syms);
+                        if frames.is_empty() {
+                            let head: Vec<&str> = dump.lines().skip(1).take(2).collect();
+                            lines.push(format!("`{cmd}`: no text addresses; {}", head.join(" | ")));
+                        } else {
+                            lines.push(format!("`{cmd}`: {}", frames.join(" < ")));
+                        }
+                    }
+                    Err(e) => lines.push(format!("`{cmd}`: monitor: {e:#}")),
+                }
+            }
+            let all = all_symbols(&map);
+            lines.push(format!(
+                "RDI (a lock's address, in a lock slow path) {rdi:#x} = {}",
+                symbolize(&all, rdi)
+            ));
+        }
+        // Whether the L1 kernel still counts time: its jiffies, read twice
+        // through the physical address of the kernel image (loaded at
+        // 16 MiB, mapped at __START_KERNEL_map + 16 MiB).
+        if let Some(&(va, _)) = symbols_named(&map, "jiffies_64").first() {
+            let phys = va.wrapping_sub(KERNEL_MAP);
+            let read = || {
+                hmp(&self.monitor, &format!("xp /1gx {phys:#x}"))
+                    .ok()
+                    .and_then(|d| {
+                        d.lines()
+                            .nth(1)
+                            .and_then(|l| l.split_whitespace().nth(1))
+                            .map(str::to_string)
+                    })
+            };
+            let a = read();
+            std::thread::sleep(Duration::from_secs(2));
+            let b = read();
+            lines.push(format!(
+                "L1 jiffies_64 at phys {phys:#x}: {} then, 2 s later, {}",
+                a.as_deref().unwrap_or("?"),
+                b.as_deref().unwrap_or("?")
+            ));
         }
         lines
     }
+}
+
+/// `__START_KERNEL_map`: the kernel image's virtual base.
+const KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
+
+/// The addresses of the symbols called `name`.
+fn symbols_named(map: &str, name: &str) -> Vec<(u64, String)> {
+    map.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let addr = u64::from_str_radix(it.next()?, 16).ok()?;
+            let _kind = it.next()?;
+            (it.next()? == name).then(|| (addr, name.to_string()))
+        })
+        .collect()
+}
+
+/// x86-64's direct map of physical memory (without KASLR).
+const DIRECT_MAP: u64 = 0xffff_8880_0000_0000;
+
+/// Every symbol of a `System.map` (text and data), sorted by address.
+fn all_symbols(map: &str) -> Vec<(u64, &str)> {
+    let mut v: Vec<(u64, &str)> = map
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let addr = u64::from_str_radix(it.next()?, 16).ok()?;
+            let _kind = it.next()?;
+            Some((addr, it.next()?))
+        })
+        .collect();
+    v.sort_unstable();
+    v
 }
 
 /// The text symbols of a `System.map`, sorted by address.
@@ -157,7 +233,26 @@ fn hmp(sock: &Path, command: &str) -> Result<String> {
     got.clear();
     s.write_all(format!("{command}\n").as_bytes())?;
     read_prompt(&mut s, &mut got)?;
-    Ok(String::from_utf8_lossy(&got).replace('\r', ""))
+    let text = String::from_utf8_lossy(&got).replace('\r', "");
+    // The monitor echoes the command with terminal escapes: drop them.
+    let mut clean = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                while let Some(&n) = chars.peek() {
+                    chars.next();
+                    if n.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        clean.push(c);
+    }
+    Ok(clean)
 }
 
 /// Register `name` from `info registers`.
@@ -321,27 +416,37 @@ pub fn run_console_watched(
 pub fn qemu_tcg(
     ctx: &Ctx,
     cpu: &str,
+    cpus: u32,
     mem: &str,
     kernel: &Path,
     initrd: &Path,
     append: &str,
 ) -> Command {
     let mut cmd = Qemu::find(&ctx.cache).command();
-    cmd.args(["-accel", "tcg", "-cpu", cpu, "-m", mem, "-smp", "1"])
-        .args([
-            "-nodefaults",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-append")
-        .arg(append);
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-cpu",
+        cpu,
+        "-m",
+        mem,
+        "-smp",
+        &cpus.to_string(),
+    ])
+    .args([
+        "-nodefaults",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ])
+    .arg("-kernel")
+    .arg(kernel)
+    .arg("-initrd")
+    .arg(initrd)
+    .arg("-append")
+    .arg(append);
     cmd
 }
 
@@ -414,7 +519,15 @@ pub fn tcg_kunit(
     let initrd = work.join("guest.cpio");
     std::fs::write(&initrd, initramfs::busybox(&ctx.repo, &[])?)?;
     let cmdline = format!("console=ttyS0 panic=-1 kunit.enable=1 {append}");
-    let mut cmd = qemu_tcg(ctx, "qemu64", "512M", &k.bzimage, &initrd, cmdline.trim());
+    let mut cmd = qemu_tcg(
+        ctx,
+        "qemu64",
+        1,
+        "512M",
+        &k.bzimage,
+        &initrd,
+        cmdline.trim(),
+    );
     println!("boot: QEMU TCG, single level (timeout {timeout}s)");
     let console = run_console(
         &mut cmd,

@@ -277,6 +277,141 @@ fn is_step(l: &str) -> bool {
         })
 }
 
+/// `cargo xtask series --bisect`: builds the pinned tree after each patch
+/// of the exported series, incrementally, in a scratch tree and build
+/// directory of its own, with the configuration of the main build; reports
+/// each step and fails at the first one that does not build.
+pub fn bisect(ctx: &Ctx, tools: &Tools, ex: &crate::series::Exported) -> Result<()> {
+    let root = ctx.cache.join("bisect");
+    let tree = root.join("tree");
+    let out = root.join("build");
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(&root)?;
+    sh::run(
+        Command::new("cp")
+            .arg("-al")
+            .arg(&tools.pristine)
+            .arg(&tree),
+    )?;
+    std::fs::create_dir_all(&out)?;
+    let config = ctx.cache.join("build").join(&tools.kver).join(".config");
+    let build = |step: &str| -> Result<()> {
+        // The main build's configuration, again at every step: options of
+        // the series appear as soon as a patch adds their Kconfig.
+        std::fs::copy(&config, out.join(".config"))
+            .with_context(|| format!("cannot copy {}", config.display()))?;
+        sh::output(tools.make(&tree, &out).arg("olddefconfig"))?;
+        let start = Instant::now();
+        sh::output(tools.make(&tree, &out).args(["-j2", "bzImage"]))
+            .with_context(|| format!("bisect: the build fails after {step}"))?;
+        println!("bisect: {step}: builds ({}s)", start.elapsed().as_secs());
+        Ok(())
+    };
+    build("the pristine base")?;
+    for p in &ex.patches {
+        // `patch` writes each file anew, so the hard links into the
+        // pristine tree are never written through.
+        sh::run(
+            Command::new("patch")
+                .current_dir(&tree)
+                .args(["-p1", "-s", "--no-backup-if-mismatch", "-i"])
+                .arg(p),
+        )
+        .with_context(|| format!("bisect: {} does not apply", p.display()))?;
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        build(&name)?;
+    }
+    println!("bisect: every one of the {} steps builds", ex.patches.len());
+    Ok(())
+}
+
+/// Our Kconfig options: they must vanish when their dependencies go.
+const OUR_OPTIONS: &[&str] = &[
+    "CONFIG_KVM_PROTMEM_GUEST",
+    "CONFIG_KVM_PROTMEM_REQUIRE",
+    "CONFIG_KVM_PROTMEM_KUNIT_TEST",
+];
+
+/// The Kconfig checks: with `RUST=n`, and with `KVM_GUEST=n`, our options
+/// disappear after `olddefconfig`, and every other option the fragments
+/// request keeps its value (but those that depend on the disabled one by
+/// nature, named here). Runs Kconfig only, in scratch build directories.
+/// Returns one line per case.
+pub fn kconfig_checks(ctx: &Ctx, tools: &Tools, k: &Kernel) -> Result<Vec<String>> {
+    let cases: &[(&str, &[&str])] = &[
+        ("CONFIG_RUST", &["CONFIG_RUST_KERNEL_DOCTESTS"]),
+        ("CONFIG_KVM_GUEST", &[]),
+    ];
+    let mut wanted = BTreeMap::new();
+    for f in FRAGMENTS {
+        let p = ctx.repo.join(f);
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        wanted.extend(parse_fragment(&text));
+    }
+    let config = std::fs::read_to_string(k.build.join(".config"))?;
+    let mut lines = Vec::new();
+    for (sym, dependents) in cases {
+        let dir = ctx
+            .cache
+            .join("kconfig-check")
+            .join(sym.trim_start_matches("CONFIG_"));
+        std::fs::create_dir_all(&dir)?;
+        let edited: String = config
+            .lines()
+            .map(|l| {
+                if l.starts_with(&format!("{sym}=")) {
+                    format!("# {sym} is not set")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(dir.join(".config"), edited + "\n")?;
+        sh::output(tools.make(&k.tree, &dir).arg("olddefconfig"))
+            .with_context(|| format!("olddefconfig with {sym}=n"))?;
+        let after = parse_fragment(&std::fs::read_to_string(dir.join(".config"))?);
+        let value = |s: &str| after.get(s).map(String::as_str).unwrap_or("n");
+        let kept: Vec<&str> = OUR_OPTIONS
+            .iter()
+            .copied()
+            .filter(|o| value(o) != "n")
+            .collect();
+        if !kept.is_empty() {
+            bail!(
+                "with {sym}=n, {} stay set after olddefconfig",
+                kept.join(", ")
+            );
+        }
+        let changed: Vec<String> = wanted
+            .iter()
+            .filter(|(s, _)| {
+                s.as_str() != *sym
+                    && !OUR_OPTIONS.contains(&s.as_str())
+                    && !dependents.contains(&s.as_str())
+            })
+            .filter(|(s, v)| value(s) != v.as_str())
+            .map(|(s, v)| format!("{s}={v} became {}", value(s)))
+            .collect();
+        if !changed.is_empty() {
+            bail!(
+                "with {sym}=n, requested options changed: {}",
+                changed.join(", ")
+            );
+        }
+        lines.push(format!(
+            "{sym}=n: our {} options gone, the other {} requested options unchanged",
+            OUR_OPTIONS.len(),
+            wanted.len() - 1 - dependents.len()
+        ));
+    }
+    Ok(lines)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,115 +476,4 @@ mod tests {
         assert!(!is_step("arch/x86/kernel/kvm.c:1: error: x"));
         assert!(!is_step("make[1]: Entering directory"));
     }
-}
-
-/// `cargo xtask series --bisect`: builds the pinned tree after each patch
-/// of the exported series, incrementally, in a scratch tree and build
-/// directory of its own, with the configuration of the main build; reports
-/// each step and fails at the first one that does not build.
-pub fn bisect(ctx: &Ctx, tools: &Tools, ex: &crate::series::Exported) -> Result<()> {
-    let root = ctx.cache.join("bisect");
-    let tree = root.join("tree");
-    let out = root.join("build");
-    let _ = std::fs::remove_dir_all(&tree);
-    std::fs::create_dir_all(&root)?;
-    sh::run(Command::new("cp").arg("-al").arg(&tools.pristine).arg(&tree))?;
-    std::fs::create_dir_all(&out)?;
-    let config = ctx.cache.join("build").join(&tools.kver).join(".config");
-    let build = |step: &str| -> Result<()> {
-        // The main build's configuration, again at every step: options of
-        // the series appear as soon as a patch adds their Kconfig.
-        std::fs::copy(&config, out.join(".config"))
-            .with_context(|| format!("cannot copy {}", config.display()))?;
-        sh::output(tools.make(&tree, &out).arg("olddefconfig"))?;
-        let start = Instant::now();
-        sh::output(tools.make(&tree, &out).args(["-j2", "bzImage"]))
-            .with_context(|| format!("bisect: the build fails after {step}"))?;
-        println!("bisect: {step}: builds ({}s)", start.elapsed().as_secs());
-        Ok(())
-    };
-    build("the pristine base")?;
-    for p in &ex.patches {
-        // `patch` writes each file anew, so the hard links into the
-        // pristine tree are never written through.
-        sh::run(
-            Command::new("patch")
-                .current_dir(&tree)
-                .args(["-p1", "-s", "--no-backup-if-mismatch", "-i"])
-                .arg(p),
-        )
-        .with_context(|| format!("bisect: {} does not apply", p.display()))?;
-        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        build(&name)?;
-    }
-    println!("bisect: every one of the {} steps builds", ex.patches.len());
-    Ok(())
-}
-
-/// Our Kconfig options: they must vanish when their dependencies go.
-const OUR_OPTIONS: &[&str] = &[
-    "CONFIG_KVM_PROTMEM_GUEST",
-    "CONFIG_KVM_PROTMEM_REQUIRE",
-    "CONFIG_KVM_PROTMEM_KUNIT_TEST",
-];
-
-/// The Kconfig checks: with `RUST=n`, and with `KVM_GUEST=n`, our options
-/// disappear after `olddefconfig`, and every other option the fragments
-/// request keeps its value (but those that depend on the disabled one by
-/// nature, named here). Runs Kconfig only, in scratch build directories.
-/// Returns one line per case.
-pub fn kconfig_checks(ctx: &Ctx, tools: &Tools, k: &Kernel) -> Result<Vec<String>> {
-    let cases: &[(&str, &[&str])] = &[
-        ("CONFIG_RUST", &["CONFIG_RUST_KERNEL_DOCTESTS"]),
-        ("CONFIG_KVM_GUEST", &[]),
-    ];
-    let mut wanted = BTreeMap::new();
-    for f in FRAGMENTS {
-        let p = ctx.repo.join(f);
-        let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-        wanted.extend(parse_fragment(&text));
-    }
-    let config = std::fs::read_to_string(k.build.join(".config"))?;
-    let mut lines = Vec::new();
-    for (sym, dependents) in cases {
-        let dir = ctx.cache.join("kconfig-check").join(sym.trim_start_matches("CONFIG_"));
-        std::fs::create_dir_all(&dir)?;
-        let edited: String = config
-            .lines()
-            .map(|l| {
-                if l.starts_with(&format!("{sym}=")) {
-                    format!("# {sym} is not set")
-                } else {
-                    l.to_string()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        std::fs::write(dir.join(".config"), edited + "\n")?;
-        sh::output(tools.make(&k.tree, &dir).arg("olddefconfig"))
-            .with_context(|| format!("olddefconfig with {sym}=n"))?;
-        let after = parse_fragment(&std::fs::read_to_string(dir.join(".config"))?);
-        let value = |s: &str| after.get(s).map(String::as_str).unwrap_or("n");
-        let kept: Vec<&str> = OUR_OPTIONS.iter().copied().filter(|o| value(o) != "n").collect();
-        if !kept.is_empty() {
-            bail!("with {sym}=n, {} stay set after olddefconfig", kept.join(", "));
-        }
-        let changed: Vec<String> = wanted
-            .iter()
-            .filter(|(s, _)| {
-                s.as_str() != *sym && !OUR_OPTIONS.contains(&s.as_str()) && !dependents.contains(&s.as_str())
-            })
-            .filter(|(s, v)| value(s) != v.as_str())
-            .map(|(s, v)| format!("{s}={v} became {}", value(s)))
-            .collect();
-        if !changed.is_empty() {
-            bail!("with {sym}=n, requested options changed: {}", changed.join(", "));
-        }
-        lines.push(format!(
-            "{sym}=n: our {} options gone, the other {} requested options unchanged",
-            OUR_OPTIONS.len(),
-            wanted.len() - 1 - dependents.len()
-        ));
-    }
-    Ok(lines)
 }

@@ -44,7 +44,11 @@ pub fn plan(repo: &Path, ov: &Overlay) -> Result<Vec<Step>> {
         }
         let mut it = line.split_whitespace();
         let (Some(patch), Some(path), None) = (it.next(), it.next(), it.next()) else {
-            bail!("{}:{}: expected `patch-file tree-path`", map_path.display(), i + 1);
+            bail!(
+                "{}:{}: expected `patch-file tree-path`",
+                map_path.display(),
+                i + 1
+            );
         };
         let path = PathBuf::from(path);
         if !ov.files.contains_key(&path) {
@@ -56,7 +60,12 @@ pub fn plan(repo: &Path, ov: &Overlay) -> Result<Vec<Step>> {
             );
         }
         if !seen.insert(path.clone()) {
-            bail!("{}:{}: {} is added twice", map_path.display(), i + 1, path.display());
+            bail!(
+                "{}:{}: {} is added twice",
+                map_path.display(),
+                i + 1,
+                path.display()
+            );
         }
         adds.entry(patch.to_string()).or_default().push(path);
     }
@@ -101,7 +110,10 @@ fn message(patch_text: &str, path: &Path) -> Result<String> {
     };
     let head = &patch_text[..end];
     let Some(rest) = head.strip_prefix("Subject: [PATCH] ") else {
-        bail!("{}: the first line must be `Subject: [PATCH] ...`", path.display());
+        bail!(
+            "{}: the first line must be `Subject: [PATCH] ...`",
+            path.display()
+        );
     };
     Ok(format!("{}\n", rest.trim_end()))
 }
@@ -150,7 +162,12 @@ fn base_repo(dir: &Path, pristine: &Path, files: &BTreeSet<PathBuf>) -> Result<(
     sh::run(git(dir).args(["add", "-A"]))?;
     sh::run(
         git(dir)
-            .args(["-c", "user.name=pristine", "-c", "user.email=pristine@localhost"])
+            .args([
+                "-c",
+                "user.name=pristine",
+                "-c",
+                "user.email=pristine@localhost",
+            ])
             .args(["commit", "-q", "--allow-empty", "-m", "pristine base"]),
     )?;
     Ok(())
@@ -191,8 +208,12 @@ pub fn export(ctx: &Ctx, pristine: &Path, out: &Path) -> Result<Exported> {
     for s in &steps {
         let text = std::fs::read_to_string(&s.patch)?;
         let msg = message(&text, &s.patch)?;
-        sh::run(git(&work).args(["apply", "--index", "--whitespace=nowarn"]).arg(&s.patch))
-            .with_context(|| format!("{} does not apply in series order", s.patch.display()))?;
+        sh::run(
+            git(&work)
+                .args(["apply", "--index", "--whitespace=nowarn"])
+                .arg(&s.patch),
+        )
+        .with_context(|| format!("{} does not apply in series order", s.patch.display()))?;
         for add in &s.adds {
             let dst = work.join(add);
             std::fs::create_dir_all(dst.parent().context("path without parent")?)?;
@@ -209,9 +230,15 @@ pub fn export(ctx: &Ctx, pristine: &Path, out: &Path) -> Result<Exported> {
     let _ = std::fs::remove_dir_all(out);
     std::fs::create_dir_all(out)?;
     let mut c = git(&work);
-    c.args(["format-patch", "-q", "--cover-letter", "--no-signature", "-o"])
-        .arg(out)
-        .arg("base..HEAD");
+    c.args([
+        "format-patch",
+        "-q",
+        "--cover-letter",
+        "--no-signature",
+        "-o",
+    ])
+    .arg(out)
+    .arg("base..HEAD");
     ident(&mut c);
     sh::run(&mut c)?;
     let mut patches: Vec<PathBuf> = std::fs::read_dir(out)?
@@ -238,8 +265,8 @@ fn write_cover(
     why: &BTreeMap<String, String>,
 ) -> Result<()> {
     let src = ctx.repo.join("guest-kernel/cover-letter.txt");
-    let blurb = std::fs::read_to_string(&src)
-        .with_context(|| format!("cannot read {}", src.display()))?;
+    let blurb =
+        std::fs::read_to_string(&src).with_context(|| format!("cannot read {}", src.display()))?;
     let (subject, body) = blurb.split_once('\n').unwrap_or((&blurb, ""));
     let mut body = body.trim().to_string();
     let mut kinds: BTreeMap<(&str, &str), Vec<&str>> = BTreeMap::new();
@@ -254,7 +281,13 @@ fn write_cover(
         body.push_str(&format!(
             "\n- {level}:{kind} ({}x, patches {}): {}",
             patches.len(),
-            patches.iter().copied().collect::<BTreeSet<_>>().into_iter().collect::<Vec<_>>().join(", "),
+            patches
+                .iter()
+                .copied()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+                .join(", "),
             why.get(*kind).map_or("not justified", String::as_str)
         ));
     }
@@ -286,8 +319,15 @@ pub fn check_applies(
         .collect();
     base_repo(&dir, pristine, &touched)?;
     let mut c = git(&dir);
-    c.args(["-c", "user.name=am", "-c", "user.email=am@localhost", "am", "-q"])
-        .args(&ex.patches);
+    c.args([
+        "-c",
+        "user.name=am",
+        "-c",
+        "user.email=am@localhost",
+        "am",
+        "-q",
+    ])
+    .args(&ex.patches);
     sh::run(&mut c).context("git am of the exported series failed")?;
     let mut differ = Vec::new();
     for f in &ex.files {
@@ -316,9 +356,10 @@ fn parse_checkpatch(patch: &str, out: &str) -> Vec<Finding> {
     out.lines()
         .filter_map(|l| {
             // "<file>:<line>: LEVEL:TYPE: text"
-            let (level, rest) = ["ERROR:", "WARNING:", "CHECK:"]
-                .iter()
-                .find_map(|lv| l.find(lv).map(|i| (lv.trim_end_matches(':'), &l[i + lv.len()..])))?;
+            let (level, rest) = ["ERROR:", "WARNING:", "CHECK:"].iter().find_map(|lv| {
+                l.find(lv)
+                    .map(|i| (lv.trim_end_matches(':'), &l[i + lv.len()..]))
+            })?;
             let (kind, text) = rest.split_once(':').unwrap_or((rest, ""));
             Some(Finding {
                 patch: patch.to_string(),
@@ -371,7 +412,11 @@ pub fn justifications(repo: &Path) -> Result<BTreeMap<String, String>> {
 pub fn run(ctx: &Ctx, pristine: &Path, tree: &Path, out: Option<PathBuf>) -> Result<Exported> {
     let out = out.unwrap_or_else(|| ctx.cache.join("series/out"));
     let ex = export(ctx, pristine, &out)?;
-    println!("series: {} patches and a cover letter in {}", ex.patches.len(), ex.dir.display());
+    println!(
+        "series: {} patches and a cover letter in {}",
+        ex.patches.len(),
+        ex.dir.display()
+    );
     for p in &ex.patches {
         let text = std::fs::read_to_string(p)?;
         let (plus, minus) = text
@@ -452,7 +497,10 @@ mod tests {
                    total: 1 errors, 1 warnings, 1 checks, 90 lines checked\n";
         let f = parse_checkpatch("0001-x.patch", out);
         assert_eq!(f.len(), 3);
-        assert_eq!((f[0].level.as_str(), f[0].kind.as_str()), ("WARNING", "FILE_PATH_CHANGES"));
+        assert_eq!(
+            (f[0].level.as_str(), f[0].kind.as_str()),
+            ("WARNING", "FILE_PATH_CHANGES")
+        );
         assert_eq!(f[2].level, "ERROR");
         assert_eq!(f[1].text, "Alignment should match open parenthesis");
     }
@@ -461,7 +509,11 @@ mod tests {
     fn messages_need_a_subject_and_a_separator() {
         let p = Path::new("p");
         assert_eq!(
-            message("Subject: [PATCH] x86/coco: Do it\n\nWhy.\n\n---\n--- a/f\n", p).unwrap(),
+            message(
+                "Subject: [PATCH] x86/coco: Do it\n\nWhy.\n\n---\n--- a/f\n",
+                p
+            )
+            .unwrap(),
             "x86/coco: Do it\n\nWhy.\n"
         );
         assert!(message("x86/coco: Do it\n---\n", p).is_err());

@@ -142,10 +142,18 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         (
             ex.patches.len(),
             0,
-            format!("{} patches: git am = built tree, checkpatch clean", ex.patches.len()),
+            format!(
+                "{} patches: git am = built tree, checkpatch clean",
+                ex.patches.len()
+            ),
         )
     });
     steps.push(step("series (am, checkpatch)", t, res));
+
+    let t = Instant::now();
+    let res = sh::output(tools.make(&k.tree, &k.build).arg("rustfmtcheck"))
+        .map(|_| (1, 0, "make rustfmtcheck: the tree's Rust, ours included, is formatted".to_string()));
+    steps.push(step("kernel rustfmtcheck", t, res));
 
     let t = Instant::now();
     let res = kernel::kconfig_checks(ctx, &tools, &k).map(|l| (l.len(), 0, l.join("; ")));

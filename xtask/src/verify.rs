@@ -136,7 +136,7 @@ pub fn assess(log: &str) -> Verdict {
     let debugfs = |name: &str| -> Option<u64> {
         log.lines()
             .filter_map(|l| after(l, &format!("kpm-init: debugfs {name}: ")))
-            .last()
+            .next_back()
             .and_then(|n| n.trim().parse().ok())
     };
     v.debugfs_failures = debugfs("failures");
@@ -147,7 +147,7 @@ pub fn assess(log: &str) -> Verdict {
             v.mode = cmd
                 .split_whitespace()
                 .filter_map(|w| w.strip_prefix("kvm_protmem="))
-                .last()
+                .next_back()
                 .map(str::to_string);
         }
         if l.contains("Memory Encryption Features active: KVM protected memory") {

@@ -79,7 +79,8 @@ fn uses_vmmcall() -> bool {
     let r = cpuid(0);
     let vendor = [r.ebx, r.edx, r.ecx];
     // "AuthenticAMD", "HygonGenuine".
-    vendor == [0x6874_7541, 0x6974_6e65, 0x444d_4163] || vendor == [0x6f67_7948, 0x6e65_476e, 0x656e_6975]
+    vendor == [0x6874_7541, 0x6974_6e65, 0x444d_4163]
+        || vendor == [0x6f67_7948, 0x6e65_476e, 0x656e_6975]
 }
 
 /// The KVM hypercall instruction of this CPU.

@@ -262,7 +262,11 @@ unsafe fn hook_convert(vaddr: c_ulong, npages: c_int, dir: Direction) -> c_int {
     let Ok(npages) = usize::try_from(npages) else {
         // A negative count is a caller bug: refuse it rather than report
         // a conversion that never happened.
-        pr_err!("refusing a conversion of {} pages at {:#x}\n", npages, vaddr);
+        pr_err!(
+            "refusing a conversion of {} pages at {:#x}\n",
+            npages,
+            vaddr
+        );
         return EINVAL.to_errno();
     };
     let pool = dir == Direction::Share && is_default_pool_share(npages);
@@ -535,7 +539,11 @@ pub unsafe extern "C" fn kvm_protmem_init() {
     };
     if let Some(other) = other_cc_platform(vendor, encrypting) {
         set_state(State::NotOffered);
-        pr_warn!("not offered: {} is active (cc_vendor {}); leaving it alone\n", other, vendor);
+        pr_warn!(
+            "not offered: {} is active (cc_vendor {}); leaving it alone\n",
+            other,
+            vendor
+        );
         return;
     }
     if mode == Mode::Off {
@@ -664,7 +672,9 @@ impl kernel::Module for KvmProtmem {
         let mut files = KVec::new();
         files.push(
             KBox::pin_init(
-                dir.read_callback_file(c"state", (), &|_: &(), f| writeln!(f, "{}", state().describe())),
+                dir.read_callback_file(c"state", (), &|_: &(), f| {
+                    writeln!(f, "{}", state().describe())
+                }),
                 GFP_KERNEL,
             )?,
             GFP_KERNEL,

@@ -52,7 +52,10 @@ mod abi_tests {
         );
         assert_eq!(u64::from(bindings::KVM_HC_MEM_SHARE), KVM_HC_MEM_SHARE);
         assert_eq!(u64::from(bindings::KVM_HC_MEM_UNSHARE), KVM_HC_MEM_UNSHARE);
-        assert_eq!(bindings::KVM_FEATURE_MEM_PROTECTED, KVM_FEATURE_MEM_PROTECTED);
+        assert_eq!(
+            bindings::KVM_FEATURE_MEM_PROTECTED,
+            KVM_FEATURE_MEM_PROTECTED
+        );
         assert_eq!(u64::from(bindings::KVM_ENOSYS), KVM_ENOSYS);
         assert_eq!(u64::from(bindings::KVM_EINVAL), KVM_EINVAL);
         assert_eq!(u64::from(bindings::KVM_EFAULT), KVM_EFAULT);
@@ -64,7 +67,10 @@ mod abi_tests {
     #[test]
     fn return_values_decode() {
         assert_eq!(decode_ret(0), Ok(()));
-        assert_eq!(decode_ret(KVM_ENOSYS.wrapping_neg()), Err(Error::NotSupported));
+        assert_eq!(
+            decode_ret(KVM_ENOSYS.wrapping_neg()),
+            Err(Error::NotSupported)
+        );
         assert_eq!(decode_ret(KVM_EINVAL.wrapping_neg()), Err(Error::Invalid));
         assert_eq!(decode_ret(KVM_EFAULT.wrapping_neg()), Err(Error::Fault));
         assert_eq!(decode_ret(KVM_EPERM.wrapping_neg()), Err(Error::Permission));
@@ -138,15 +144,18 @@ mod policy_tests {
             assert_eq!(rc, kernel::error::code::EINVAL.to_errno());
         }
         let after = crate::stats();
-        assert_eq!((after.shares, after.unshares), (before.shares, before.unshares));
+        assert_eq!(
+            (after.shares, after.unshares),
+            (before.shares, before.unshares)
+        );
         // No hypercall was made, so nothing failed.
         assert_eq!(after.failures, before.failures);
     }
 
     #[test]
     fn another_cc_platform_is_never_overridden() {
-        use bindings::{cc_vendor_CC_VENDOR_AMD as AMD, cc_vendor_CC_VENDOR_INTEL as INTEL};
         use bindings::cc_vendor_CC_VENDOR_NONE as NONE;
+        use bindings::{cc_vendor_CC_VENDOR_AMD as AMD, cc_vendor_CC_VENDOR_INTEL as INTEL};
         assert_eq!(other_cc_platform(NONE, false), None);
         // AMD without SEV: the vendor is set, nothing is encrypted.
         assert_eq!(other_cc_platform(AMD, false), None);
@@ -192,7 +201,10 @@ mod range_tests {
 
     #[test]
     fn pool_of_64_mib_takes_one_hypercall() {
-        let mut host = Host { calls: 0, fail_at: 0 };
+        let mut host = Host {
+            calls: 0,
+            fail_at: 0,
+        };
         let book = RefCell::new(Ledger::<4>::new());
         let n = (64u64 << 20) >> 12;
         // SAFETY: the software host changes no memory.
@@ -204,7 +216,10 @@ mod range_tests {
 
     #[test]
     fn refusal_leaks_the_request_until_rolled_back() {
-        let mut host = Host { calls: 0, fail_at: 2 };
+        let mut host = Host {
+            calls: 0,
+            fail_at: 2,
+        };
         let book = RefCell::new(Ledger::<4>::new());
         // SAFETY: the software host changes no memory.
         let res = unsafe { convert(&mut host, [1u64, 2, 5, 9], Direction::Share, &book) };
@@ -223,11 +238,23 @@ mod range_tests {
     #[test]
     fn range_set_splits_and_merges() {
         let mut s = RangeSet::<3>::new();
-        assert_eq!(s.insert(PfnRun { pfn: 10, npages: 10 }), Ok(10));
+        assert_eq!(
+            s.insert(PfnRun {
+                pfn: 10,
+                npages: 10
+            }),
+            Ok(10)
+        );
         assert_eq!(s.remove(PfnRun { pfn: 12, npages: 2 }), Ok(2));
         assert_eq!(s.runs().len(), 2);
         assert_eq!(s.insert(PfnRun { pfn: 11, npages: 4 }), Ok(2));
-        assert_eq!(s.runs(), [PfnRun { pfn: 10, npages: 10 }]);
+        assert_eq!(
+            s.runs(),
+            [PfnRun {
+                pfn: 10,
+                npages: 10
+            }]
+        );
     }
 }
 
@@ -327,7 +354,8 @@ mod live_tests {
                 // SAFETY: the block is ours and holds nothing private; it
                 // is made private again before it is freed or reused.
                 let ok = unsafe {
-                    bindings::set_memory_decrypted(addr, n) == 0 && bindings::set_memory_encrypted(addr, n) == 0
+                    bindings::set_memory_decrypted(addr, n) == 0
+                        && bindings::set_memory_encrypted(addr, n) == 0
                 };
                 if !ok {
                     w.failed.store(true, Relaxed);
@@ -407,13 +435,20 @@ mod live_tests {
         }
         // At most 60 s of the L1 clock; a lost wakeup fails, never hangs.
         for _ in 0..6000 {
-            if workers.iter().take(tasks.len()).all(|w| w.done.load(Acquire)) {
+            if workers
+                .iter()
+                .take(tasks.len())
+                .all(|w| w.done.load(Acquire))
+            {
                 break;
             }
             // SAFETY: plain sleep in process context.
             unsafe { bindings::msleep(10) };
         }
-        let finished = workers.iter().take(tasks.len()).all(|w| w.done.load(Acquire));
+        let finished = workers
+            .iter()
+            .take(tasks.len())
+            .all(|w| w.done.load(Acquire));
         let elapsed = start.elapsed();
         for &task in tasks.iter() {
             // SAFETY: each thread waits for this stop before it exits.
@@ -461,7 +496,10 @@ mod live_tests {
         // SAFETY: registers inside the 4 KiB window (caller).
         unsafe {
             bindings::writeq(gpa, base.cast());
-            (bindings::readq(base.add(8).cast()), bindings::readq(base.add(16).cast()))
+            (
+                bindings::readq(base.add(8).cast()),
+                bindings::readq(base.add(16).cast()),
+            )
         }
     }
 
@@ -532,7 +570,10 @@ mod live_tests {
         };
         // SAFETY: called from a running test case.
         let dev = unsafe {
-            bindings::kunit_device_register(bindings::kunit_get_current_test(), c"kvm_protmem_dma".as_ptr().cast())
+            bindings::kunit_device_register(
+                bindings::kunit_get_current_test(),
+                c"kvm_protmem_dma".as_ptr().cast(),
+            )
         };
         assert!(!dev.is_null() && (dev as usize) < usize::MAX - 4095);
         if dev.is_null() || (dev as usize) >= usize::MAX - 4095 {
@@ -551,14 +592,21 @@ mod live_tests {
             }
             core::ptr::write_volatile(addr as *mut u64, DATA);
             let phys = virt_to_pfn(addr) << abi::PAGE_SHIFT;
-            let dma = bindings::dma_map_phys(dev, phys, 64, bindings::dma_data_direction_DMA_TO_DEVICE, 0);
+            let dma = bindings::dma_map_phys(
+                dev,
+                phys,
+                64,
+                bindings::dma_data_direction_DMA_TO_DEVICE,
+                0,
+            );
             assert!(dma != u64::MAX);
             let slot = dma >> abi::PAGE_SHIFT;
             // The device gets a bounce slot in the shared pool, not the page.
             assert!(slot >= pool && slot < pool + pages);
             assert!(dma != phys);
             // The bounce slot holds the data (copied at map time).
-            let bounced = core::ptr::read_volatile((dma as usize + bindings::page_offset_base) as *const u64);
+            let bounced =
+                core::ptr::read_volatile((dma as usize + bindings::page_offset_base) as *const u64);
             assert_eq!(bounced, DATA);
             bindings::dma_unmap_phys(dev, dma, 64, bindings::dma_data_direction_DMA_TO_DEVICE, 0);
             bindings::free_pages(addr, 0);
