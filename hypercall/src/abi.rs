@@ -5,9 +5,9 @@
 //!
 //! This file is the single definition of the interface between a protected
 //! guest and its host. Cargo builds it as the `hypercall` crate (host VMM,
-//! tests); the kernel build compiles the very same file into the guest as
-//! `arch/x86/coco/kvm/hypercall_abi.rs`. It must stay `no_std`, free of
-//! allocation and free of crate-level attributes.
+//! tests); the kernel build compiles the very same file into the guest, as
+//! the `abi` module of the KVM protected memory guest. It must stay
+//! `no_std`, free of allocation and free of crate-level attributes.
 //!
 //! C header: [`include/uapi/linux/kvm_para.h`](srctree/include/uapi/linux/kvm_para.h)
 //! and [`arch/x86/include/uapi/asm/kvm_para.h`](srctree/arch/x86/include/uapi/asm/kvm_para.h).

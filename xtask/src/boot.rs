@@ -168,23 +168,9 @@ fn symbols_named(map: &str, name: &str) -> Vec<(u64, String)> {
 /// x86-64's direct map of physical memory (without KASLR).
 const DIRECT_MAP: u64 = 0xffff_8880_0000_0000;
 
-/// Every symbol of a `System.map` (text and data), sorted by address.
-fn all_symbols(map: &str) -> Vec<(u64, &str)> {
-    let mut v: Vec<(u64, &str)> = map
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            let addr = u64::from_str_radix(it.next()?, 16).ok()?;
-            let _kind = it.next()?;
-            Some((addr, it.next()?))
-        })
-        .collect();
-    v.sort_unstable();
-    v
-}
-
-/// The text symbols of a `System.map`, sorted by address.
-fn symbols(map: &str) -> Vec<(u64, &str)> {
+/// The symbols of a `System.map` whose type `keep` accepts, sorted by
+/// address.
+fn map_symbols(map: &str, keep: impl Fn(&str) -> bool) -> Vec<(u64, &str)> {
     let mut v: Vec<(u64, &str)> = map
         .lines()
         .filter_map(|l| {
@@ -192,11 +178,21 @@ fn symbols(map: &str) -> Vec<(u64, &str)> {
             let addr = u64::from_str_radix(it.next()?, 16).ok()?;
             let kind = it.next()?;
             let name = it.next()?;
-            matches!(kind, "t" | "T" | "w" | "W").then_some((addr, name))
+            keep(kind).then_some((addr, name))
         })
         .collect();
     v.sort_unstable();
     v
+}
+
+/// Every symbol of a `System.map` (text and data), sorted by address.
+fn all_symbols(map: &str) -> Vec<(u64, &str)> {
+    map_symbols(map, |_| true)
+}
+
+/// The text symbols of a `System.map`, sorted by address.
+fn symbols(map: &str) -> Vec<(u64, &str)> {
+    map_symbols(map, |kind| matches!(kind, "t" | "T" | "w" | "W"))
 }
 
 /// `name+0xoff` for `addr`, when it is in the kernel's text.

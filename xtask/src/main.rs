@@ -166,7 +166,13 @@ fn run(cli: Cli) -> Result<()> {
                 for s in all.iter().chain(&stock) {
                     println!("{:<28} {}", s.name, s.expect);
                 }
+                for s in e2e::by_name_only() {
+                    println!("{:<28} (by name only) {}", s.name, s.expect);
+                }
                 return Ok(());
+            }
+            if !names.is_empty() {
+                all.extend(e2e::by_name_only());
             }
             if !names.is_empty() {
                 for n in &names {
@@ -203,7 +209,11 @@ fn run(cli: Cli) -> Result<()> {
             e2e::bench(&ctx, &k, &vmm)
         }
         Cmd::Soak { n, scenario } => {
-            if !e2e::all().iter().any(|s| s.name == scenario) {
+            if !e2e::all()
+                .iter()
+                .chain(&e2e::by_name_only())
+                .any(|s| s.name == scenario)
+            {
                 anyhow::bail!("no scenario named {scenario} on our L1 (see `scenarios --list`)");
             }
             let tools = setup::run(&ctx)?;

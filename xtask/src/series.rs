@@ -150,7 +150,7 @@ fn author(repo: &Path) -> Result<(String, String)> {
 fn base_repo(dir: &Path, pristine: &Path, files: &BTreeSet<PathBuf>) -> Result<()> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
-    sh::run(git(dir).args(["init", "-q", "-b", "base"]))?;
+    sh::run(git(dir).args(["init", "-q", "-b", "series"]))?;
     for f in files {
         let src = pristine.join(f);
         if src.is_file() {
@@ -170,6 +170,7 @@ fn base_repo(dir: &Path, pristine: &Path, files: &BTreeSet<PathBuf>) -> Result<(
             ])
             .args(["commit", "-q", "--allow-empty", "-m", "pristine base"]),
     )?;
+    sh::run(git(dir).args(["tag", "pristine"]))?;
     Ok(())
 }
 
@@ -238,7 +239,7 @@ pub fn export(ctx: &Ctx, pristine: &Path, out: &Path) -> Result<Exported> {
         "-o",
     ])
     .arg(out)
-    .arg("base..HEAD");
+    .arg("pristine..HEAD");
     ident(&mut c);
     sh::run(&mut c)?;
     let mut patches: Vec<PathBuf> = std::fs::read_dir(out)?
@@ -246,6 +247,9 @@ pub fn export(ctx: &Ctx, pristine: &Path, out: &Path) -> Result<Exported> {
         .filter(|p| p.extension().is_some_and(|e| e == "patch"))
         .collect();
     patches.sort();
+    if patches.len() < 2 {
+        bail!("git format-patch wrote no series into {}", out.display());
+    }
     let cover = patches.remove(0);
     Ok(Exported {
         dir: out.to_path_buf(),

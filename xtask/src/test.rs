@@ -151,8 +151,13 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     steps.push(step("series (am, checkpatch)", t, res));
 
     let t = Instant::now();
-    let res = sh::output(tools.make(&k.tree, &k.build).arg("rustfmtcheck"))
-        .map(|_| (1, 0, "make rustfmtcheck: the tree's Rust, ours included, is formatted".to_string()));
+    let res = sh::output(tools.make(&k.tree, &k.build).arg("rustfmtcheck")).map(|_| {
+        (
+            1,
+            0,
+            "make rustfmtcheck: the tree's Rust, ours included, is formatted".to_string(),
+        )
+    });
     steps.push(step("kernel rustfmtcheck", t, res));
 
     let t = Instant::now();
