@@ -419,6 +419,37 @@ fn kunit_row(o: &L2Outcome, suites: &[&str], live_must_pass: bool) -> Row {
     )
 }
 
+/// KUnit against a host that refuses shares on purpose: every live case
+/// passes but the SMP stress, which must skip (it measures exactness and
+/// says so when the host has already refused this boot).
+fn kunit_row_refusing_host(o: &L2Outcome) -> Row {
+    const STRESS: &str = "every_cpu_converts_its_own_pages_concurrently";
+    let s = ktap::parse(&o.console);
+    let live: Vec<_> = s
+        .cases
+        .iter()
+        .filter(|c| c.suite == "kvm_protmem_live")
+        .collect();
+    let ok = s.check(OUR_SUITES).is_ok()
+        && !live.is_empty()
+        && live.iter().all(|c| {
+            c.status
+                == if c.name == STRESS {
+                    Status::Skip
+                } else {
+                    Status::Pass
+                }
+        });
+    row(
+        "KUnit in L2 (KTAP parsed, our suites present)",
+        ok,
+        format!(
+            "{}; live suite ran, the SMP stress skipped (the host refuses)",
+            s.summary_line()
+        ),
+    )
+}
+
 /// The secret-scan row: what L1's scan of the running VMM found.
 fn scan_row(o: &L2Outcome, expect_hits: bool) -> Row {
     let planted = o.lines_after("kpm-init: secret planted").next().is_some();
@@ -813,7 +844,7 @@ fn judge_flaky_share(o: &L2Outcome) -> Vec<Row> {
             all > ok && failures > 0 && leaked > 0,
             format!("SHARE {ok}/{all} ok; guest failures {failures}, pages leaked {leaked}"),
         ),
-        kunit_row(o, OUR_SUITES, true),
+        kunit_row_refusing_host(o),
         {
             let v = verify::assess(&o.console);
             row(
