@@ -395,27 +395,35 @@ fn access_platform_rows(o: &L2Outcome) -> Row {
 }
 
 fn kunit_row(o: &L2Outcome, suites: &[&str], live_must_pass: bool) -> Row {
+    let (expect, state) = if live_must_pass {
+        (Status::Pass, "live suite ran")
+    } else {
+        (Status::Skip, "live suite skipped")
+    };
+    kunit_live_row(o, suites, |_| expect, state)
+}
+
+/// The KUnit row: our suites present, nothing failed, and every case of
+/// the live suite (at least one) ended as `expect` says.
+fn kunit_live_row(
+    o: &L2Outcome,
+    suites: &[&str],
+    expect: impl Fn(&str) -> Status,
+    state: &str,
+) -> Row {
     let s = ktap::parse(&o.console);
-    let mut ok = s.check(suites).is_ok();
     let live: Vec<_> = s
         .cases
         .iter()
         .filter(|c| c.suite == "kvm_protmem_live")
         .collect();
-    if live_must_pass {
-        ok &= !live.is_empty() && live.iter().all(|c| c.status == Status::Pass);
-    } else {
-        ok &= live.iter().all(|c| c.status == Status::Skip);
-    }
-    let live_state = if live_must_pass {
-        "live suite ran"
-    } else {
-        "live suite skipped"
-    };
+    let ok = s.check(suites).is_ok()
+        && !live.is_empty()
+        && live.iter().all(|c| c.status == expect(&c.name));
     row(
         "KUnit in L2 (KTAP parsed, our suites present)",
         ok,
-        format!("{}; {live_state}", s.summary_line()),
+        format!("{}; {state}", s.summary_line()),
     )
 }
 
@@ -424,29 +432,17 @@ fn kunit_row(o: &L2Outcome, suites: &[&str], live_must_pass: bool) -> Row {
 /// says so when the host has already refused this boot).
 fn kunit_row_refusing_host(o: &L2Outcome) -> Row {
     const STRESS: &str = "every_cpu_converts_its_own_pages_concurrently";
-    let s = ktap::parse(&o.console);
-    let live: Vec<_> = s
-        .cases
-        .iter()
-        .filter(|c| c.suite == "kvm_protmem_live")
-        .collect();
-    let ok = s.check(OUR_SUITES).is_ok()
-        && !live.is_empty()
-        && live.iter().all(|c| {
-            c.status
-                == if c.name == STRESS {
-                    Status::Skip
-                } else {
-                    Status::Pass
-                }
-        });
-    row(
-        "KUnit in L2 (KTAP parsed, our suites present)",
-        ok,
-        format!(
-            "{}; live suite ran, the SMP stress skipped (the host refuses)",
-            s.summary_line()
-        ),
+    kunit_live_row(
+        o,
+        OUR_SUITES,
+        |name| {
+            if name == STRESS {
+                Status::Skip
+            } else {
+                Status::Pass
+            }
+        },
+        "live suite ran, the SMP stress skipped (the host refuses)",
     )
 }
 
@@ -746,12 +742,14 @@ fn judge_required(o: &L2Outcome, why: &str) -> Vec<Row> {
     let line = format!(
         "Kernel panic - not syncing: kvm_protmem: protection required (kvm_protmem=require) {why}; refusing to boot unprotected"
     );
+    panic_stop_rows(o, "the guest panics with the precise line", &line)
+}
+
+/// A boot that must stop with panic line `line`: the line, VMM exit 2
+/// (guest panic), and no userspace.
+fn panic_stop_rows(o: &L2Outcome, check: &str, line: &str) -> Vec<Row> {
     vec![
-        row(
-            "the guest panics with the precise line",
-            dmesg_has(o, &line),
-            why,
-        ),
+        row(check, dmesg_has(o, line), line.to_string()),
         row(
             "the VMM reports the panic (exit 2)",
             o.exit == Some(2),
@@ -808,28 +806,17 @@ fn judge_pool_share_fails(o: &L2Outcome) -> Vec<Row> {
     let why = "kvm_protmem: swiotlb pool not shared: host returned KVM_EFAULT";
     let msg =
         "Kernel panic - not syncing: Cannot decrypt the SWIOTLB bounce buffer; DMA would not work";
-    vec![
-        row(
-            "guest names the refused pool share",
-            dmesg_has(o, why),
-            why.to_string(),
-        ),
-        row(
-            "mem_encrypt_init() stops the boot with the precise message",
-            dmesg_has(o, msg),
-            msg.to_string(),
-        ),
-        row(
-            "the VMM reports a guest panic",
-            o.exit == Some(2),
-            format!("VMM exit {:?}", o.exit),
-        ),
-        row(
-            "no userspace ran",
-            !dmesg_has(o, "kpm-init: userspace up"),
-            "no `kpm-init` line",
-        ),
-    ]
+    let mut rows = vec![row(
+        "guest names the refused pool share",
+        dmesg_has(o, why),
+        why.to_string(),
+    )];
+    rows.extend(panic_stop_rows(
+        o,
+        "mem_encrypt_init() stops the boot with the precise message",
+        msg,
+    ));
+    rows
 }
 
 fn judge_flaky_share(o: &L2Outcome) -> Vec<Row> {
