@@ -226,7 +226,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Series { out, bisect } => {
             let tools = setup::run(&ctx)?;
             let k = kernel::build(&ctx, &tools)?;
-            let ex = series::run(&ctx, &tools.pristine, &k.tree, out)?;
+            let ex = series::run(&ctx, &tools.pristine, &k.tree, out, series::From::User)?;
             if bisect {
                 kernel::bisect(&ctx, &tools, &ex)?;
             }

@@ -138,7 +138,7 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     steps.push(step("uapi vs ABI (bindgen)", t, res));
 
     let t = Instant::now();
-    let res = series::run(ctx, &tools.pristine, &k.tree, None).map(|ex| {
+    let res = series::run(ctx, &tools.pristine, &k.tree, None, series::From::CheckOnly).map(|ex| {
         (
             ex.patches.len(),
             0,
