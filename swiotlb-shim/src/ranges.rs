@@ -226,7 +226,11 @@ impl<const N: usize> RangeSet<N> {
             return Err(Full);
         }
         self.runs.copy_within(last..self.len, first + nkeep);
-        self.runs[first..first + nkeep].copy_from_slice(&keep[..nkeep]);
+        // Element by element: `copy_from_slice()`'s length check would add
+        // a panic path the kernel's objtool does not know as noreturn.
+        for (dst, src) in self.runs[first..].iter_mut().zip(&keep[..nkeep]) {
+            *dst = *src;
+        }
         // INVARIANT: the kept pieces lie strictly inside the removed window,
         // separated from their neighbours by the hole.
         self.len = new_len;
@@ -413,9 +417,34 @@ where
     I::IntoIter: Clone,
     B: Book<N> + ?Sized,
 {
+    // SAFETY: as this function's (caller).
+    unsafe { convert_in_runs_of(hv, frames, dir, book, MAX_RUN_PAGES) }
+}
+
+/// [`convert`] with at most `max_run` pages per hypercall (clamped to
+/// `1..=`[`MAX_RUN_PAGES`]). `1` converts page by page, one hypercall per
+/// 4 KiB page as pKVM guests do: the guest's per-page mode, which exists
+/// to measure what coalescing saves. The ledger coalesces either way.
+///
+/// # Safety
+///
+/// As [`convert`].
+pub unsafe fn convert_in_runs_of<H, I, B, const N: usize>(
+    hv: &mut H,
+    frames: I,
+    dir: Direction,
+    book: &B,
+    max_run: u64,
+) -> Result<u64, Failed>
+where
+    H: Hypervisor + ?Sized,
+    I: IntoIterator<Item = u64>,
+    I::IntoIter: Clone,
+    B: Book<N> + ?Sized,
+{
     let frames = frames.into_iter();
     let mut done = 0;
-    for run in coalesce(frames.clone(), MAX_RUN_PAGES) {
+    for run in coalesce(frames.clone(), max_run.clamp(1, MAX_RUN_PAGES)) {
         let res = GpaRange::from_pfn(run.pfn, run.npages).and_then(|r| {
             let call = match dir {
                 Direction::Share => Hypercall::Share(r),

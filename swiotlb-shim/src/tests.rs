@@ -114,6 +114,42 @@ fn a_64_mib_pool_takes_one_share() {
 }
 
 #[test]
+fn per_page_mode_takes_one_call_per_page_and_the_ledger_still_coalesces() {
+    let mut host = Host::default();
+    let book = ledger::<8>();
+    let base = 0x3c00_0000 >> 12;
+    let n = 512;
+    // SAFETY: the software host only records calls.
+    let done = unsafe { convert_in_runs_of(&mut host, base..base + n, Direction::Share, &book, 1) };
+    assert_eq!(done, Ok(n));
+    assert_eq!(host.calls.len() as u64, n);
+    assert!(host
+        .calls
+        .iter()
+        .enumerate()
+        .all(|(i, c)| *c
+            == Hypercall::Share(hypercall::GpaRange::from_pfn(base + i as u64, 1).unwrap())));
+    let l = book.borrow();
+    assert_eq!((l.stats.shares, l.stats.pages_shared), (n, n));
+    assert_eq!(
+        l.set.runs().len(),
+        1,
+        "adjacent pages are one run in the ledger"
+    );
+    // A limit of 0 means 1, beyond MAX_RUN_PAGES means MAX_RUN_PAGES.
+    let mut host = Host::default();
+    // SAFETY: as above.
+    let done = unsafe { convert_in_runs_of(&mut host, 0..3, Direction::Share, &ledger::<8>(), 0) };
+    assert_eq!(done, Ok(3));
+    let mut host = Host::default();
+    let n4 = (4u64 << 30) >> 12;
+    // SAFETY: as above.
+    let done =
+        unsafe { convert_in_runs_of(&mut host, 0..n4, Direction::Share, &ledger::<8>(), u64::MAX) };
+    assert_eq!(done, Ok(4));
+}
+
+#[test]
 fn share_then_unshare_round_trip() {
     let mut host = Host::default();
     let book = ledger::<8>();

@@ -95,15 +95,7 @@ impl Initramfs {
 /// The busybox-based initramfs that every guest boots: busybox, `/init`
 /// from `tests/guest/init`, and the given extra files.
 pub fn busybox(repo: &Path, extra: &[(&str, &[u8])]) -> Result<Vec<u8>> {
-    let mut i = Initramfs::new();
-    for d in ["bin", "dev", "proc", "sys", "tmp", "etc", "mnt"] {
-        i.dir(d);
-    }
-    i.chardev("dev/console", 5, 1).chardev("dev/null", 1, 3);
-    i.copy("bin/busybox", 0o755, Path::new("/bin/busybox"))
-        .context("busybox-static is needed (cargo xtask setup installs it)")?;
-    i.symlink("bin/sh", "busybox");
-    i.copy("init", 0o755, &repo.join("tests/guest/init"))?;
+    let mut i = busybox_base(repo)?;
     for (path, data) in extra {
         if let Some(parent) = Path::new(path).parent() {
             if !parent.as_os_str().is_empty() {
@@ -113,6 +105,20 @@ pub fn busybox(repo: &Path, extra: &[(&str, &[u8])]) -> Result<Vec<u8>> {
         i.file(path, 0o644, data);
     }
     Ok(i.finish())
+}
+
+/// The files of [`busybox`] without extras, still open for more.
+pub fn busybox_base(repo: &Path) -> Result<Initramfs> {
+    let mut i = Initramfs::new();
+    for d in ["bin", "dev", "proc", "sys", "tmp", "etc", "mnt"] {
+        i.dir(d);
+    }
+    i.chardev("dev/console", 5, 1).chardev("dev/null", 1, 3);
+    i.copy("bin/busybox", 0o755, Path::new("/bin/busybox"))
+        .context("busybox-static is needed (cargo xtask setup installs it)")?;
+    i.symlink("bin/sh", "busybox");
+    i.copy("init", 0o755, &repo.join("tests/guest/init"))?;
+    Ok(i)
 }
 
 #[cfg(test)]

@@ -335,6 +335,145 @@ const OUR_OPTIONS: &[&str] = &[
     "CONFIG_KVM_PROTMEM_KUNIT_TEST",
 ];
 
+/// `cargo xtask lint`: the kernel's own Rust checks over the built tree,
+/// each printed as it passes.
+pub fn lint(ctx: &Ctx, tools: &Tools, k: &Kernel) -> Result<()> {
+    sh::output(tools.make(&k.tree, &k.build).arg("rustfmtcheck"))?;
+    println!("lint: make rustfmtcheck: formatted");
+    let index = rustdoc(ctx, tools, k)?;
+    println!(
+        "lint: rustdoc of {OUR_RUST_DIR}: 0 warnings ({})",
+        index.display()
+    );
+    println!("lint: {}", clippy(tools, k)?);
+    Ok(())
+}
+
+/// Where our Rust guest lives in the tree (one crate: `kvm_protmem.rs` and
+/// its modules).
+pub const OUR_RUST_DIR: &str = "arch/x86/coco/kvm";
+
+/// `make CLIPPY=1` of [`OUR_RUST_DIR`] on the existing build tree: our crate
+/// compiled by clippy-driver with the kernel's own lint set (the
+/// `-Wclippy::*` list of its Makefile). Fails on any warning or error.
+/// Our object is removed first so that it is always checked; the next
+/// kernel build compiles it again with rustc (and relinks).
+pub fn clippy(tools: &Tools, k: &Kernel) -> Result<String> {
+    let obj = k.build.join(OUR_RUST_DIR).join("kvm_protmem.o");
+    let _ = std::fs::remove_file(&obj);
+    let mut cmd = tools.make(&k.tree, &k.build);
+    cmd.arg("CLIPPY=1").arg(format!("{OUR_RUST_DIR}/"));
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot start `{}`", sh::show(&cmd)))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let checked = text
+        .lines()
+        .any(|l| l.trim_start().starts_with("CLIPPY") && l.contains(OUR_RUST_DIR));
+    let findings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("warning") || l.starts_with("error"))
+        .collect();
+    if !out.status.success() || !findings.is_empty() {
+        bail!(
+            "`{}`: {} finding(s):\n{}",
+            sh::show(&cmd),
+            findings.len(),
+            sh::tail(&text, 60)
+        );
+    }
+    if !checked {
+        bail!(
+            "`{}` did not run clippy on {OUR_RUST_DIR}:\n{}",
+            sh::show(&cmd),
+            sh::tail(&text, 20)
+        );
+    }
+    Ok(format!(
+        "make CLIPPY=1 {OUR_RUST_DIR}/: 0 warnings (kernel lint set)"
+    ))
+}
+
+/// rustdoc over our crate on the existing build tree. `make rustdoc`
+/// documents only the crates under rust/, so this runs rustdoc the way
+/// its `cmd_rustdoc` does, with the flags kbuild compiled our object with
+/// (from its `.cmd` file: target, cfgs, lints, `--extern kernel`),
+/// documenting private items too, since everything of ours is crate-private.
+/// Fails on any rustdoc warning (broken intra-doc links, unescaped
+/// backticks, ...). Returns the output directory.
+pub fn rustdoc(ctx: &Ctx, tools: &Tools, k: &Kernel) -> Result<PathBuf> {
+    let cmd_file = k.build.join(OUR_RUST_DIR).join(".kvm_protmem.o.cmd");
+    let text = std::fs::read_to_string(&cmd_file).with_context(|| {
+        format!(
+            "cannot read {} (build the kernel first)",
+            cmd_file.display()
+        )
+    })?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("savedcmd_"))
+        .and_then(|l| l.split_once(":= "))
+        .map(|(_, c)| c)
+        .with_context(|| format!("{} has no saved command", cmd_file.display()))?;
+    // `ENV=... rustc FLAGS FILE ; objtool ...`: keep the environment and the
+    // flags, drop what only compiling does.
+    let compile = line.split(" ; ").next().unwrap_or(line);
+    let (env, flags) = compile
+        .split_once(" rustc ")
+        .or_else(|| compile.split_once(" clippy-driver "))
+        .with_context(|| format!("no rustc in {}", cmd_file.display()))?;
+    let mut kept = Vec::new();
+    let mut words = flags.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "--out-dir" {
+            words.next();
+        } else if !(w.starts_with("--emit=")
+            || w.starts_with("--remap-path-scope=")
+            || w.starts_with("-Zbinary_dep_depinfo"))
+        {
+            kept.push(w);
+        }
+    }
+    let out = ctx.cache.join("rustdoc");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out)?;
+    let script = format!(
+        "{env} rustdoc {} -Zunstable-options --document-private-items \
+         -Cunsafe-allow-abi-mismatch=fixed-x18 --output {}",
+        kept.join(" "),
+        out.display()
+    );
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(&script)
+        .current_dir(&k.build)
+        .env("RUSTUP_TOOLCHAIN", &tools.rustc)
+        // As the kernel's Makefile exports: its flags are unstable ones.
+        .env("RUSTC_BOOTSTRAP", "1")
+        .stdin(Stdio::null());
+    let res = cmd
+        .output()
+        .with_context(|| format!("cannot start `{script}`"))?;
+    let err = String::from_utf8_lossy(&res.stderr);
+    if !res.status.success()
+        || err
+            .lines()
+            .any(|l| l.starts_with("warning") || l.starts_with("error"))
+    {
+        bail!("rustdoc of {OUR_RUST_DIR}:\n{}", sh::tail(&err, 60));
+    }
+    let index = out.join("kvm_protmem/index.html");
+    if !index.is_file() {
+        bail!("rustdoc of {OUR_RUST_DIR} wrote no {}", index.display());
+    }
+    Ok(index)
+}
+
 /// The Kconfig checks: with `RUST=n`, and with `KVM_GUEST=n`, our options
 /// disappear after `olddefconfig`, and every other option the fragments
 /// request keeps its value (but those that depend on the disabled one by

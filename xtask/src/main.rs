@@ -2,6 +2,7 @@
 //!
 //! `cargo xtask setup | kernel | boot | test`: see `--help`.
 
+mod bench;
 mod boot;
 mod ctx;
 mod e2e;
@@ -70,9 +71,18 @@ enum Cmd {
         #[arg(long)]
         verbose: bool,
     },
-    /// I/O benchmark: the same disk workload in an unprotected, a view and
-    /// a gmem L2, figures side by side.
-    Bench,
+    /// Benchmarks: boot, conversion cost, disk I/O and bounce-pool pressure
+    /// of unprotected, view, gmem and per-page guests, side by side in one
+    /// L1 boot; writes BENCHMARKS.md and SVG plots.
+    Bench {
+        /// Runs per configuration (interleaved).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Directory for BENCHMARKS.md and the plots (default: the
+        /// repository root).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Soak: N consecutive L2 boots of one scenario (by default the
     /// protected gmem boot with the full KUnit suite and disk I/O) in one L1
     /// boot (not in `test`); prints the spread of boot times.
@@ -99,6 +109,9 @@ enum Cmd {
         #[arg(long)]
         bisect: bool,
     },
+    /// Lint our kernel Rust the way the tree does, on the built tree:
+    /// `make rustfmtcheck`, rustdoc of our crate, `make CLIPPY=1`.
+    Lint,
     /// Read a guest's console log or `dmesg` output and print a verdict
     /// table; exits non-zero unless the guest is protected and healthy.
     Verify {
@@ -202,11 +215,12 @@ fn run(cli: Cli) -> Result<()> {
             };
             ours.and(theirs)
         }
-        Cmd::Bench => {
+        Cmd::Bench { runs, out } => {
             let tools = setup::run(&ctx)?;
             let k = kernel::build(&ctx, &tools)?;
             let vmm = nested::build_vmm(&ctx)?;
-            e2e::bench(&ctx, &k, &vmm)
+            let out = out.unwrap_or_else(|| ctx.repo.clone());
+            bench::run(&ctx, &k, &vmm, runs, &out)
         }
         Cmd::Soak { n, scenario } => {
             if !e2e::all()
@@ -222,6 +236,11 @@ fn run(cli: Cli) -> Result<()> {
             e2e::soak(&ctx, &k, &vmm, n, &scenario)
         }
         Cmd::Test => test::run(&ctx),
+        Cmd::Lint => {
+            let tools = setup::run(&ctx)?;
+            let k = kernel::build(&ctx, &tools)?;
+            kernel::lint(&ctx, &tools, &k)
+        }
         Cmd::Verify { log } => verify::run(&log),
         Cmd::Series { out, bisect } => {
             let tools = setup::run(&ctx)?;

@@ -12,7 +12,7 @@ use crate::boot::{self, Console, End};
 use crate::ctx::Ctx;
 use crate::initramfs::{self, Initramfs};
 use crate::kernel::Kernel;
-use crate::setup::Qemu;
+use crate::setup::{self, Qemu};
 use crate::sh;
 use crate::stock::StockHost;
 use anyhow::{bail, Context, Result};
@@ -24,6 +24,8 @@ use std::time::Duration;
 /// Size of the test disk, and of the region with known content at its start.
 pub const DISK_BYTES: usize = 4 << 20;
 pub const KNOWN_BYTES: usize = 1 << 20;
+/// Disk size of benchmark runs ([`L2Run::disk_mib`]).
+pub const BENCH_DISK_MIB: u64 = 96;
 
 /// The disk's known content: a pattern no two pages of which are equal.
 pub fn disk_image() -> Vec<u8> {
@@ -53,6 +55,25 @@ pub struct L2Run {
     /// Boot the guest under QEMU/KVM inside L1 instead of our VMM (a
     /// control: same guest, same L1, another VMM; `vmm_args` unused).
     pub qemu: bool,
+}
+
+impl L2Run {
+    /// Size of the run's disk: the benchmarks (`kpm.bench`, `kpm.pressure`)
+    /// use a 64 MiB area from 16 MiB on; everyone else the image as it is.
+    pub fn disk_mib(&self) -> Option<u64> {
+        self.cmdline
+            .split_whitespace()
+            .any(|w| w == "kpm.bench" || w == "kpm.pressure")
+            .then_some(BENCH_DISK_MIB)
+    }
+
+    /// Whether the guest hands over to a second kernel (`kpm.kexec`,
+    /// `kpm.kdump` in tests/guest/init): it boots the kexec initramfs.
+    pub fn kexecs(&self) -> bool {
+        self.cmdline
+            .split_whitespace()
+            .any(|w| w == "kpm.kexec" || w == "kpm.kdump")
+    }
 }
 
 /// What one L2 boot left.
@@ -122,8 +143,13 @@ pub fn build_vmm(ctx: &Ctx) -> Result<PathBuf> {
 }
 
 /// Shared libraries `bin` needs, from `ldd`.
-fn libraries(bin: &Path) -> Result<Vec<PathBuf>> {
-    let out = sh::output(Command::new("ldd").arg(bin))?;
+fn libraries(bin: &Path, root: Option<&Path>) -> Result<Vec<PathBuf>> {
+    let mut ldd = Command::new("ldd");
+    ldd.arg(bin);
+    if let Some(r) = root {
+        ldd.env("LD_LIBRARY_PATH", setup::lib_path(r));
+    }
+    let out = sh::output(&mut ldd)?;
     let mut libs = Vec::new();
     for l in out.lines() {
         // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
@@ -218,10 +244,15 @@ pub fn l1_script(runs: &[L2Run], kvm_test: bool) -> String {
             ));
             continue;
         }
+        let grow = r
+            .disk_mib()
+            .map(|m| format!("truncate -s {m}M /tmp/{n}.img\n"))
+            .unwrap_or_default();
         s.push_str(&format!(
             "echo 'kpm-l1: begin {n}'\n\
              cp /l2/disk.img /tmp/{n}.img\n\
-             /vmm/protmem-vmm --kernel /l2/bzImage --initrd /l2/initrd.cpio --disk /tmp/{n}.img --rng \\\n  \
+             {grow}\
+             /vmm/protmem-vmm --kernel /l2/bzImage --initrd /l2/{initrd} --disk /tmp/{n}.img --rng \\\n  \
              --stats-json /tmp/{n}.json --timeout {} --cmdline {} {}{bg}\n\
              {scan}\
              echo \"kpm-l1: exit {n} $?\"\n\
@@ -231,7 +262,12 @@ pub fn l1_script(runs: &[L2Run], kvm_test: bool) -> String {
              echo 'kpm-l1: end {n}'\n",
             r.timeout,
             shell_quote(&r.cmdline),
-            r.vmm_args.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
+            r.vmm_args.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" "),
+            initrd = if r.kexecs() {
+                "initrd-kexec.cpio"
+            } else {
+                "initrd.cpio"
+            },
         ));
     }
     s
@@ -294,8 +330,23 @@ fn add_libraries(
     dirs: &mut std::collections::BTreeSet<String>,
     bin: &Path,
 ) -> Result<()> {
-    for lib in libraries(bin)? {
-        let rel = lib.to_string_lossy().trim_start_matches('/').to_string();
+    add_libraries_from(i, dirs, bin, None)
+}
+
+/// [`add_libraries`] for a binary unpacked under `root` with libraries of
+/// its own there: those land at their paths relative to `root`.
+fn add_libraries_from(
+    i: &mut Initramfs,
+    dirs: &mut std::collections::BTreeSet<String>,
+    bin: &Path,
+    root: Option<&Path>,
+) -> Result<()> {
+    for lib in libraries(bin, root)? {
+        let inside = root.and_then(|r| lib.strip_prefix(r).ok());
+        let rel = match inside {
+            Some(p) => p.to_string_lossy().to_string(),
+            None => lib.to_string_lossy().trim_start_matches('/').to_string(),
+        };
         if !dirs.insert(rel.clone()) {
             continue;
         }
@@ -316,6 +367,43 @@ fn add_libraries(
         i.copy(&rel, 0o755, &real)?;
     }
     Ok(())
+}
+
+/// The initramfs of a guest that kexecs (tests/guest/init, `kpm.kexec`,
+/// `kpm.kdump`): the plain one's files, `kexec` from Debian's kexec-tools
+/// with its libraries, and under /kexec the next kernel (this same
+/// bzImage) and its initramfs: the plain one with `vmcore-dmesg`, which
+/// reads the crashed kernel's log out of /proc/vmcore.
+fn l2_kexec_initrd(ctx: &Ctx, k: &Kernel) -> Result<Vec<u8>> {
+    let root = setup::kexec_root(&ctx.cache);
+    let tool = |name: &str| -> Result<PathBuf> {
+        let p = root.join("sbin").join(name);
+        if !p.is_file() {
+            bail!(
+                "{} is missing: kexec-tools is unpacked by `cargo xtask setup`",
+                p.display()
+            );
+        }
+        Ok(p)
+    };
+    let with_tool = |name: &str| -> Result<Initramfs> {
+        let bin = tool(name)?;
+        let mut i = initramfs::busybox_base(&ctx.repo)?;
+        let mut dirs = std::collections::BTreeSet::new();
+        for d in ["sbin", "lib", "lib64"] {
+            i.dir(d);
+            dirs.insert(d.to_string());
+        }
+        i.copy(&format!("sbin/{name}"), 0o755, &bin)?;
+        add_libraries_from(&mut i, &mut dirs, &bin, Some(&root))?;
+        Ok(i)
+    };
+    let next = with_tool("vmcore-dmesg")?.finish();
+    let mut i = with_tool("kexec")?;
+    i.dir("kexec");
+    i.copy("kexec/bzImage", 0o644, &k.bzimage)?;
+    i.file("kexec/initrd.cpio", 0o644, &next);
+    Ok(i.finish())
 }
 
 /// Firmware QEMU needs to boot a Linux kernel with `-nodefaults -vga none`
@@ -431,6 +519,9 @@ pub fn run_on(
     };
     i.copy("l2/bzImage", 0o644, &k.bzimage)?;
     i.file("l2/initrd.cpio", 0o644, &l2_initrd);
+    if runs.iter().any(L2Run::kexecs) {
+        i.file("l2/initrd-kexec.cpio", 0o644, &l2_kexec_initrd(ctx, k)?);
+    }
     i.file("l2/disk.img", 0o644, &disk_image());
     let l1_initrd = work.join("l1.cpio");
     std::fs::write(&l1_initrd, i.finish())?;

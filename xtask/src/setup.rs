@@ -86,6 +86,7 @@ pub fn run(ctx: &Ctx) -> Result<Tools> {
     let (pristine, kver) = kernel_source(ctx, &apt)?;
     let rust_lib_src = rust_src(ctx, &apt)?;
     let bindgen = bindgen(ctx)?;
+    kexec_tools(&ctx.cache)?;
     let tools = Tools {
         pristine,
         kver,
@@ -346,6 +347,95 @@ fn unpack_private_qemu(root: &Path) -> Result<()> {
     std::fs::rename(&partial, root)?;
     let _ = std::fs::remove_dir_all(&debs);
     Ok(())
+}
+
+/// Where setup unpacks Debian's kexec-tools (`sbin/kexec`,
+/// `sbin/vmcore-dmesg`) and the libraries of it that this system lacks.
+pub fn kexec_root(cache: &Path) -> PathBuf {
+    cache.join("kexec")
+}
+
+/// The library directories under an unpacked package root, for `ldd`.
+pub fn lib_path(root: &Path) -> String {
+    ["lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"]
+        .iter()
+        .map(|d| root.join(d).to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Unpacks `kexec-tools` and the libraries it depends on that are not
+/// installed (the Xen control libraries on a stock Debian) into
+/// [`kexec_root`], for the guests' kexec and kdump scenarios; nothing is
+/// installed on this machine (the package's services would run here).
+fn kexec_tools(cache: &Path) -> Result<PathBuf> {
+    let root = kexec_root(cache);
+    if root.join("sbin/kexec").is_file() {
+        return Ok(root);
+    }
+    let deps = sh::output(Command::new("apt-cache").args([
+        "depends",
+        "--recurse",
+        "--no-recommends",
+        "--no-suggests",
+        "--no-conflicts",
+        "--no-breaks",
+        "--no-replaces",
+        "--no-enhances",
+        "kexec-tools",
+    ]))
+    .context("apt-cache cannot resolve kexec-tools")?;
+    let mut pkgs = vec!["kexec-tools".to_string()];
+    pkgs.extend(
+        deps.lines()
+            .filter(|l| l.starts_with("lib") && !l.contains(':'))
+            .map(str::trim)
+            .filter(|p| !is_installed(p))
+            .map(str::to_string),
+    );
+    pkgs.sort();
+    pkgs.dedup();
+    let debs = root.with_extension("debs");
+    let _ = std::fs::remove_dir_all(&debs);
+    std::fs::create_dir_all(&debs)?;
+    println!("setup: downloading {}", pkgs.join(" "));
+    sh::output(
+        Command::new("apt-get")
+            .current_dir(&debs)
+            .args(["download", "-q"])
+            .args(&pkgs),
+    )
+    .with_context(|| format!("downloading {} failed", pkgs.join(" ")))?;
+    let partial = sh::with_suffix(&root, ".partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial)?;
+    for deb in std::fs::read_dir(&debs)? {
+        sh::run(
+            Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(deb?.path())
+                .arg(&partial),
+        )?;
+    }
+    for bin in ["sbin/kexec", "sbin/vmcore-dmesg"] {
+        let out = sh::output(
+            Command::new("ldd")
+                .arg(partial.join(bin))
+                .env("LD_LIBRARY_PATH", lib_path(&partial)),
+        )?;
+        if let Some(l) = out.lines().find(|l| l.contains("not found")) {
+            bail!(
+                "{bin} from kexec-tools needs a library that neither this system nor the \
+                 downloaded packages have: {}",
+                l.trim()
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::rename(&partial, &root)?;
+    let _ = std::fs::remove_dir_all(&debs);
+    println!("setup: kexec-tools unpacked in {}", root.display());
+    Ok(root)
 }
 
 /// Packages an `apt-get -s` transcript installs (`Inst NAME [OLD] (NEW ...)`).

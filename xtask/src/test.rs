@@ -161,6 +161,15 @@ pub fn run(ctx: &Ctx) -> Result<()> {
     steps.push(step("kernel rustfmtcheck", t, res));
 
     let t = Instant::now();
+    let res = kernel::rustdoc(ctx, &tools, &k)
+        .map(|index| (1, 0, format!("0 warnings; {}", index.display())));
+    steps.push(step("kernel rustdoc (our crate)", t, res));
+
+    let t = Instant::now();
+    let res = kernel::clippy(&tools, &k).map(|line| (1, 0, line));
+    steps.push(step("kernel clippy (CLIPPY=1)", t, res));
+
+    let t = Instant::now();
     let res = kernel::kconfig_checks(ctx, &tools, &k).map(|l| (l.len(), 0, l.join("; ")));
     steps.push(step("Kconfig (RUST=n, KVM_GUEST=n)", t, res));
 

@@ -24,6 +24,11 @@ pub const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
 /// Last line of a Linux panic report.
 pub const PANIC_END_MARKER: &[u8] = b"---[ end Kernel panic - not syncing";
 
+/// Banner of a kernel starting (init/main.c): after a panic, the crash
+/// kernel that kdump started (`panic()` runs `crash_kexec()` before the
+/// report's end line), so the panic is handled, not the end of the guest.
+pub const KERNEL_BANNER: &[u8] = b"] Linux version ";
+
 /// Longest line kept for marker matching; longer lines keep their tail.
 const MAX_LINE: usize = 4096;
 
@@ -97,6 +102,8 @@ impl<W: Write> Console<W> {
             self.panic = PanicState::Ended;
         } else if has(PANIC_MARKER) && self.panic == PanicState::None {
             self.panic = PanicState::Started;
+        } else if has(KERNEL_BANNER) && self.panic == PanicState::Started {
+            self.panic = PanicState::None;
         }
         self.line.clear();
     }
@@ -261,6 +268,32 @@ pub(crate) mod tests {
             &mut port,
             b"[    1.1] ---[ end Kernel panic - not syncing: VFS ]---\n",
         );
+        assert_eq!(port.console().panic_state(), PanicState::Ended);
+    }
+
+    #[test]
+    fn a_crash_kernel_banner_ends_the_panic() {
+        let mut port = SerialPort::new(CountingIrq::default(), Vec::new());
+        type_str(
+            &mut port,
+            b"[   13.1] Kernel panic - not syncing: sysrq triggered crash\n",
+        );
+        assert_eq!(port.console().panic_state(), PanicState::Started);
+        // kdump: panic() kexecs into the crash kernel before its end line.
+        type_str(
+            &mut port,
+            b"[    0.000000] Linux version 7.2.12 (root@vm)\n",
+        );
+        assert_eq!(port.console().panic_state(), PanicState::None);
+        // The crash kernel's own panic counts again.
+        type_str(&mut port, b"[    2.0] Kernel panic - not syncing: x\n");
+        assert_eq!(port.console().panic_state(), PanicState::Started);
+        // An ended panic stays ended: nothing runs after its report.
+        type_str(
+            &mut port,
+            b"[    2.1] ---[ end Kernel panic - not syncing: x ]---\n",
+        );
+        type_str(&mut port, b"[    0.000000] Linux version 7.2.12\n");
         assert_eq!(port.console().panic_state(), PanicState::Ended);
     }
 

@@ -730,8 +730,11 @@ fn wait_for_end(
         if deadline.is_some_and(|d| now >= d) {
             return Action::Stop(StopReason::Timeout);
         }
-        let panicking = machine.panicking();
-        if panicking && now - *panic_since.get_or_insert(now) >= PANIC_GRACE {
+        // A panic that a crash kernel took over (kdump) is over: its grace
+        // starts again at the next one.
+        if !machine.panicking() {
+            *panic_since = None;
+        } else if now - *panic_since.get_or_insert(now) >= PANIC_GRACE {
             return Action::Stop(StopReason::Panic);
         }
     }

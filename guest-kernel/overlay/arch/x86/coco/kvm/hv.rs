@@ -48,6 +48,25 @@ pub(crate) fn cpuid(leaf: u32) -> CpuidResult {
     CpuidResult { eax, ebx, ecx, edx }
 }
 
+/// Reads the TSC after every earlier instruction has completed (`lfence;
+/// rdtsc`, as `rdtsc_ordered()`), for timing.
+pub(crate) fn tsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: RDTSC is available on every x86-64 CPU (the kernel requires
+    // X86_FEATURE_TSC) and only writes EDX:EAX; LFENCE has no effect but
+    // ordering.
+    unsafe {
+        asm!(
+            "lfence",
+            "rdtsc",
+            out("eax") lo,
+            out("edx") hi,
+            options(nostack, preserves_flags, nomem),
+        );
+    }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
 /// CPUID.1:ECX bit 31: running under a hypervisor.
 const HYPERVISOR_BIT: u32 = 1 << 31;
 

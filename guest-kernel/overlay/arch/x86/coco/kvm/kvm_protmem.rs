@@ -45,6 +45,7 @@ use kernel::{
 
 #[path = "hypercall_abi.rs"]
 pub mod abi;
+mod bench;
 pub(crate) mod hv;
 #[path = "share_ranges.rs"]
 pub mod ranges;
@@ -228,7 +229,7 @@ unsafe fn convert_virt(vaddr: usize, npages: usize, dir: Direction) -> Result<u6
     // SAFETY: the caller (a `set_memory_*()` hook or early boot) owns the
     // range: it shares pages that hold nothing private and makes private
     // pages it no longer hands to the host.
-    unsafe { ranges::convert(&mut kvm, frames, dir, &SharedBook) }
+    unsafe { ranges::convert_in_runs_of(&mut kvm, frames, dir, &SharedBook, run_limit()) }
 }
 
 /// Logs a failure (the first ten of the boot one by one) and WARNs on the
@@ -418,9 +419,39 @@ impl Mode {
     }
 }
 
+/// Parses a whole `kvm_protmem=` value: a mode, then options after commas
+/// (`per-page`: one hypercall per 4 KiB page, see [`run_limit`]).
+pub fn parse_param(v: &[u8]) -> Option<(Mode, bool)> {
+    let mut parts = v.split(|&b| b == b',');
+    let mode = Mode::parse(parts.next()?)?;
+    let mut per_page = false;
+    for p in parts {
+        match p {
+            b"per-page" => per_page = true,
+            _ => return None,
+        }
+    }
+    Some((mode, per_page))
+}
+
 /// The `kvm_protmem=` mode, as [`Mode::encode`] gives it; 0 when the
 /// parameter was not given.
 static MODE: Atomic<u32> = Atomic::new(0);
+
+/// 1 with `kvm_protmem=...,per-page`.
+static PER_PAGE: Atomic<u32> = Atomic::new(0);
+
+/// Most pages per SHARE/UNSHARE hypercall: a run of up to 1 GiB, or one
+/// page in per-page mode (`kvm_protmem=on,per-page`), which converts page
+/// by page as pKVM guests do. That mode exists for the benchmarks, to
+/// measure what coalescing saves; it protects the same.
+pub fn run_limit() -> u64 {
+    if PER_PAGE.load(Relaxed) != 0 {
+        1
+    } else {
+        ranges::MAX_RUN_PAGES
+    }
+}
 
 /// The `kvm_protmem=` mode (the default without the parameter).
 pub fn mode() -> Mode {
@@ -447,12 +478,16 @@ pub unsafe extern "C" fn kvm_protmem_setup(arg: *mut c_char) -> c_int {
         None
     } else {
         // SAFETY: a NUL-terminated string that outlives this call (caller).
-        Mode::parse(unsafe { CStr::from_char_ptr(arg) }.to_bytes())
+        parse_param(unsafe { CStr::from_char_ptr(arg) }.to_bytes())
     };
     match mode {
-        Some(m) => MODE.store(m.encode(), Relaxed),
+        Some((m, per_page)) => {
+            MODE.store(m.encode(), Relaxed);
+            PER_PAGE.store(u32::from(per_page), Relaxed);
+        }
         None => pr_warn!(
-            "ignoring unknown kvm_protmem= value (use off, on or require); mode {}\n",
+            "ignoring unknown kvm_protmem= value (use off, on or require, optionally \
+             followed by ,per-page); mode {}\n",
             Mode::DEFAULT.name()
         ),
     }
@@ -587,6 +622,9 @@ pub unsafe extern "C" fn kvm_protmem_init() {
     }
     set_state(State::Enabled);
     pr_info!("enabled: all guest memory is private, DMA bounces through swiotlb\n");
+    if run_limit() == 1 {
+        pr_info!("per-page mode: one hypercall per 4 KiB page (kvm_protmem=...,per-page)\n");
+    }
     // kvmclock's boot-time pages (hv_clock_boot, wall_clock): linker
     // symbols, only their addresses are taken.
     let start = addr_of!(bindings::__start_bss_decrypted) as usize;
@@ -632,7 +670,7 @@ const COUNTERS: [(&CStr, Show); 6] = [
 macro_rules! counter_file {
     ($dir:expr, $i:literal) => {
         KBox::pin_init(
-            $dir.read_callback_file(COUNTERS[$i].0, (), &|_: &(), f| {
+            $dir.read_callback_file(COUNTERS[$i].0, (), &|(): &(), f| {
                 writeln!(f, "{}", (COUNTERS[$i].1)(&SHARED.lock()))
             }),
             GFP_KERNEL,
@@ -672,7 +710,7 @@ impl kernel::Module for KvmProtmem {
         let mut files = KVec::new();
         files.push(
             KBox::pin_init(
-                dir.read_callback_file(c"state", (), &|_: &(), f| {
+                dir.read_callback_file(c"state", (), &|(): &(), f| {
                     writeln!(f, "{}", state().describe())
                 }),
                 GFP_KERNEL,
@@ -681,7 +719,7 @@ impl kernel::Module for KvmProtmem {
         )?;
         files.push(
             KBox::pin_init(
-                dir.read_callback_file(c"shared_runs", (), &|_: &(), f| {
+                dir.read_callback_file(c"shared_runs", (), &|(): &(), f| {
                     for r in SHARED.lock().set.runs() {
                         writeln!(f, "{:#x} {}", r.pfn << abi::PAGE_SHIFT, r.npages)?;
                     }
@@ -697,6 +735,13 @@ impl kernel::Module for KvmProtmem {
         files.push(counter_file!(dir, 3), GFP_KERNEL)?;
         files.push(counter_file!(dir, 4), GFP_KERNEL)?;
         files.push(counter_file!(dir, 5), GFP_KERNEL)?;
+        files.push(
+            KBox::pin_init(
+                dir.read_write_callback_file(c"bench_convert", (), &bench::show, &bench::write),
+                GFP_KERNEL,
+            )?,
+            GFP_KERNEL,
+        )?;
         Ok(KvmProtmem {
             _dir: dir,
             _files: files,

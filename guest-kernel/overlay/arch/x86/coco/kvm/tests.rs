@@ -23,7 +23,7 @@ fn skip(reason: &[u8]) {
         let comment = &mut (*test).status_comment;
         let n = reason.len().min(comment.len() - 1);
         for (d, s) in comment.iter_mut().zip(&reason[..n]) {
-            *d = *s as _;
+            *d = *s;
         }
         comment[n] = 0;
     }
@@ -115,7 +115,7 @@ mod abi_tests {
 
 #[kernel::macros::kunit_tests(kvm_protmem_policy)]
 mod policy_tests {
-    use crate::{other_cc_platform, Mode};
+    use crate::{other_cc_platform, parse_param, Mode};
     use kernel::bindings;
 
     #[test]
@@ -131,6 +131,19 @@ mod policy_tests {
             Mode::On
         };
         assert_eq!(Mode::DEFAULT, default);
+    }
+
+    #[test]
+    fn param_takes_a_mode_and_the_per_page_option() {
+        assert_eq!(parse_param(b"on"), Some((Mode::On, false)));
+        assert_eq!(parse_param(b"on,per-page"), Some((Mode::On, true)));
+        assert_eq!(
+            parse_param(b"require,per-page"),
+            Some((Mode::Require, true))
+        );
+        assert_eq!(parse_param(b"per-page"), None);
+        assert_eq!(parse_param(b"on,per-page,x"), None);
+        assert_eq!(parse_param(b"on,"), None);
     }
 
     #[test]
@@ -579,7 +592,7 @@ mod live_tests {
         let dev = unsafe {
             bindings::kunit_device_register(
                 bindings::kunit_get_current_test(),
-                c"kvm_protmem_dma".as_ptr().cast(),
+                c"kvm_protmem_dma".as_char_ptr(),
             )
         };
         assert!(!dev.is_null() && (dev as usize) < usize::MAX - 4095);

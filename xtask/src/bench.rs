@@ -1,0 +1,830 @@
+//! `cargo xtask bench`: the cost of protection, side by side, written to
+//! `BENCHMARKS.md` with SVG plots next to it.
+//!
+//! Every configuration runs `runs` times, interleaved (run r of every
+//! configuration before run r+1 of any), all in one L1 boot, on the same
+//! kernel, initramfs and command line but for what the configuration
+//! changes. Benchmarks print figures; they assert nothing about time.
+
+use crate::ctx::Ctx;
+use crate::e2e::{kv, num, stats, BASE_CMDLINE};
+use crate::kernel::Kernel;
+use crate::nested::{self, L2Outcome, L2Run};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// One configuration of the guest and the VMM.
+struct Config {
+    /// Column label.
+    label: &'static str,
+    /// L2 run name prefix: letters, digits, `-`.
+    slug: &'static str,
+    vmm_args: &'static [&'static str],
+    /// Kernel command line beyond the common part.
+    cmdline: &'static str,
+}
+
+/// The common guest command line: no KUnit, equal work for everyone.
+const COMMON: &str = "kunit.enable=0";
+
+/// The main matrix: boot, conversion cost and disk I/O.
+const MAIN: [Config; 4] = [
+    Config {
+        label: "unprotected",
+        slug: "unprot",
+        vmm_args: &[],
+        cmdline: "kpm.bench",
+    },
+    Config {
+        label: "view",
+        slug: "view",
+        vmm_args: &["--protect=view"],
+        cmdline: "kpm.bench",
+    },
+    Config {
+        label: "gmem",
+        slug: "gmem",
+        vmm_args: &["--protect=gmem"],
+        cmdline: "kpm.bench",
+    },
+    Config {
+        label: "gmem, per-page",
+        slug: "perpage",
+        vmm_args: &["--protect=gmem"],
+        cmdline: "kpm.bench kvm_protmem=on,per-page",
+    },
+];
+
+/// Bounce-pool pressure, 2 vCPUs: the default pool and a 2 MiB one that
+/// must grow (`SWIOTLB_DYNAMIC`).
+const PRESSURE: [Config; 2] = [
+    Config {
+        label: "gmem, 64 MiB pool",
+        slug: "pool64",
+        vmm_args: &["--protect=gmem", "--cpus", "2"],
+        cmdline: "kpm.pressure",
+    },
+    Config {
+        label: "gmem, 2 MiB pool",
+        slug: "pool2",
+        vmm_args: &["--protect=gmem", "--cpus", "2"],
+        cmdline: "kpm.pressure swiotlb=1024",
+    },
+];
+
+/// Conversion sizes the guest measures (pages), with their names.
+const CONVERT_SIZES: [(u64, &str); 3] = [(1, "4 KiB"), (512, "2 MiB"), (16384, "64 MiB")];
+
+/// Block sizes of the disk benchmark (bytes), with their names.
+const BLOCK_SIZES: [(u64, &str); 3] = [(4096, "4 KiB"), (65536, "64 KiB"), (1 << 20, "1 MiB")];
+
+fn l2run(c: &Config, r: usize) -> L2Run {
+    L2Run {
+        name: format!("b-{}-{r}", c.slug),
+        vmm_args: c.vmm_args.iter().map(|s| s.to_string()).collect(),
+        cmdline: format!("{BASE_CMDLINE} {COMMON} {}", c.cmdline),
+        timeout: 300,
+        qemu: false,
+    }
+}
+
+/// `N bytes (...) copied, S seconds, ...` (busybox dd): bytes and seconds.
+pub fn parse_dd(line: &str) -> Option<(u64, f64)> {
+    let bytes = line.split_whitespace().next()?.parse().ok()?;
+    let secs = line
+        .split(", ")
+        .find_map(|f| f.strip_suffix(" seconds"))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((bytes, secs))
+}
+
+/// `key value key value ...` into a map (the `bench_convert` line).
+pub fn parse_pairs(line: &str) -> BTreeMap<String, u64> {
+    let w: Vec<&str> = line.split_whitespace().collect();
+    w.chunks(2)
+        .filter_map(|p| Some((p.first()?.to_string(), p.get(1)?.parse().ok()?)))
+        .collect()
+}
+
+/// The printk time of the first kernel line containing `text`.
+pub fn printk_secs(console: &str, text: &str) -> Option<f64> {
+    console.lines().find(|l| l.contains(text)).and_then(|l| {
+        let l = l.trim_start();
+        let inner = l.strip_prefix('[')?.split(']').next()?;
+        inner.trim().parse().ok()
+    })
+}
+
+/// What one run measured (absent figures stay out of the tables).
+#[derive(Debug, Default, Clone)]
+struct Run {
+    to_userspace_host: Option<f64>,
+    to_userspace_guest: Option<f64>,
+    pool_share_calls: Option<f64>,
+    boot_share_calls: Option<f64>,
+    /// (pages) -> round trip cycles, hypercalls, tsc_khz
+    convert: BTreeMap<u64, (f64, f64, f64)>,
+    /// (op, block size) -> MiB/s
+    io: BTreeMap<(&'static str, u64), f64>,
+    device_bytes: Option<f64>,
+    enable_ms: Option<f64>,
+    enable_mib: Option<f64>,
+    hiwater_slabs: Option<f64>,
+    pool_slabs: Option<f64>,
+    transient_slabs: Option<f64>,
+    buffer_full: Option<f64>,
+    runtime_shares: Option<f64>,
+}
+
+fn measure(o: &L2Outcome) -> Result<Run> {
+    if o.exit != Some(0) || !o.console.contains("kpm-init: done") {
+        bail!(
+            "benchmark run {} did not finish (VMM exit {:?}):\n{}",
+            o.name,
+            o.exit,
+            o.tail()
+        );
+    }
+    let v = stats(o);
+    let mut r = Run {
+        to_userspace_host: o.secs_to_userspace,
+        to_userspace_guest: printk_secs(&o.console, "Run /init as init process"),
+        ..Run::default()
+    };
+    let boot = kv(o, "boot-shares").map(parse_pairs_first);
+    r.boot_share_calls = boot.map(|(n, _)| n as f64);
+    r.pool_share_calls = o
+        .lines_after("kvm_protmem: swiotlb pool shared: ")
+        .next()
+        .and_then(|l| {
+            l.split(" in ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        });
+    for line in o.lines_after("kpm-init: bench-convert ") {
+        let p = parse_pairs(line);
+        let (Some(&pages), Some(&sc), Some(&uc), Some(&h), Some(&khz)) = (
+            p.get("pages"),
+            p.get("share_cycles"),
+            p.get("unshare_cycles"),
+            p.get("hypercalls"),
+            p.get("tsc_khz"),
+        ) else {
+            continue;
+        };
+        r.convert
+            .insert(pages, ((sc + uc) as f64, h as f64, khz as f64));
+    }
+    for (op, key) in [("write", "bench-write"), ("read", "bench-read")] {
+        for line in o.lines_after(&format!("kpm-init: {key} bs=")) {
+            let Some((bs, rest)) = line.split_once(' ') else {
+                continue;
+            };
+            let (Ok(bs), Some((bytes, secs))) = (bs.parse::<u64>(), parse_dd(rest)) else {
+                continue;
+            };
+            if let Some(&(b, _)) = BLOCK_SIZES.iter().find(|(b, _)| *b == bs) {
+                if secs > 0.0 {
+                    r.io.insert((op, b), bytes as f64 / (1 << 20) as f64 / secs);
+                }
+            }
+        }
+    }
+    r.device_bytes =
+        Some((num(&v, "bytes.read_from_guest") + num(&v, "bytes.written_to_guest")) as f64);
+    if num(&v, "gmem.enables") > 0 {
+        r.enable_ms = Some(num(&v, "gmem.last_enable_us") as f64 / 1000.0);
+        r.enable_mib = Some(num(&v, "gmem.last_enable_bytes") as f64 / (1 << 20) as f64);
+    }
+    let swiotlb =
+        |f: &str| kv(o, &format!("swiotlb {f}")).and_then(|s| s.trim().parse::<f64>().ok());
+    r.hiwater_slabs = swiotlb("io_tlb_used_hiwater");
+    r.pool_slabs = swiotlb("io_tlb_nslabs");
+    r.transient_slabs = swiotlb("io_tlb_transient_nslabs");
+    r.buffer_full = kv(o, "pressure-done").and_then(|s| s.split_whitespace().next()?.parse().ok());
+    if let (Some(end), Some((start, _))) = (
+        crate::e2e::debugfs(o, "shares"),
+        kv(o, "boot-shares").map(parse_pairs_first),
+    ) {
+        r.runtime_shares = Some(end.saturating_sub(start) as f64);
+    }
+    Ok(r)
+}
+
+/// `N pages M` -> (N, M).
+fn parse_pairs_first(s: &str) -> (u64, u64) {
+    let mut w = s.split_whitespace();
+    let n = w.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+    let m = w.nth(1).and_then(|x| x.parse().ok()).unwrap_or(0);
+    (n, m)
+}
+
+/// Median, min and max of `v` (not empty).
+fn spread(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    let med = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    (med, s[0], s[n - 1])
+}
+
+/// Figures of one configuration, all its runs.
+struct Series<'a> {
+    label: &'a str,
+    runs: Vec<Run>,
+}
+
+impl Series<'_> {
+    fn values(&self, f: impl Fn(&Run) -> Option<f64>) -> Vec<f64> {
+        self.runs.iter().filter_map(f).collect()
+    }
+}
+
+/// A markdown table row set: per configuration, runs, median, min, max and
+/// the ratio of its median to the first configuration's.
+fn table(
+    out: &mut String,
+    what: &str,
+    unit: &str,
+    series: &[Series<'_>],
+    f: impl Fn(&Run) -> Option<f64>,
+    digits: usize,
+) {
+    let _ = writeln!(out, "\n{what}\n");
+    let _ = writeln!(
+        out,
+        "| configuration | runs | median {unit} | min | max | ratio to {} |",
+        series[0].label
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+    let base = {
+        let v = series[0].values(&f);
+        (!v.is_empty()).then(|| spread(&v).0)
+    };
+    for s in series {
+        let v = s.values(&f);
+        if v.is_empty() {
+            let _ = writeln!(out, "| {} | 0 | - | - | - | - |", s.label);
+            continue;
+        }
+        let (med, min, max) = spread(&v);
+        let ratio = match base {
+            Some(b) if b != 0.0 => format!("{:.2}", med / b),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {med:.digits$} | {min:.digits$} | {max:.digits$} | {ratio} |",
+            s.label,
+            v.len()
+        );
+    }
+}
+
+fn median_of(s: &Series<'_>, f: impl Fn(&Run) -> Option<f64>) -> Option<f64> {
+    let v = s.values(f);
+    (!v.is_empty()).then(|| spread(&v).0)
+}
+
+/// The machine, in one line.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kib| format!("{:.0} GiB", kib as f64 / (1 << 20) as f64))
+        .unwrap_or_default();
+    format!("{cpu}, {cores} cores, {mem}")
+}
+
+/// `cargo xtask bench`: runs everything, writes `BENCHMARKS.md` and the
+/// plots into `out`, prints the report.
+pub fn run(ctx: &Ctx, k: &Kernel, vmm: &Path, runs: usize, out: &Path) -> Result<()> {
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let mut l2 = Vec::new();
+    for r in 0..runs {
+        for c in MAIN.iter().chain(&PRESSURE) {
+            l2.push(l2run(c, r));
+        }
+    }
+    println!(
+        "bench: {} L2 boots ({runs} per configuration, interleaved) in one L1 boot",
+        l2.len()
+    );
+    let started = std::time::Instant::now();
+    let (_, outcomes) = nested::run(ctx, k, vmm, &l2, false, "bench-l1.log")?;
+    let mut by_cfg: BTreeMap<&str, Vec<Run>> = BTreeMap::new();
+    for (c, r) in MAIN
+        .iter()
+        .chain(&PRESSURE)
+        .flat_map(|c| (0..runs).map(move |r| (c, r)))
+    {
+        let name = format!("b-{}-{r}", c.slug);
+        let o = outcomes
+            .iter()
+            .find(|o| o.name == name)
+            .with_context(|| format!("benchmark run {name} is missing"))?;
+        by_cfg.entry(c.slug).or_default().push(measure(o)?);
+    }
+    let series = |set: &[Config]| -> Vec<Series<'static>> {
+        set.iter()
+            .map(|c| Series {
+                label: c.label,
+                runs: by_cfg.get(c.slug).cloned().unwrap_or_default(),
+            })
+            .collect()
+    };
+    let main = series(&MAIN);
+    let pressure = series(&PRESSURE);
+    let md = report(ctx, runs, &main, &pressure, started.elapsed().as_secs_f64());
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("BENCHMARKS.md"), &md)?;
+    plot_throughput(&main, &out.join("bench-throughput.svg"))?;
+    plot_conversion(&main, &out.join("bench-conversion.svg"))?;
+    println!("{md}");
+    println!(
+        "bench: wrote {} and its plots",
+        out.join("BENCHMARKS.md").display()
+    );
+    Ok(())
+}
+
+fn report(
+    ctx: &Ctx,
+    runs: usize,
+    main: &[Series<'_>],
+    pressure: &[Series<'_>],
+    secs: f64,
+) -> String {
+    let mut m = String::new();
+    let _ = writeln!(m, "# Benchmarks\n");
+    let _ = writeln!(
+        m,
+        "Generated by `cargo xtask bench` (do not edit; rerun it). {runs} runs per \
+         configuration, interleaved, all in one L1 boot ({:.0} s in all).\n",
+        secs
+    );
+    let _ = writeln!(m, "## Setup\n");
+    let _ = writeln!(m, "- Machine (L0): {}.", machine());
+    let _ = writeln!(
+        m,
+        "- Nested: QEMU TCG (`-cpu EPYC,+svm,+npt`, {} CPU, 3 GiB) boots our {} kernel as \
+         the KVM host (L1); in it `protmem-vmm` boots the same kernel as the guest (L2, \
+         512 MiB, 1 vCPU; the pool-pressure runs 2 vCPUs) with the busybox initramfs of \
+         `tests/guest/init` and virtio-blk on the VMM's I/O thread.",
+        nested::L1_CPUS,
+        ctx.pins.linux_source
+    );
+    let _ = writeln!(
+        m,
+        "- Configurations: `unprotected` (no `--protect`), `view` (`--protect=view`), \
+         `gmem` (`--protect=gmem`), `gmem, per-page` (`gmem` with the guest's \
+         `kvm_protmem=on,per-page`: one hypercall per 4 KiB page, as pKVM guests \
+         convert). Same kernel, same initramfs, `kunit.enable=0` everywhere."
+    );
+    let _ = writeln!(
+        m,
+        "- What nested TCG distorts: every absolute time and throughput (a TCG-emulated L1 \
+         runs an L2 whose every exit is emulated; instructions cost differently than on \
+         hardware, so a hypercall round trip is far dearer relative to a `memcpy` than on \
+         a real host). What it does not: counts (hypercalls, slabs, bytes, buffer-full \
+         events) are exact, and ratios of equal work measured side by side in one boot \
+         compare the configurations fairly, if not with hardware's proportions."
+    );
+
+    let _ = writeln!(m, "\n## 1. SHARE hypercalls at boot, by type\n");
+    let _ = writeln!(
+        m,
+        "From the guest: the `swiotlb pool shared: ... in N hypercalls` line, and debugfs \
+         `shares` when /init starts (every SHARE of the boot: pool, kvmclock, per-CPU PV \
+         data, dynamic allocations)."
+    );
+    let both = [&main[2], &main[3]];
+    let both: Vec<Series<'_>> = both
+        .iter()
+        .map(|s| Series {
+            label: s.label,
+            runs: s.runs.clone(),
+        })
+        .collect();
+    table(
+        &mut m,
+        "Bounce pool (64 MiB):",
+        "calls",
+        &both,
+        |r| r.pool_share_calls,
+        0,
+    );
+    table(
+        &mut m,
+        "All of the boot:",
+        "calls",
+        &both,
+        |r| r.boot_share_calls,
+        0,
+    );
+    let (ours, pp) = (
+        median_of(&both[0], |r| r.pool_share_calls),
+        median_of(&both[1], |r| r.pool_share_calls),
+    );
+    let _ = writeln!(
+        m,
+        "\nGoal: at least 100x fewer SHARE calls for the boot-time pool than per-page: {}.",
+        match (ours, pp) {
+            (Some(o), Some(p)) if o > 0.0 => format!(
+                "{:.0}x fewer ({o:.0} vs {p:.0}): {}",
+                p / o,
+                if p / o >= 100.0 { "met" } else { "not met" }
+            ),
+            _ => "no figures".into(),
+        }
+    );
+
+    let _ = writeln!(m, "\n## 2. Boot to userspace, equal work\n");
+    table(
+        &mut m,
+        "Host clock, VMM start to `kpm-init: userspace up` on L0:",
+        "s",
+        main,
+        |r| r.to_userspace_host,
+        2,
+    );
+    table(
+        &mut m,
+        "Guest clock, printk time of `Run /init as init process`:",
+        "s",
+        main,
+        |r| r.to_userspace_guest,
+        2,
+    );
+    let goal = |s: &Series<'_>| {
+        let b = median_of(&main[0], |r| r.to_userspace_host)?;
+        Some(median_of(s, |r| r.to_userspace_host)? / b)
+    };
+    let _ = writeln!(
+        m,
+        "\nGoal: protected/unprotected <= 1.10 (host clock): view {}, gmem {}.",
+        goal_text(goal(&main[1]), |x| x <= 1.10),
+        goal_text(goal(&main[2]), |x| x <= 1.10)
+    );
+
+    let _ = writeln!(m, "\n## 3. virtio-blk sequential direct I/O\n");
+    let _ = writeln!(
+        m,
+        "busybox `dd` with `iflag=direct` / `oflag=direct` over the disk's 64 MiB bench \
+         area, one pass per block size; MiB/s from dd's own figures (guest clock). In the \
+         protected configurations every byte is bounced through the shared swiotlb pool."
+    );
+    let mut worst: Option<f64> = None;
+    for (op, name) in [("read", "Read"), ("write", "Write")] {
+        for (bs, bs_name) in BLOCK_SIZES {
+            table(
+                &mut m,
+                &format!("{name}, {bs_name} blocks:"),
+                "MiB/s",
+                main,
+                |r| r.io.get(&(op, bs)).copied(),
+                1,
+            );
+            for s in &main[1..3] {
+                let b = median_of(&main[0], |r| r.io.get(&(op, bs)).copied());
+                let x = median_of(s, |r| r.io.get(&(op, bs)).copied());
+                if let (Some(b), Some(x)) = (b, x) {
+                    let q = x / b;
+                    worst = Some(worst.map_or(q, |w: f64| w.min(q)));
+                }
+            }
+        }
+    }
+    table(
+        &mut m,
+        "Bytes the devices moved to and from guest memory (whole run; bounced when protected):",
+        "MiB",
+        main,
+        |r| r.device_bytes.map(|b| b / (1 << 20) as f64),
+        1,
+    );
+    let _ = writeln!(
+        m,
+        "\nGoal: >= 0.8 of unprotected: the worst view/gmem ratio over all block sizes \
+         and both directions is {}.\n\n![throughput](bench-throughput.svg)",
+        goal_text(worst, |x| x >= 0.8)
+    );
+
+    let _ = writeln!(m, "\n## 4. Conversion cost\n");
+    let _ = writeln!(
+        m,
+        "debugfs `kvm_protmem/bench_convert`: the guest allocates the pages (in blocks of \
+         up to 4 MiB), zeroes them, and times `set_memory_decrypted()` + \
+         `set_memory_encrypted()` (SHARE + UNSHARE, the whole kernel path) in guest TSC \
+         cycles."
+    );
+    let prot: Vec<Series<'_>> = main[1..]
+        .iter()
+        .map(|s| Series {
+            label: s.label,
+            runs: s.runs.clone(),
+        })
+        .collect();
+    for (pages, name) in CONVERT_SIZES {
+        table(
+            &mut m,
+            &format!("{name} round trip:"),
+            "cycles",
+            &prot,
+            |r| r.convert.get(&pages).map(|c| c.0),
+            0,
+        );
+        table(
+            &mut m,
+            &format!("{name} round trip, hypercalls:"),
+            "calls",
+            &prot,
+            |r| r.convert.get(&pages).map(|c| c.1),
+            0,
+        );
+    }
+    table(
+        &mut m,
+        "ENABLE in gmem, time (the VMM populates the guest_memfd with what the guest wrote before ENABLE):",
+        "ms",
+        &prot[1..],
+        |r| r.enable_ms,
+        1,
+    );
+    table(
+        &mut m,
+        "ENABLE in gmem, bytes populated:",
+        "MiB",
+        &prot[1..],
+        |r| r.enable_mib,
+        1,
+    );
+    let _ = writeln!(m, "\n![conversion cost](bench-conversion.svg)");
+
+    let _ = writeln!(m, "\n## 5. Bounce-pool pressure\n");
+    let _ = writeln!(
+        m,
+        "32 parallel direct-I/O readers of 1 MiB blocks (queue depth 32) on 2 vCPUs, gmem. \
+         The 2 MiB pool (`swiotlb=1024`) must grow: `SWIOTLB_DYNAMIC` adds pools, which \
+         the guest shares at run time. The kernel is built with `SWIOTLB_DYNAMIC=y`; a \
+         run without it needs another kernel build and is not part of this command."
+    );
+    table(
+        &mut m,
+        "Peak swiotlb use (io_tlb_used_hiwater):",
+        "slabs",
+        pressure,
+        |r| r.hiwater_slabs,
+        0,
+    );
+    table(
+        &mut m,
+        "Default pool size (io_tlb_nslabs, 2 KiB slabs):",
+        "slabs",
+        pressure,
+        |r| r.pool_slabs,
+        0,
+    );
+    table(
+        &mut m,
+        "Transient pool slabs at the end (io_tlb_transient_nslabs):",
+        "slabs",
+        pressure,
+        |r| r.transient_slabs,
+        0,
+    );
+    table(
+        &mut m,
+        "`swiotlb buffer is full` messages (goal: never):",
+        "count",
+        pressure,
+        |r| r.buffer_full,
+        0,
+    );
+    table(
+        &mut m,
+        "SHARE hypercalls after boot (pool growth and other run-time shares):",
+        "calls",
+        pressure,
+        |r| r.runtime_shares,
+        0,
+    );
+    let full: f64 = pressure
+        .iter()
+        .flat_map(|s| s.values(|r| r.buffer_full))
+        .sum();
+    let _ = writeln!(
+        m,
+        "\nGoal: `swiotlb buffer is full` never occurs: {} ({full:.0} in all runs).",
+        if full == 0.0 { "met" } else { "not met" }
+    );
+    m
+}
+
+fn goal_text(v: Option<f64>, ok: impl Fn(f64) -> bool) -> String {
+    match v {
+        Some(x) => format!("{x:.2} ({})", if ok(x) { "met" } else { "not met" }),
+        None => "no figures".into(),
+    }
+}
+
+/// Throughput by block size and mode: medians, read and write side by side.
+fn plot_throughput(main: &[Series<'_>], path: &PathBuf) -> Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (960, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let halves = root.split_evenly((1, 2));
+    let max = main
+        .iter()
+        .flat_map(|s| s.runs.iter().flat_map(|r| r.io.values().copied()))
+        .fold(1.0f64, f64::max)
+        * 1.1;
+    let colors = [BLACK, BLUE, RED, GREEN];
+    for (area, (op, name)) in halves.iter().zip([("read", "read"), ("write", "write")]) {
+        let mut chart = ChartBuilder::on(area)
+            .caption(
+                format!("virtio-blk direct {name} (median MiB/s)"),
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..2.0f64, 0f64..max)?;
+        chart
+            .configure_mesh()
+            .x_labels(3)
+            .x_label_formatter(&|x| {
+                BLOCK_SIZES
+                    .get(x.round() as usize)
+                    .map(|b| b.1.to_string())
+                    .unwrap_or_default()
+            })
+            .x_desc("block size")
+            .y_desc("MiB/s")
+            .draw()?;
+        for (s, color) in main.iter().zip(colors) {
+            let pts: Vec<(f64, f64)> = BLOCK_SIZES
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (bs, _))| {
+                    median_of(s, |r| r.io.get(&(op, *bs)).copied()).map(|m| (i as f64, m))
+                })
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+                .label(s.label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+            chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// SHARE+UNSHARE round trip by size: median cycles per page, log scales.
+fn plot_conversion(main: &[Series<'_>], path: &PathBuf) -> Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (720, 440)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let per_page = |s: &Series<'_>, pages: u64| {
+        median_of(s, |r| r.convert.get(&pages).map(|c| c.0 / pages as f64))
+    };
+    let vals: Vec<f64> = main[1..]
+        .iter()
+        .flat_map(|s| CONVERT_SIZES.iter().filter_map(|(p, _)| per_page(s, *p)))
+        .collect();
+    let lo = vals.iter().copied().fold(f64::MAX, f64::min).max(1.0) / 2.0;
+    let hi = vals.iter().copied().fold(1.0f64, f64::max) * 2.0;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "SHARE + UNSHARE round trip, guest TSC cycles per 4 KiB page (median)",
+            ("sans-serif", 16),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(70)
+        .build_cartesian_2d(
+            (0.5f64..32768f64).log_scale(),
+            (lo..hi.max(lo * 10.0)).log_scale(),
+        )?;
+    chart
+        .configure_mesh()
+        .x_desc("pages converted (1 = 4 KiB, 512 = 2 MiB, 16384 = 64 MiB)")
+        .y_desc("cycles per page")
+        .draw()?;
+    for (s, color) in main[1..].iter().zip([BLUE, RED, GREEN]) {
+        let pts: Vec<(f64, f64)> = CONVERT_SIZES
+            .iter()
+            .filter_map(|(p, _)| per_page(s, *p).map(|c| (*p as f64, c)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+            .label(s.label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+        chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dd_line_gives_bytes_and_seconds() {
+        let l = "67108864 bytes (64.0MB) copied, 2.345678 seconds, 27.3MB/s";
+        assert_eq!(parse_dd(l), Some((67108864, 2.345678)));
+        assert_eq!(parse_dd("dd: /dev/vda: Input/output error"), None);
+    }
+
+    #[test]
+    fn convert_line_pairs() {
+        let p = parse_pairs(
+            "pages 512 blocks 1 hypercalls 2 share_cycles 100 unshare_cycles 50 tsc_khz 2000000",
+        );
+        assert_eq!(p["pages"], 512);
+        assert_eq!(p["hypercalls"], 2);
+        assert_eq!(p["tsc_khz"], 2000000);
+    }
+
+    #[test]
+    fn printk_time_of_a_line() {
+        let c = "[    0.100000] x\n[    1.500000] Run /init as init process\n";
+        assert_eq!(printk_secs(c, "Run /init"), Some(1.5));
+        assert_eq!(printk_secs(c, "nothing"), None);
+    }
+
+    #[test]
+    fn spread_is_median_min_max() {
+        assert_eq!(spread(&[3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(spread(&[4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
+    }
+
+    #[test]
+    fn tables_give_ratios_to_the_first_configuration() {
+        let run = |s| Run {
+            to_userspace_host: Some(s),
+            ..Run::default()
+        };
+        let series = [
+            Series {
+                label: "a",
+                runs: vec![run(2.0), run(4.0), run(3.0)],
+            },
+            Series {
+                label: "b",
+                runs: vec![run(3.3)],
+            },
+            Series {
+                label: "c",
+                runs: vec![],
+            },
+        ];
+        let mut out = String::new();
+        table(&mut out, "t", "s", &series, |r| r.to_userspace_host, 1);
+        assert!(out.contains("| a | 3 | 3.0 | 2.0 | 4.0 | 1.00 |"), "{out}");
+        assert!(out.contains("| b | 1 | 3.3 | 3.3 | 3.3 | 1.10 |"), "{out}");
+        assert!(out.contains("| c | 0 | - |"), "{out}");
+    }
+}
