@@ -90,16 +90,20 @@ fn l2run(c: &Config, r: usize) -> L2Run {
     }
 }
 
-/// `N bytes (...) copied, S seconds, ...` (busybox dd): bytes and seconds.
-pub fn parse_dd(line: &str) -> Option<(u64, f64)> {
-    let bytes = line.split_whitespace().next()?.parse().ok()?;
-    let secs = line
-        .split(", ")
-        .find_map(|f| f.strip_suffix(" seconds"))?
-        .trim()
-        .parse()
-        .ok()?;
-    Some((bytes, secs))
+/// `bytes B t0 T0 t1 T1` (/init's timed dd, /proc/uptime seconds):
+/// bytes and seconds.
+pub fn parse_timed(line: &str) -> Option<(u64, f64)> {
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let field = |k: &str| {
+        w.iter()
+            .position(|x| *x == k)
+            .and_then(|i| w.get(i + 1))
+            .copied()
+    };
+    let bytes = field("bytes")?.parse().ok()?;
+    let t0: f64 = field("t0")?.parse().ok()?;
+    let t1: f64 = field("t1")?.parse().ok()?;
+    Some((bytes, t1 - t0))
 }
 
 /// `key value key value ...` into a map (the `bench_convert` line).
@@ -187,7 +191,7 @@ fn measure(o: &L2Outcome) -> Result<Run> {
             let Some((bs, rest)) = line.split_once(' ') else {
                 continue;
             };
-            let (Ok(bs), Some((bytes, secs))) = (bs.parse::<u64>(), parse_dd(rest)) else {
+            let (Ok(bs), Some((bytes, secs))) = (bs.parse::<u64>(), parse_timed(rest)) else {
                 continue;
             };
             if let Some(&(b, _)) = BLOCK_SIZES.iter().find(|(b, _)| *b == bs) {
@@ -374,7 +378,62 @@ pub fn run(ctx: &Ctx, k: &Kernel, vmm: &Path, runs: usize, out: &Path) -> Result
         "bench: wrote {} and its plots",
         out.join("BENCHMARKS.md").display()
     );
+    let gaps = missing(&main, &pressure);
+    if !gaps.is_empty() {
+        bail!(
+            "the benchmark report has gaps (a run measured less than it should):\n  {}",
+            gaps.join("\n  ")
+        );
+    }
     Ok(())
+}
+
+/// Figures some run lacks: every run must measure everything its
+/// configuration can (the protected ones: conversions and the pool).
+fn missing(main: &[Series<'_>], pressure: &[Series<'_>]) -> Vec<String> {
+    let mut gaps = Vec::new();
+    for (i, s) in main.iter().enumerate() {
+        let protected = i > 0;
+        for (n, r) in s.runs.iter().enumerate() {
+            let mut lacks = Vec::new();
+            if r.to_userspace_host.is_none() || r.to_userspace_guest.is_none() {
+                lacks.push("boot time".to_string());
+            }
+            for op in ["read", "write"] {
+                for (bs, name) in BLOCK_SIZES {
+                    if !r.io.contains_key(&(op, bs)) {
+                        lacks.push(format!("{op} {name}"));
+                    }
+                }
+            }
+            if protected {
+                if r.pool_share_calls.is_none() || r.boot_share_calls.is_none() {
+                    lacks.push("boot SHARE calls".into());
+                }
+                for (pages, name) in CONVERT_SIZES {
+                    if !r.convert.contains_key(&pages) {
+                        lacks.push(format!("{name} conversion"));
+                    }
+                }
+            }
+            if !lacks.is_empty() {
+                gaps.push(format!(
+                    "{} run {}: no {}",
+                    s.label,
+                    n + 1,
+                    lacks.join(", ")
+                ));
+            }
+        }
+    }
+    for s in pressure {
+        for (n, r) in s.runs.iter().enumerate() {
+            if r.hiwater_slabs.is_none() || r.buffer_full.is_none() || r.runtime_shares.is_none() {
+                gaps.push(format!("{} run {}: no pool figures", s.label, n + 1));
+            }
+        }
+    }
+    gaps
 }
 
 fn report(
@@ -500,7 +559,8 @@ fn report(
     let _ = writeln!(
         m,
         "busybox `dd` with `iflag=direct` / `oflag=direct` over the disk's 64 MiB bench \
-         area, one pass per block size; MiB/s from dd's own figures (guest clock). In the \
+         area, one pass per block size, timed by /init with /proc/uptime (guest clock, \
+         1/100 s). In the \
          protected configurations every byte is bounced through the shared swiotlb pool."
     );
     let mut worst: Option<f64> = None;
@@ -772,10 +832,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dd_line_gives_bytes_and_seconds() {
-        let l = "67108864 bytes (64.0MB) copied, 2.345678 seconds, 27.3MB/s";
-        assert_eq!(parse_dd(l), Some((67108864, 2.345678)));
-        assert_eq!(parse_dd("dd: /dev/vda: Input/output error"), None);
+    fn timed_line_gives_bytes_and_seconds() {
+        let (bytes, secs) = parse_timed("bytes 67108864 t0 12.50 t1 14.75").unwrap();
+        assert_eq!(bytes, 67108864);
+        assert!((secs - 2.25).abs() < 1e-9);
+        assert_eq!(parse_timed("bytes 4096 t0 1.0"), None);
+        assert_eq!(parse_timed("dd: /dev/vda: Input/output error"), None);
     }
 
     #[test]
@@ -786,6 +848,38 @@ mod tests {
         assert_eq!(p["pages"], 512);
         assert_eq!(p["hypercalls"], 2);
         assert_eq!(p["tsc_khz"], 2000000);
+    }
+
+    #[test]
+    fn a_run_without_its_figures_is_a_gap() {
+        let full = Run {
+            to_userspace_host: Some(1.0),
+            to_userspace_guest: Some(1.0),
+            io: ["read", "write"]
+                .iter()
+                .flat_map(|op| BLOCK_SIZES.iter().map(move |(bs, _)| ((*op, *bs), 1.0)))
+                .collect(),
+            ..Run::default()
+        };
+        let main = [Series {
+            label: "unprotected",
+            runs: vec![full.clone()],
+        }];
+        assert!(missing(&main, &[]).is_empty());
+        // A protected configuration must also have its conversions.
+        let prot = [
+            Series {
+                label: "unprotected",
+                runs: vec![full.clone()],
+            },
+            Series {
+                label: "gmem",
+                runs: vec![full],
+            },
+        ];
+        let gaps = missing(&prot, &[]);
+        assert_eq!(gaps.len(), 1, "{gaps:?}");
+        assert!(gaps[0].starts_with("gmem run 1: no boot SHARE calls, 4 KiB conversion"));
     }
 
     #[test]

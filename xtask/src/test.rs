@@ -1,7 +1,7 @@
 //! `cargo xtask test`: every test the project has, in one command.
 
 use crate::ctx::Ctx;
-use crate::{boot, e2e, kernel, nested, series, setup, sh, stock, uapi};
+use crate::{bench, boot, e2e, kernel, nested, series, setup, sh, stock, uapi};
 use anyhow::{bail, Result};
 use std::process::Command;
 use std::time::Instant;
@@ -189,6 +189,24 @@ pub fn run(ctx: &Ctx) -> Result<()> {
         .and_then(|vmm| e2e::run(ctx, &k, vmm, e2e::all(), false, "test-l1.log"));
     let res = res.map(|(p, f)| (p, f, format!("{p} scenarios passed, {f} failed")));
     steps.push(step("nested L1/L2 scenarios", t, res));
+
+    let t = Instant::now();
+    let res = vmm
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .and_then(|vmm| {
+            // One run of every benchmark configuration: the pipeline works and
+            // every figure is there. Times are printed, never asserted.
+            let out = ctx.cache.join("bench-smoke");
+            bench::run(ctx, &k, vmm, 1, &out).map(|()| {
+                (
+                    1,
+                    0,
+                    format!("report complete: {}", out.join("BENCHMARKS.md").display()),
+                )
+            })
+        });
+    steps.push(step("bench smoke (1 run)", t, res));
 
     let t = Instant::now();
     let res = vmm.map_err(|e| anyhow::anyhow!("{e:#}")).and_then(|vmm| {
