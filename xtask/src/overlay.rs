@@ -179,10 +179,18 @@ pub fn apply(ov: &Overlay, pristine: &Path, tree: &Path, scratch: &Path) -> Resu
         if files.is_empty() {
             bail!("{} touches no file", p.display());
         }
+        // A patch to files the overlay provides whole is a step of the
+        // exported series (`cargo xtask series`); the overlay already holds
+        // its result. It may not mix them with files of the tree.
+        let ours = files.iter().filter(|f| ov.files.contains_key(*f)).count();
+        if ours == files.len() {
+            continue;
+        }
         for f in files {
             if ov.files.contains_key(&f) {
                 bail!(
-                    "{} patches {}, which the overlay provides as a new file",
+                    "{} patches {}, which the overlay provides as a new file, together \
+                     with files of the tree: split it",
                     p.display(),
                     f.display()
                 );

@@ -221,7 +221,7 @@ pub fn export(ctx: &Ctx, pristine: &Path, out: &Path, from: From) -> Result<Expo
             .env("GIT_COMMITTER_NAME", &name)
             .env("GIT_COMMITTER_EMAIL", &email);
     };
-    for s in &steps {
+    for (k, s) in steps.iter().enumerate() {
         let text = std::fs::read_to_string(&s.patch)?;
         let msg = message(&text, &s.patch)?;
         sh::run(
@@ -235,6 +235,27 @@ pub fn export(ctx: &Ctx, pristine: &Path, out: &Path, from: From) -> Result<Expo
             std::fs::create_dir_all(dst.parent().context("path without parent")?)?;
             std::fs::copy(&ov.files[add], &dst)?;
             sh::run(git(&work).arg("add").arg(add))?;
+            // A later patch that changes this file (a series-only step,
+            // see `overlay::apply`) is taken out again, latest first: it
+            // comes back when its own patch applies.
+            for later in steps[k + 1..].iter().rev() {
+                let later_text = std::fs::read_to_string(&later.patch)?;
+                if overlay::patched_files(&later_text).contains(add) {
+                    sh::run(
+                        git(&work)
+                            .args(["apply", "-R", "--index", "--include"])
+                            .arg(add)
+                            .arg(&later.patch),
+                    )
+                    .with_context(|| {
+                        format!(
+                            "{} does not come out of {} as the overlay has it",
+                            later.patch.display(),
+                            add.display()
+                        )
+                    })?;
+                }
+            }
         }
         let msg_file = ctx.cache.join("series/msg");
         std::fs::write(&msg_file, msg)?;

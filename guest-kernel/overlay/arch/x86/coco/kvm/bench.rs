@@ -14,17 +14,15 @@
 //! A block the host refused to convert is leaked, never freed: its state
 //! is unknown, so it must not return to the page allocator.
 
-use crate::{hv, state, State, SHARED};
+use crate::{hv, state, sys, State, SHARED};
 use kernel::{
-    bindings,
-    ffi::c_ulong,
     prelude::*,
     sync::atomic::{Atomic, Relaxed},
     uaccess::UserSliceReader,
 };
 
 /// Most pages one measurement may take: 256 MiB.
-const MAX_PAGES: u64 = (256 << 20) >> bindings::PAGE_SHIFT;
+const MAX_PAGES: u64 = (256 << 20) >> sys::PAGE_SHIFT;
 
 /// One measurement.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -46,15 +44,7 @@ static LAST: [Atomic<u64>; 5] = [const { Atomic::new(0) }; 5];
 
 /// The largest block order for `left` pages.
 fn order_for(left: u64) -> u32 {
-    (u64::BITS - 1 - left.leading_zeros()).min(bindings::MAX_PAGE_ORDER)
-}
-
-/// Frees every block in `blocks`.
-fn free_blocks(blocks: &[(c_ulong, u32)]) {
-    for &(addr, order) in blocks {
-        // SAFETY: allocated below with this order, private again, unused.
-        unsafe { bindings::free_pages(addr, order) };
-    }
+    (u64::BITS - 1 - left.leading_zeros()).min(sys::MAX_PAGE_ORDER)
 }
 
 /// Shares and unshares `pages` freshly allocated pages; see the module.
@@ -65,23 +55,12 @@ pub(crate) fn measure(pages: u64) -> Result<Figures> {
     if state() != State::Enabled {
         return Err(ENODEV);
     }
-    let mut blocks: KVec<(c_ulong, u32)> = KVec::new();
+    let mut blocks: KVec<sys::Block> = KVec::new();
     let mut left = pages;
     while left > 0 {
-        let order = order_for(left);
-        // SAFETY: plain page allocation; freed in `free_blocks()`.
-        let addr = unsafe { bindings::get_free_pages_noprof(bindings::GFP_KERNEL, order) };
-        if addr == 0 {
-            free_blocks(&blocks);
-            return Err(ENOMEM);
-        }
-        if let Err(e) = blocks.push((addr, order), GFP_KERNEL) {
-            // SAFETY: just allocated with this order, still private.
-            unsafe { bindings::free_pages(addr, order) };
-            free_blocks(&blocks);
-            return Err(e.into());
-        }
-        left -= 1 << order;
+        let block = sys::Block::alloc(order_for(left)).ok_or(ENOMEM)?;
+        left -= block.pages() as u64;
+        blocks.push(block, GFP_KERNEL)?;
     }
     let calls = || {
         let l = SHARED.lock();
@@ -93,33 +72,37 @@ pub(crate) fn measure(pages: u64) -> Result<Figures> {
         blocks: blocks.len() as u64,
         ..Figures::default()
     };
-    for (i, &(addr, order)) in blocks.iter().enumerate() {
-        let n = 1 << order;
+    let mut refused = None;
+    for (i, block) in blocks.iter_mut().enumerate() {
         // Nothing private may reach the host: the pages held someone's data.
-        // SAFETY: `n` pages at `addr` are ours and mapped.
-        unsafe { core::ptr::write_bytes(addr as *mut u8, 0, (n as usize) << bindings::PAGE_SHIFT) };
+        block.zero();
         let t0 = hv::tsc();
-        // SAFETY: our zeroed pages; nothing else maps them.
-        let shared = unsafe { bindings::set_memory_decrypted(addr, n) };
+        // SAFETY: zeroed just now; nothing else maps the block.
+        let shared = unsafe { block.share() };
         let t1 = hv::tsc();
         let private = if shared == 0 {
-            // SAFETY: as above; no device was given them.
-            unsafe { bindings::set_memory_encrypted(addr, n) }
+            // SAFETY: no device was given the block.
+            unsafe { block.unshare() }
         } else {
             shared
         };
         let t2 = hv::tsc();
         if private != 0 {
-            // Leak this block: its state is unknown.
-            free_blocks(&blocks[..i]);
-            free_blocks(&blocks[i + 1..]);
-            return Err(EIO);
+            refused = Some(i);
+            break;
         }
         f.share_cycles += t1 - t0;
         f.unshare_cycles += t2 - t1;
     }
+    if let Some(i) = refused {
+        // Its state is unknown: never give it back to the page allocator.
+        if let Ok(block) = blocks.remove(i) {
+            block.leak();
+        }
+        return Err(EIO);
+    }
     f.hypercalls = calls() - before;
-    free_blocks(&blocks);
+    drop(blocks);
     for (slot, v) in LAST.iter().zip([
         f.pages,
         f.blocks,
@@ -148,11 +131,14 @@ pub(crate) fn write(_: &(), r: &mut UserSliceReader) -> Result {
 /// The debugfs read: the last result.
 pub(crate) fn show(_: &(), f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
     let v: [u64; 5] = core::array::from_fn(|i| LAST[i].load(Relaxed));
-    // SAFETY: a plain read of a value set once at boot.
-    let khz = unsafe { bindings::tsc_khz };
     writeln!(
         f,
         "pages {} blocks {} hypercalls {} share_cycles {} unshare_cycles {} tsc_khz {}",
-        v[0], v[1], v[2], v[3], v[4], khz
+        v[0],
+        v[1],
+        v[2],
+        v[3],
+        v[4],
+        sys::tsc_khz()
     )
 }

@@ -1,34 +1,56 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! The one wrapper around CPUID and the KVM hypercall instruction.
+//! The one wrapper around the KVM hypercall instruction, and around the
+//! two other instructions the guest executes itself: CPUID leaf 0 (the
+//! vendor, which picks the instruction) and the TSC read the conversion
+//! benchmark times with.
 //!
-//! No other code of the KVM protected memory guest executes `cpuid`,
-//! `vmcall` or `vmmcall`. CPUID is safe to call; issuing a hypercall is
-//! `unsafe` ([`Hypervisor::hypercall`]), because a conversion changes which
-//! pages the host may access. Crate-private: nothing outside this module
-//! crate can reach the hypercall instruction.
+//! No other code of the KVM protected memory guest executes `vmcall`,
+//! `vmmcall`, `cpuid` or `rdtsc`. Issuing a hypercall is `unsafe` ([`Hypervisor::hypercall`]),
+//! because a conversion changes which pages the host may access.
+//! Crate-private: nothing outside this module crate can reach it. KVM is
+//! detected with the tree's own `kvm_para_available()`.
+//!
+//! Why not `kvm_hypercall3()` through a `rust_helper_*`: it is an
+//! `ALTERNATIVE` of `vmcall` and `vmmcall`, patched by
+//! `apply_alternatives()` late in `start_kernel()`, but ENABLE is issued
+//! from `setup_arch()`, before that. Unpatched, an AMD guest executes
+//! `vmcall`, which KVM handles by rewriting the instruction in guest
+//! memory (`KVM_X86_QUIRK_FIX_HYPERCALL_INSN`): a host write into the
+//! guest's kernel text, which protection is meant to rule out. This
+//! module picks the instruction from the CPU vendor instead, as the
+//! alternative would.
 //!
 //! C header: [`arch/x86/include/asm/kvm_para.h`](srctree/arch/x86/include/asm/kvm_para.h)
 
-use crate::abi::{self, Hypervisor};
+use crate::abi::Hypervisor;
 use core::arch::asm;
-use kernel::sync::atomic::{Atomic, Relaxed};
+use kernel::{
+    bindings,
+    sync::atomic::{Atomic, Relaxed},
+};
+
+/// The KVM paravirt feature bits (`KVM_CPUID_FEATURES` EAX), if on KVM:
+/// the tree's own detection (`kvm_para_available()`, which finds the KVM
+/// CPUID leaves wherever they sit, and `kvm_arch_para_features()`).
+pub(crate) fn kvm_features() -> Option<u32> {
+    // SAFETY: plain calls into arch/x86/kernel/kvm.c, valid from
+    // `kvm_init_platform()` on (which calls them itself); they execute
+    // CPUID only.
+    unsafe { bindings::kvm_para_available().then(|| bindings::kvm_arch_para_features()) }
+}
 
 /// Registers returned by CPUID.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct CpuidResult {
-    /// EAX.
-    pub eax: u32,
-    /// EBX.
-    pub ebx: u32,
-    /// ECX.
-    pub ecx: u32,
-    /// EDX.
-    pub edx: u32,
+struct CpuidResult {
+    eax: u32,
+    ebx: u32,
+    ecx: u32,
+    edx: u32,
 }
 
 /// Executes CPUID for `leaf` (subleaf 0).
-pub(crate) fn cpuid(leaf: u32) -> CpuidResult {
+fn cpuid(leaf: u32) -> CpuidResult {
     let (eax, ebx, ecx, edx): (u32, u32, u32, u32);
     // SAFETY: CPUID is available on every x86-64 CPU, has no memory side
     // effects and writes only the four output registers. RBX is reserved
@@ -46,6 +68,17 @@ pub(crate) fn cpuid(leaf: u32) -> CpuidResult {
         );
     }
     CpuidResult { eax, ebx, ecx, edx }
+}
+
+/// Whether the CPU is AMD or Hygon (CPUID leaf 0's vendor string): those
+/// take `vmmcall`, as the `X86_FEATURE_VMMCALL` alternative in
+/// `kvm_hypercall*()` picks.
+fn uses_vmmcall() -> bool {
+    let r = cpuid(0);
+    let vendor = [r.ebx, r.edx, r.ecx];
+    // "AuthenticAMD", "HygonGenuine".
+    vendor == [0x6874_7541, 0x6974_6e65, 0x444d_4163]
+        || vendor == [0x6f67_7948, 0x6e65_476e, 0x656e_6975]
 }
 
 /// Reads the TSC after every earlier instruction has completed (`lfence;
@@ -67,46 +100,11 @@ pub(crate) fn tsc() -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
-/// CPUID.1:ECX bit 31: running under a hypervisor.
-const HYPERVISOR_BIT: u32 = 1 << 31;
-
-/// Finds the base of the KVM CPUID leaves, as `kvm_cpuid_base()` does:
-/// the KVM signature may sit at 0x40000000 or, next to another
-/// hypervisor's leaves, at a multiple of 0x100 above it.
-pub(crate) fn kvm_cpuid_base() -> Option<u32> {
-    if cpuid(1).ecx & HYPERVISOR_BIT == 0 {
-        return None;
-    }
-    (abi::KVM_CPUID_SIGNATURE..0x4001_0000)
-        .step_by(0x100)
-        .find(|&base| {
-            let r = cpuid(base);
-            [r.ebx, r.ecx, r.edx] == abi::KVM_SIGNATURE
-        })
-}
-
-/// The KVM paravirt feature bits (`KVM_CPUID_FEATURES` EAX), if on KVM.
-pub(crate) fn kvm_features() -> Option<u32> {
-    let base = kvm_cpuid_base()?;
-    let offset = abi::KVM_CPUID_FEATURES - abi::KVM_CPUID_SIGNATURE;
-    Some(cpuid(base + offset).eax)
-}
-
-/// Whether the CPU is AMD or Hygon: those take `vmmcall`, as the
-/// `X86_FEATURE_VMMCALL` alternative in `kvm_hypercall*()` picks.
-fn uses_vmmcall() -> bool {
-    let r = cpuid(0);
-    let vendor = [r.ebx, r.edx, r.ecx];
-    // "AuthenticAMD", "HygonGenuine".
-    vendor == [0x6874_7541, 0x6974_6e65, 0x444d_4163]
-        || vendor == [0x6f67_7948, 0x6e65_476e, 0x656e_6975]
-}
-
 /// The KVM hypercall instruction of this CPU.
 ///
 /// # Invariants
 ///
-/// Only constructed when CPUID showed the KVM signature.
+/// Only constructed when the tree's detection found KVM.
 pub(crate) struct Kvm {
     vmmcall: bool,
 }
@@ -118,7 +116,7 @@ impl Kvm {
     /// Returns the hypercall interface if running on KVM, and remembers it
     /// for [`Kvm::get`].
     pub(crate) fn probe() -> Option<Self> {
-        kvm_cpuid_base()?;
+        kvm_features()?;
         let vmmcall = uses_vmmcall();
         PROBED.store(if vmmcall { 2 } else { 1 }, Relaxed);
         // INVARIANT: the KVM signature was found.

@@ -34,9 +34,7 @@
 //!
 //! C header: [`arch/x86/include/asm/kvm_protmem.h`](srctree/arch/x86/include/asm/kvm_protmem.h)
 
-use core::ptr::addr_of;
 use kernel::{
-    bindings,
     debugfs::{Dir, File},
     ffi::{c_char, c_int, c_uint, c_ulong, c_void},
     prelude::*,
@@ -49,6 +47,7 @@ mod bench;
 pub(crate) mod hv;
 #[path = "share_ranges.rs"]
 pub mod ranges;
+pub(crate) mod sys;
 
 use abi::Hypercall;
 use ranges::{Book, Direction, Failed, Ledger, Stats};
@@ -61,7 +60,7 @@ module! {
     license: "GPL",
 }
 
-const _: () = assert!(bindings::PAGE_SIZE as u64 == abi::PAGE_SIZE);
+const _: () = assert!(sys::PAGE_SIZE as u64 == abi::PAGE_SIZE);
 
 /// What early boot decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,7 +111,7 @@ impl State {
 /// so these never coalesce), and 256 more for the bounce pool, the
 /// decrypted sections, DMA-coherent buffers and dynamic pools. A set that
 /// is full still converts; it only counts the frames as `untracked`.
-const MAX_RUNS: usize = bindings::NR_CPUS as usize + 256;
+const MAX_RUNS: usize = sys::NR_CPUS + 256;
 
 /// Failures logged one by one; later ones are only counted.
 const LOGGED_FAILURES: u64 = 10;
@@ -160,10 +159,8 @@ pub fn is_shared(pfn: u64) -> bool {
 ///
 /// `vaddr` must be mapped in the kernel page tables.
 unsafe fn virt_to_pfn(vaddr: usize) -> u64 {
-    // SAFETY: the caller guarantees a mapping; `slow_virt_to_phys()` walks
-    // the page tables (direct map, vmalloc, kernel image alike).
-    let phys = unsafe { bindings::slow_virt_to_phys(vaddr as *mut c_void) };
-    phys >> abi::PAGE_SHIFT
+    // SAFETY: the caller guarantees a mapping.
+    unsafe { sys::virt_to_phys(vaddr) >> abi::PAGE_SHIFT }
 }
 
 /// First frame and size of the boot-time swiotlb pool, once shared.
@@ -193,15 +190,7 @@ fn is_default_pool_share(npages: usize) -> bool {
     if !FIRST_HOOK_SHARE.xchg(false, Relaxed) {
         return false;
     }
-    // `system_state` is a plain enum that the kernel updates with plain
-    // stores (boot CPU during init, any CPU at shutdown).
-    // SAFETY: a volatile read of an aligned word cannot tear;
-    // `swiotlb_size_or_default()` only reads the pool size.
-    unsafe {
-        core::ptr::read_volatile(addr_of!(bindings::system_state))
-            == bindings::system_states_SYSTEM_BOOTING
-            && npages as u64 * abi::PAGE_SIZE == bindings::swiotlb_size_or_default() as u64
-    }
+    sys::booting() && npages as u64 * abi::PAGE_SIZE == sys::swiotlb_size() as u64
 }
 
 /// Converts the pages behind `[vaddr, vaddr + npages * PAGE_SIZE)`;
@@ -347,8 +336,7 @@ extern "C" fn enc_cache_flush_required() -> bool {
 
 /// Before kexec: stop new conversions and wait for those in flight.
 extern "C" fn enc_kexec_begin() {
-    // SAFETY: plain call; it only takes the conversion lock.
-    if !unsafe { bindings::set_memory_enc_stop_conversion() } {
+    if !sys::stop_conversions() {
         pr_warn!("kexec: conversions still in flight\n");
     }
 }
@@ -505,8 +493,8 @@ pub fn other_cc_platform(vendor: c_uint, encrypting: bool) -> Option<&'static st
         return None;
     }
     Some(match vendor {
-        bindings::cc_vendor_CC_VENDOR_AMD => "AMD SEV",
-        bindings::cc_vendor_CC_VENDOR_INTEL => "Intel TDX",
+        sys::CC_VENDOR_AMD => "AMD SEV",
+        sys::CC_VENDOR_INTEL => "Intel TDX",
         _ => "another confidential-computing platform",
     })
 }
@@ -563,15 +551,7 @@ pub unsafe extern "C" fn kvm_protmem_init() {
         pr_info!("not offered by the host\n");
         return;
     }
-    // SAFETY: `cc_vendor` is written only in early boot on the boot CPU
-    // (SEV, TDX, Hyper-V set it before `setup_arch()` gets here), and
-    // `cc_platform_has()` only reads it and the vendor's own state.
-    let (vendor, encrypting) = unsafe {
-        (
-            bindings::cc_vendor,
-            bindings::cc_platform_has(bindings::cc_attr_CC_ATTR_MEM_ENCRYPT),
-        )
-    };
+    let (vendor, encrypting) = sys::cc_platform();
     if let Some(other) = other_cc_platform(vendor, encrypting) {
         set_state(State::NotOffered);
         pr_warn!(
@@ -607,28 +587,26 @@ pub unsafe extern "C" fn kvm_protmem_init() {
         );
         return;
     }
-    // SAFETY: single-threaded early boot; nothing has yet made a decision
-    // on `cc_vendor` that this changes, and the hooks are installed before
-    // anything can call them (no `set_memory_*()` before `mm_core_init()`).
+    // SAFETY: single-threaded early boot, once, right after ENABLE; no
+    // `set_memory_*()` before `mm_core_init()`, and nothing has yet made a
+    // decision on `cc_vendor` that this changes.
     unsafe {
-        bindings::cc_vendor = bindings::cc_vendor_CC_VENDOR_KVM;
-        let guest = &mut (*core::ptr::addr_of_mut!(bindings::x86_platform)).guest;
-        guest.enc_status_change_prepare = Some(enc_status_change_prepare);
-        guest.enc_status_change_finish = Some(enc_status_change_finish);
-        guest.enc_tlb_flush_required = Some(enc_tlb_flush_required);
-        guest.enc_cache_flush_required = Some(enc_cache_flush_required);
-        guest.enc_kexec_begin = Some(enc_kexec_begin);
-        guest.enc_kexec_finish = Some(enc_kexec_finish);
-    }
+        sys::take_cc_platform(sys::GuestHooks {
+            prepare: enc_status_change_prepare,
+            finish: enc_status_change_finish,
+            tlb_flush_required: enc_tlb_flush_required,
+            cache_flush_required: enc_cache_flush_required,
+            kexec_begin: enc_kexec_begin,
+            kexec_finish: enc_kexec_finish,
+        })
+    };
     set_state(State::Enabled);
     pr_info!("enabled: all guest memory is private, DMA bounces through swiotlb\n");
     if run_limit() == 1 {
         pr_info!("per-page mode: one hypercall per 4 KiB page (kvm_protmem=...,per-page)\n");
     }
-    // kvmclock's boot-time pages (hv_clock_boot, wall_clock): linker
-    // symbols, only their addresses are taken.
-    let start = addr_of!(bindings::__start_bss_decrypted) as usize;
-    let end = addr_of!(bindings::__start_bss_decrypted_unused) as usize;
+    // kvmclock's boot-time pages (hv_clock_boot, wall_clock).
+    let (start, end) = sys::bss_decrypted_used();
     if !share_section("kvmclock", start, end) {
         KVMCLOCK_UNSHARED.store(1, Relaxed);
         pr_err!("kvmclock disabled: its pages are not shared\n");
@@ -694,8 +672,7 @@ fn require_protection(mode: Mode, state: State) {
         State::OptedOut => return,
         _ => c"kvm_protmem: protection required (kvm_protmem=require) but the host does not offer it; refusing to boot unprotected\n",
     };
-    // SAFETY: `why` is a NUL-terminated format without conversions.
-    unsafe { bindings::panic(why.as_char_ptr()) };
+    sys::panic(why);
 }
 
 impl kernel::Module for KvmProtmem {
