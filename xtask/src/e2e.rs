@@ -576,8 +576,31 @@ fn judge_protected_view(o: &L2Outcome) -> Vec<Row> {
 
 fn judge_protected(o: &L2Outcome) -> Vec<Row> {
     let mut rows = judge_protected_with(o, &[OUR_SUITES, &["rust_doctests_kernel"]].concat());
-    rows.extend([gmem_row(o), scan_row(o, false), ledgers_agree_row(o)]);
+    rows.extend([
+        gmem_row(o),
+        scan_row(o, false),
+        ledgers_agree_row(o),
+        decrypted_tail_row(o),
+    ]);
     rows
+}
+
+/// The unused, never shared tail of `.bss..decrypted` went back to the page
+/// allocator (patch "x86/mm: Free the unused decrypted section tail
+/// without SEV"): `free_init_pages()` says so.
+fn decrypted_tail_row(o: &L2Outcome) -> Row {
+    let line = o
+        .lines_after("Freeing unused decrypted memory: ")
+        .next()
+        .map(str::trim);
+    row(
+        "the unused tail of .bss..decrypted is freed (not only under SEV)",
+        line.is_some_and(|l| l.ends_with('K') && l != "0K"),
+        format!(
+            "Freeing unused decrypted memory: {}",
+            line.unwrap_or("(no line)")
+        ),
+    )
 }
 
 /// The guest's ledger (debugfs, read by /init at the end) and the host's
