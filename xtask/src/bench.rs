@@ -753,7 +753,7 @@ fn plot_throughput(main: &[Series<'_>], path: &PathBuf) -> Result<()> {
             .x_desc("block size")
             .y_desc("MiB/s")
             .draw()?;
-        for (s, color) in main.iter().zip(colors) {
+        let lines = main.iter().zip(colors).map(|(s, color)| {
             let pts: Vec<(f64, f64)> = BLOCK_SIZES
                 .iter()
                 .enumerate()
@@ -761,18 +761,9 @@ fn plot_throughput(main: &[Series<'_>], path: &PathBuf) -> Result<()> {
                     median_of(s, |r| r.io.get(&(op, *bs)).copied()).map(|m| (i as f64, m))
                 })
                 .collect();
-            chart
-                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
-                .label(s.label)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
-            chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
-        }
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()?;
+            (s.label, color, pts)
+        });
+        draw_lines(&mut chart, lines, SeriesLabelPosition::UpperLeft)?;
     }
     root.present()?;
     Ok(())
@@ -809,14 +800,33 @@ fn plot_conversion(main: &[Series<'_>], path: &PathBuf) -> Result<()> {
         .x_desc("pages converted (1 = 4 KiB, 512 = 2 MiB, 16384 = 64 MiB)")
         .y_desc("cycles per page")
         .draw()?;
-    for (s, color) in main[1..].iter().zip([BLUE, RED, GREEN]) {
+    let lines = main[1..].iter().zip([BLUE, RED, GREEN]).map(|(s, color)| {
         let pts: Vec<(f64, f64)> = CONVERT_SIZES
             .iter()
             .filter_map(|(p, _)| per_page(s, *p).map(|c| (*p as f64, c)))
             .collect();
+        (s.label, color, pts)
+    });
+    draw_lines(&mut chart, lines, SeriesLabelPosition::UpperRight)?;
+    root.present()?;
+    Ok(())
+}
+
+/// Draws one labelled line with dots per `(label, color, points)`, then
+/// the legend at `legend`.
+fn draw_lines<'a, 'b, CT>(
+    chart: &mut plotters::chart::ChartContext<'b, plotters::prelude::SVGBackend<'b>, CT>,
+    lines: impl Iterator<Item = (&'a str, plotters::style::RGBColor, Vec<(f64, f64)>)>,
+    legend: plotters::chart::SeriesLabelPosition,
+) -> Result<()>
+where
+    CT: plotters::coord::CoordTranslate<From = (f64, f64)>,
+{
+    use plotters::prelude::*;
+    for (label, color, pts) in lines {
         chart
             .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
-            .label(s.label)
+            .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
         chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
     }
@@ -824,8 +834,8 @@ fn plot_conversion(main: &[Series<'_>], path: &PathBuf) -> Result<()> {
         .configure_series_labels()
         .border_style(BLACK)
         .background_style(WHITE.mix(0.8))
+        .position(legend)
         .draw()?;
-    root.present()?;
     Ok(())
 }
 

@@ -277,27 +277,9 @@ impl Qemu {
 /// so they resolve to the installed firmware; links within it stay.
 fn unpack_private_qemu(root: &Path) -> Result<()> {
     let debs = root.with_extension("debs");
-    let _ = std::fs::remove_dir_all(&debs);
-    std::fs::create_dir_all(&debs)?;
     let pkgs = [QEMU_PKG, "qemu-system-common", "qemu-system-data"];
-    sh::output(
-        Command::new("apt-get")
-            .current_dir(&debs)
-            .args(["download", "-q"])
-            .args(pkgs),
-    )
-    .with_context(|| format!("downloading {} failed", pkgs.join(" ")))?;
     let partial = sh::with_suffix(root, ".partial");
-    let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir_all(&partial)?;
-    for deb in std::fs::read_dir(&debs)? {
-        sh::run(
-            Command::new("dpkg-deb")
-                .arg("-x")
-                .arg(deb?.path())
-                .arg(&partial),
-        )?;
-    }
+    download_unpacked(&debs, &pkgs, &partial)?;
     let data = partial.join(QEMU_DATA);
     for entry in std::fs::read_dir(&data)
         .with_context(|| format!("{} has no {QEMU_DATA}", partial.display()))?
@@ -349,6 +331,32 @@ fn unpack_private_qemu(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Downloads `pkgs` (from the system's apt sources) into `debs` and
+/// unpacks them all into `into`; both directories are made anew.
+fn download_unpacked(debs: &Path, pkgs: &[impl AsRef<str>], into: &Path) -> Result<()> {
+    let names: Vec<&str> = pkgs.iter().map(AsRef::as_ref).collect();
+    let _ = std::fs::remove_dir_all(debs);
+    std::fs::create_dir_all(debs)?;
+    sh::output(
+        Command::new("apt-get")
+            .current_dir(debs)
+            .args(["download", "-q"])
+            .args(&names),
+    )
+    .with_context(|| format!("downloading {} failed", names.join(" ")))?;
+    let _ = std::fs::remove_dir_all(into);
+    std::fs::create_dir_all(into)?;
+    for deb in std::fs::read_dir(debs)? {
+        sh::run(
+            Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(deb?.path())
+                .arg(into),
+        )?;
+    }
+    Ok(())
+}
+
 /// Where setup unpacks Debian's kexec-tools (`sbin/kexec`,
 /// `sbin/vmcore-dmesg`) and the libraries of it that this system lacks.
 pub fn kexec_root(cache: &Path) -> PathBuf {
@@ -396,27 +404,9 @@ fn kexec_tools(cache: &Path) -> Result<PathBuf> {
     pkgs.sort();
     pkgs.dedup();
     let debs = root.with_extension("debs");
-    let _ = std::fs::remove_dir_all(&debs);
-    std::fs::create_dir_all(&debs)?;
     println!("setup: downloading {}", pkgs.join(" "));
-    sh::output(
-        Command::new("apt-get")
-            .current_dir(&debs)
-            .args(["download", "-q"])
-            .args(&pkgs),
-    )
-    .with_context(|| format!("downloading {} failed", pkgs.join(" ")))?;
     let partial = sh::with_suffix(&root, ".partial");
-    let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir_all(&partial)?;
-    for deb in std::fs::read_dir(&debs)? {
-        sh::run(
-            Command::new("dpkg-deb")
-                .arg("-x")
-                .arg(deb?.path())
-                .arg(&partial),
-        )?;
-    }
+    download_unpacked(&debs, &pkgs, &partial)?;
     for bin in ["sbin/kexec", "sbin/vmcore-dmesg"] {
         let out = sh::output(
             Command::new("ldd")
