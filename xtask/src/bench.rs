@@ -164,8 +164,10 @@ fn measure(o: &L2Outcome) -> Result<Run> {
         to_userspace_guest: printk_secs(&o.console, "Run /init as init process"),
         ..Run::default()
     };
-    let boot = kv(o, "boot-shares").map(parse_pairs_first);
-    r.boot_share_calls = boot.map(|(n, _)| n as f64);
+    // `boot-shares N pages M`: SHARE calls and pages when /init started.
+    let boot_shares =
+        kv(o, "boot-shares").and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok());
+    r.boot_share_calls = boot_shares.map(|n| n as f64);
     r.pool_share_calls = o
         .lines_after("kvm_protmem: swiotlb pool shared: ")
         .next()
@@ -218,21 +220,10 @@ fn measure(o: &L2Outcome) -> Result<Run> {
     r.pool_slabs = swiotlb("io_tlb_nslabs");
     r.transient_slabs = swiotlb("io_tlb_transient_nslabs");
     r.buffer_full = kv(o, "pressure-done").and_then(|s| s.split_whitespace().next()?.parse().ok());
-    if let (Some(end), Some((start, _))) = (
-        crate::e2e::debugfs(o, "shares"),
-        kv(o, "boot-shares").map(parse_pairs_first),
-    ) {
+    if let (Some(end), Some(start)) = (crate::e2e::debugfs(o, "shares"), boot_shares) {
         r.runtime_shares = Some(end.saturating_sub(start) as f64);
     }
     Ok(r)
-}
-
-/// `N pages M` -> (N, M).
-fn parse_pairs_first(s: &str) -> (u64, u64) {
-    let mut w = s.split_whitespace();
-    let n = w.next().and_then(|x| x.parse().ok()).unwrap_or(0);
-    let m = w.nth(1).and_then(|x| x.parse().ok()).unwrap_or(0);
-    (n, m)
 }
 
 /// Median, min and max of `v` (not empty).
@@ -898,6 +889,34 @@ mod tests {
         let gaps = missing(&prot, &[]);
         assert_eq!(gaps.len(), 1, "{gaps:?}");
         assert!(gaps[0].starts_with("gmem run 1: no boot SHARE calls, 4 KiB conversion"));
+    }
+
+    #[test]
+    fn a_run_is_read_from_its_console() {
+        let o = L2Outcome {
+            name: "b-gmem-0".into(),
+            exit: Some(0),
+            console: "[    2.500000] Run /init as init process\n\
+                      kpm-init: boot-shares 7 pages 16393\n\
+                      [    1.0] kvm_protmem: swiotlb pool shared: 64 MiB at 0x1b400000 in 1 hypercalls\n\
+                      kpm-init: bench-convert pages 512 blocks 1 hypercalls 2 share_cycles 10 unshare_cycles 5 tsc_khz 2000\n\
+                      kpm-init: bench-read bs=65536 bytes 67108864 t0 10.00 t1 12.00\n\
+                      kpm-init: debugfs shares: 9\n\
+                      kpm-init: done\n"
+                .into(),
+            ..L2Outcome::default()
+        };
+        let r = measure(&o).unwrap();
+        assert_eq!(r.to_userspace_guest, Some(2.5));
+        assert_eq!(
+            (r.boot_share_calls, r.pool_share_calls),
+            (Some(7.0), Some(1.0))
+        );
+        assert_eq!(r.runtime_shares, Some(2.0));
+        assert_eq!(r.convert[&512], (15.0, 2.0, 2000.0));
+        assert_eq!(r.io[&("read", 65536)], 32.0);
+        let unfinished = L2Outcome { exit: Some(2), ..o };
+        assert!(measure(&unfinished).is_err());
     }
 
     #[test]

@@ -890,14 +890,10 @@ fn judge_reboot(o: &L2Outcome) -> Vec<Row> {
         .lines()
         .filter(|l| l.starts_with("kpm-init: done"))
         .count();
-    let enables: Vec<(u64, i64)> = v["enables"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|e| (num(e, "boot"), e["result"].as_i64().unwrap_or(-1)))
-                .collect()
-        })
-        .unwrap_or_default();
+    let enables: Vec<(u64, i64)> = enable_records(&v)
+        .into_iter()
+        .map(|(boot, _, result)| (boot, result))
+        .collect();
     let enabled_lines = o
         .lines_after("kpm-init: dmesg kvm_protmem: enabled")
         .count();
