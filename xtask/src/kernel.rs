@@ -7,7 +7,7 @@ use crate::setup::Tools;
 use crate::sh;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -280,12 +280,26 @@ fn is_step(l: &str) -> bool {
 /// `cargo xtask series --bisect`: builds the pinned tree after each patch
 /// of the exported series, incrementally, in a scratch tree and build
 /// directory of its own, with the configuration of the main build; reports
-/// each step and fails at the first one that does not build.
+/// each step with the state of our options and fails at the first one that
+/// does not build. After the last patch the configuration must equal the
+/// main build's, or the steps did not build what `cargo xtask kernel` does.
+///
+/// Both directories start empty on every run: the scratch tree is hard
+/// linked to the pristine one, whose files keep their old mtimes, so
+/// objects left from an earlier run would look newer than the sources a
+/// later run reverts to and make would not rebuild them.
 pub fn bisect(ctx: &Ctx, tools: &Tools, ex: &crate::series::Exported) -> Result<()> {
     let root = ctx.cache.join("bisect");
     let tree = root.join("tree");
     let out = root.join("build");
-    let _ = std::fs::remove_dir_all(&tree);
+    for d in [&tree, &out] {
+        match std::fs::remove_dir_all(d) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot remove {}", d.display()));
+            }
+            _ => {}
+        }
+    }
     std::fs::create_dir_all(&root)?;
     sh::run(
         Command::new("cp")
@@ -304,7 +318,12 @@ pub fn bisect(ctx: &Ctx, tools: &Tools, ex: &crate::series::Exported) -> Result<
         let start = Instant::now();
         sh::output(tools.make(&tree, &out).args(["-j2", "bzImage"]))
             .with_context(|| format!("bisect: the build fails after {step}"))?;
-        println!("bisect: {step}: builds ({}s)", start.elapsed().as_secs());
+        let have = std::fs::read_to_string(out.join(".config"))?;
+        println!(
+            "bisect: {step}: builds ({}s; {})",
+            start.elapsed().as_secs(),
+            options_state(&have)
+        );
         Ok(())
     };
     build("the pristine base")?;
@@ -324,8 +343,56 @@ pub fn bisect(ctx: &Ctx, tools: &Tools, ex: &crate::series::Exported) -> Result<
             .unwrap_or_default();
         build(&name)?;
     }
-    println!("bisect: every one of the {} steps builds", ex.patches.len());
+    let main = std::fs::read_to_string(&config)?;
+    let last = std::fs::read_to_string(out.join(".config"))?;
+    let differ = config_differences(&main, &last);
+    if !differ.is_empty() {
+        bail!(
+            "bisect: after the last patch the configuration differs from {}:\n  {}",
+            config.display(),
+            differ.join("\n  ")
+        );
+    }
+    println!(
+        "bisect: the pristine base and every one of the {} patches build; \
+         the last step's configuration equals the main build's",
+        ex.patches.len()
+    );
     Ok(())
+}
+
+/// `CONFIG_X=y` or `CONFIG_X unset` for each of [`OUR_OPTIONS`], as a
+/// `.config` text has them.
+fn options_state(config: &str) -> String {
+    OUR_OPTIONS
+        .iter()
+        .map(|o| {
+            let set = config
+                .lines()
+                .find_map(|l| l.strip_prefix(o).and_then(|r| r.strip_prefix('=')));
+            match set {
+                Some(v) => format!("{}={v}", o.trim_start_matches("CONFIG_")),
+                None => format!("{} unset", o.trim_start_matches("CONFIG_")),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The option settings (`CONFIG_...=` lines) in which two `.config` texts
+/// differ, as `-line` (only in `a`) and `+line` (only in `b`).
+fn config_differences(a: &str, b: &str) -> Vec<String> {
+    let set = |t: &str| -> BTreeSet<String> {
+        t.lines()
+            .filter(|l| l.starts_with("CONFIG_"))
+            .map(str::to_string)
+            .collect()
+    };
+    let (a, b) = (set(a), set(b));
+    a.difference(&b)
+        .map(|l| format!("-{l}"))
+        .chain(b.difference(&a).map(|l| format!("+{l}")))
+        .collect()
 }
 
 /// Our Kconfig options: they must vanish when their dependencies go.
@@ -617,5 +684,27 @@ mod tests {
         assert!(is_step("  RUSTC L rust/kernel.o"));
         assert!(!is_step("arch/x86/kernel/kvm.c:1: error: x"));
         assert!(!is_step("make[1]: Entering directory"));
+    }
+
+    #[test]
+    fn bisect_reports_our_options_and_config_differences() {
+        let step =
+            "CONFIG_KVM=y\nCONFIG_KVM_PROTMEM_GUEST=y\n# CONFIG_KVM_PROTMEM_REQUIRE is not set\n";
+        assert_eq!(
+            options_state(step),
+            "KVM_PROTMEM_GUEST=y, KVM_PROTMEM_REQUIRE unset, KVM_PROTMEM_KUNIT_TEST unset"
+        );
+        assert_eq!(
+            options_state("CONFIG_KVM_PROTMEM_GUEST_X=y\n"),
+            "KVM_PROTMEM_GUEST unset, KVM_PROTMEM_REQUIRE unset, KVM_PROTMEM_KUNIT_TEST unset"
+        );
+        let main = "CONFIG_A=y\nCONFIG_B=\"x\"\n# CONFIG_C is not set\n";
+        assert!(
+            config_differences(main, "# other comment\nCONFIG_B=\"x\"\nCONFIG_A=y\n").is_empty()
+        );
+        assert_eq!(
+            config_differences(main, "CONFIG_A=y\nCONFIG_B=\"y\"\nCONFIG_C=y\n"),
+            ["-CONFIG_B=\"x\"", "+CONFIG_B=\"y\"", "+CONFIG_C=y"]
+        );
     }
 }

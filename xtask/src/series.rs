@@ -318,18 +318,21 @@ fn write_cover(
     }
     body.push('\n');
     for ((level, kind), patches) in &kinds {
-        body.push_str(&format!(
-            "\n- {level}:{kind} ({}x, patches {}): {}",
+        let which: Vec<&str> = patches
+            .iter()
+            .copied()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let item = format!(
+            "- {level}:{kind} ({}x, {} {}): {}",
             patches.len(),
-            patches
-                .iter()
-                .copied()
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect::<Vec<_>>()
-                .join(", "),
+            if which.len() == 1 { "patch" } else { "patches" },
+            which.join(", "),
             why.get(*kind).map_or("not justified", String::as_str)
-        ));
+        );
+        body.push('\n');
+        body.push_str(&wrap(&item, 72, "  "));
     }
     if kinds.is_empty() {
         body.push_str("\n(none)");
@@ -344,6 +347,26 @@ fn write_cover(
 
 /// Applies the exported series with `git am` to the pristine files and
 /// compares the result with `tree`; returns the files that differ.
+/// `text` folded at spaces into lines of at most `width` columns (a word
+/// longer than that stays whole), the lines after the first indented by
+/// `indent`, as a mail body's list items are.
+fn wrap(text: &str, width: usize, indent: &str) -> String {
+    let mut out = String::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.len() + 1 + word.len() > width {
+            out.push_str(&line);
+            out.push('\n');
+            line = indent.to_string();
+        } else if !line.is_empty() && line != indent {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    out.push_str(&line);
+    out
+}
+
 pub fn check_applies(
     ctx: &Ctx,
     pristine: &Path,
@@ -534,6 +557,28 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cover_items_are_folded_for_mail() {
+        let item = "- WARNING:LONG_LINE_STRING (2x, patch 0007): the long lines are single \
+                    user-visible messages, kept whole so that they can be grepped";
+        let w = wrap(item, 40, "  ");
+        assert_eq!(
+            w,
+            "- WARNING:LONG_LINE_STRING (2x, patch\n  0007): the long lines are single\n  \
+             user-visible messages, kept whole so\n  that they can be grepped"
+        );
+        assert!(w.lines().all(|l| l.len() <= 40), "{w}");
+        assert_eq!(
+            w.split_whitespace().collect::<Vec<_>>(),
+            item.split_whitespace().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            wrap("averyveryverylongword x", 8, "  "),
+            "averyveryverylongword\n  x"
+        );
+        assert_eq!(wrap("", 8, "  "), "");
+    }
 
     #[test]
     fn checkpatch_terse_output_is_parsed() {
