@@ -345,8 +345,6 @@ fn write_cover(
     Ok(())
 }
 
-/// Applies the exported series with `git am` to the pristine files and
-/// compares the result with `tree`; returns the files that differ.
 /// `text` folded at spaces into lines of at most `width` columns (a word
 /// longer than that stays whole), the lines after the first indented by
 /// `indent`, as a mail body's list items are.
@@ -358,7 +356,7 @@ fn wrap(text: &str, width: usize, indent: &str) -> String {
             out.push_str(&line);
             out.push('\n');
             line = indent.to_string();
-        } else if !line.is_empty() && line != indent {
+        } else if !line.is_empty() {
             line.push(' ');
         }
         line.push_str(word);
@@ -367,6 +365,8 @@ fn wrap(text: &str, width: usize, indent: &str) -> String {
     out
 }
 
+/// Applies the exported series with `git am` to the pristine files and
+/// compares the result with `tree`; returns the files that differ.
 pub fn check_applies(
     ctx: &Ctx,
     pristine: &Path,
