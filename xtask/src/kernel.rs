@@ -284,7 +284,7 @@ fn is_step(l: &str) -> bool {
 /// does not build. After the last patch the configuration must equal the
 /// main build's, or the steps did not build what `cargo xtask kernel` does.
 ///
-/// Both directories start empty on every run: the scratch tree is hard
+/// Both directories are made anew on every run: the scratch tree is hard
 /// linked to the pristine one, whose files keep their old mtimes, so
 /// objects left from an earlier run would look newer than the sources a
 /// later run reverts to and make would not rebuild them.
@@ -292,15 +292,7 @@ pub fn bisect(ctx: &Ctx, tools: &Tools, ex: &crate::series::Exported) -> Result<
     let root = ctx.cache.join("bisect");
     let tree = root.join("tree");
     let out = root.join("build");
-    for d in [&tree, &out] {
-        match std::fs::remove_dir_all(d) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(e).with_context(|| format!("cannot remove {}", d.display()));
-            }
-            _ => {}
-        }
-    }
-    std::fs::create_dir_all(&root)?;
+    sh::fresh_dir(&root)?;
     sh::run(
         Command::new("cp")
             .arg("-al")
@@ -507,8 +499,7 @@ pub fn rustdoc(ctx: &Ctx, tools: &Tools, k: &Kernel) -> Result<PathBuf> {
         }
     }
     let out = ctx.cache.join("rustdoc");
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out)?;
+    sh::fresh_dir(&out)?;
     let script = format!(
         "{env} rustdoc {} -Zunstable-options --document-private-items \
          -Cunsafe-allow-abi-mismatch=fixed-x18 --output {}",

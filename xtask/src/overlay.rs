@@ -169,8 +169,7 @@ pub fn apply(ov: &Overlay, pristine: &Path, tree: &Path, scratch: &Path) -> Resu
             std::fs::read(src).with_context(|| format!("cannot read {}", src.display()))?,
         );
     }
-    let _ = std::fs::remove_dir_all(scratch);
-    std::fs::create_dir_all(scratch)?;
+    sh::fresh_dir(scratch)?;
     let mut patched = Vec::new();
     for p in &ov.patches {
         let text =

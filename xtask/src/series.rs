@@ -148,8 +148,7 @@ fn author(repo: &Path) -> Result<(String, String)> {
 /// A scratch repository holding the pristine version of `files`,
 /// committed as the base.
 fn base_repo(dir: &Path, pristine: &Path, files: &BTreeSet<PathBuf>) -> Result<()> {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir)?;
+    sh::fresh_dir(dir)?;
     sh::run(git(dir).args(["init", "-q", "-b", "series"]))?;
     for f in files {
         let src = pristine.join(f);
@@ -264,8 +263,7 @@ pub fn export(ctx: &Ctx, pristine: &Path, out: &Path, from: From) -> Result<Expo
         ident(&mut c);
         sh::run(&mut c).with_context(|| format!("cannot commit {}", s.patch.display()))?;
     }
-    let _ = std::fs::remove_dir_all(out);
-    std::fs::create_dir_all(out)?;
+    sh::fresh_dir(out)?;
     let mut c = git(&work);
     c.args([
         "format-patch",

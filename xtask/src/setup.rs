@@ -335,8 +335,7 @@ fn unpack_private_qemu(root: &Path) -> Result<()> {
 /// unpacks them all into `into`; both directories are made anew.
 fn download_unpacked(debs: &Path, pkgs: &[impl AsRef<str>], into: &Path) -> Result<()> {
     let names: Vec<&str> = pkgs.iter().map(AsRef::as_ref).collect();
-    let _ = std::fs::remove_dir_all(debs);
-    std::fs::create_dir_all(debs)?;
+    sh::fresh_dir(debs)?;
     sh::output(
         Command::new("apt-get")
             .current_dir(debs)
@@ -344,8 +343,7 @@ fn download_unpacked(debs: &Path, pkgs: &[impl AsRef<str>], into: &Path) -> Resu
             .args(&names),
     )
     .with_context(|| format!("downloading {} failed", names.join(" ")))?;
-    let _ = std::fs::remove_dir_all(into);
-    std::fs::create_dir_all(into)?;
+    sh::fresh_dir(into)?;
     for deb in std::fs::read_dir(debs)? {
         sh::run(
             Command::new("dpkg-deb")
@@ -585,8 +583,7 @@ fn kernel_source(ctx: &Ctx, apt: &PrivateApt) -> Result<(PathBuf, String)> {
     if !root.is_dir() {
         let deb = apt.download(&pkg, &version, &debs)?;
         let partial = sh::with_suffix(&root, ".partial");
-        let _ = std::fs::remove_dir_all(&partial);
-        std::fs::create_dir_all(&partial)?;
+        sh::fresh_dir(&partial)?;
         println!("setup: unpacking {pkg} {version}");
         sh::run(
             Command::new("dpkg-deb")
@@ -655,8 +652,7 @@ fn rust_src(ctx: &Ctx, apt: &PrivateApt) -> Result<PathBuf> {
     }
     let deb = apt.download("rust-src", version, &ctx.cache.join("debs"))?;
     let partial = sh::with_suffix(&root, ".partial");
-    let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir_all(&partial)?;
+    sh::fresh_dir(&partial)?;
     sh::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
     std::fs::rename(&partial, &root)?;
     Ok(lib)

@@ -86,9 +86,37 @@ pub fn write_if_changed(path: &Path, data: &[u8]) -> Result<bool> {
     Ok(true)
 }
 
+/// Makes `dir` an empty directory: whatever was there is removed first.
+/// A removal that fails for any reason but absence is an error, so that
+/// stale content is never taken for new.
+pub fn fresh_dir(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("cannot remove {}", dir.display()));
+        }
+        _ => {}
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fresh_dir_empties_or_creates() {
+        let dir = std::env::temp_dir().join(format!("xtask-fresh-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        fresh_dir(&dir.join("new")).unwrap();
+        assert!(dir.join("new").is_dir());
+        std::fs::write(dir.join("new/stale"), b"x").unwrap();
+        fresh_dir(&dir.join("new")).unwrap();
+        assert_eq!(std::fs::read_dir(dir.join("new")).unwrap().count(), 0);
+        std::fs::write(dir.join("file"), b"x").unwrap();
+        let e = fresh_dir(&dir.join("file")).unwrap_err();
+        assert!(format!("{e:#}").contains("cannot remove"), "{e:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn write_if_changed_keeps_identical_files_and_breaks_hard_links() {
