@@ -52,8 +52,12 @@ pub const PAGE_SHIFT: u32 = 12;
 /// The page size the hypercalls count in (4 KiB, whatever the guest maps).
 pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
 
-/// `KVM_EPERM`: SHARE or UNSHARE before ENABLE.
+/// `KVM_EPERM`: SHARE or UNSHARE before ENABLE, or while another vCPU's
+/// ENABLE is in progress.
 pub const KVM_EPERM: u64 = 1;
+
+/// `KVM_ENOMEM`: the host could not allocate what the conversion needs.
+pub const KVM_ENOMEM: u64 = 12;
 
 /// `KVM_EFAULT`: the range is not entirely guest RAM.
 pub const KVM_EFAULT: u64 = 14;
@@ -67,8 +71,11 @@ pub const KVM_ENOSYS: u64 = 1000;
 /// Why a protected-memory hypercall failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Error {
-    /// `-KVM_EPERM`: SHARE or UNSHARE before ENABLE.
+    /// `-KVM_EPERM`: SHARE or UNSHARE before ENABLE, or during another
+    /// vCPU's ENABLE.
     Permission,
+    /// `-KVM_ENOMEM`: the host ran out of memory; nothing changed.
+    NoMemory,
     /// `-KVM_EFAULT`: the range is not entirely guest RAM.
     Fault,
     /// `-KVM_EINVAL`: malformed arguments.
@@ -86,6 +93,7 @@ impl Error {
     pub const fn to_ret(self) -> u64 {
         match self {
             Error::Permission => KVM_EPERM.wrapping_neg(),
+            Error::NoMemory => KVM_ENOMEM.wrapping_neg(),
             Error::Fault => KVM_EFAULT.wrapping_neg(),
             Error::Invalid => KVM_EINVAL.wrapping_neg(),
             Error::NotSupported => KVM_ENOSYS.wrapping_neg(),
@@ -97,6 +105,7 @@ impl Error {
     pub const fn name(self) -> &'static str {
         match self {
             Error::Permission => "KVM_EPERM",
+            Error::NoMemory => "KVM_ENOMEM",
             Error::Fault => "KVM_EFAULT",
             Error::Invalid => "KVM_EINVAL",
             Error::NotSupported => "KVM_ENOSYS",
@@ -107,12 +116,14 @@ impl Error {
 
 /// Decodes the value a host returned in RAX.
 ///
-/// Zero is success; the four errors of this ABI map to their variants;
-/// anything else is [`Error::Unexpected`].
+/// Zero is success; the errors of this ABI map to their variants;
+/// anything else (a host may refuse with any value) is
+/// [`Error::Unexpected`].
 pub const fn decode_ret(ret: u64) -> Result<(), Error> {
     match ret.wrapping_neg() {
         0 => Ok(()),
         KVM_EPERM => Err(Error::Permission),
+        KVM_ENOMEM => Err(Error::NoMemory),
         KVM_EFAULT => Err(Error::Fault),
         KVM_EINVAL => Err(Error::Invalid),
         KVM_ENOSYS => Err(Error::NotSupported),

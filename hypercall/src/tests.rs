@@ -43,6 +43,7 @@ fn feature_bit() {
 fn errors_round_trip() {
     for e in [
         Error::Permission,
+        Error::NoMemory,
         Error::Fault,
         Error::Invalid,
         Error::NotSupported,
@@ -60,6 +61,7 @@ fn errors_round_trip() {
 fn hostile_returns_are_failures() {
     for ret in [
         1,
+        12,
         22,
         1000,
         u64::MAX - 1000,

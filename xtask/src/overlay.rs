@@ -141,6 +141,63 @@ pub fn patched_files(diff: &str) -> Vec<PathBuf> {
     v
 }
 
+/// `diff` without the sections of the files in `drop` (a section starts at
+/// its `diff --git` line, or at its `---` line when there is none).
+pub fn without_files(diff: &str, drop: &[PathBuf]) -> String {
+    let lines: Vec<&str> = diff.split_inclusive('\n').collect();
+    let mut out = String::new();
+    let mut keep = true;
+    let mut i = 0;
+    while i < lines.len() {
+        let l = lines[i];
+        let starts_git = l.starts_with("diff --git ");
+        let starts_plain = l.starts_with("--- ")
+            && lines.get(i + 1).is_some_and(|n| n.starts_with("+++ "))
+            && !(i > 0 && out_of_git_header(&lines[..i]));
+        if starts_git || starts_plain {
+            // The section's file: its `+++` line, or `---` for a deletion.
+            let target = lines[i..]
+                .iter()
+                .find_map(|n| n.strip_prefix("+++ "))
+                .map(|rest| rest.split('\t').next().unwrap_or(rest).trim())
+                .map(|path| path.strip_prefix("b/").unwrap_or(path));
+            keep = !target.is_some_and(|t| drop.iter().any(|d| Path::new(t) == d));
+        }
+        if keep {
+            out.push_str(l);
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Whether the last header line before a `---` line is part of a `diff
+/// --git` header (`index`, `new file mode`, ...), so that `---` does not
+/// start a section of its own.
+fn out_of_git_header(before: &[&str]) -> bool {
+    for l in before.iter().rev() {
+        if l.starts_with("diff --git ") {
+            return true;
+        }
+        let header = [
+            "index ",
+            "new file mode",
+            "deleted file mode",
+            "old mode",
+            "new mode",
+            "similarity",
+            "rename ",
+            "copy ",
+        ]
+        .iter()
+        .any(|h| l.starts_with(h));
+        if !header {
+            return false;
+        }
+    }
+    false
+}
+
 /// Result of laying the overlay.
 pub struct Applied {
     pub managed: usize,
@@ -178,22 +235,19 @@ pub fn apply(ov: &Overlay, pristine: &Path, tree: &Path, scratch: &Path) -> Resu
         if files.is_empty() {
             bail!("{} touches no file", p.display());
         }
-        // A patch to files the overlay provides whole is a step of the
-        // exported series (`cargo xtask series`); the overlay already holds
-        // its result. It may not mix them with files of the tree.
-        let ours = files.iter().filter(|f| ov.files.contains_key(*f)).count();
-        if ours == files.len() {
+        // What a patch changes in files the overlay provides whole is a
+        // step of the exported series (`cargo xtask series`): the overlay
+        // already holds its result, so only the rest applies here.
+        let ours: Vec<PathBuf> = files
+            .iter()
+            .filter(|f| ov.files.contains_key(*f))
+            .cloned()
+            .collect();
+        if ours.len() == files.len() {
             continue;
         }
-        for f in files {
-            if ov.files.contains_key(&f) {
-                bail!(
-                    "{} patches {}, which the overlay provides as a new file, together \
-                     with files of the tree: split it",
-                    p.display(),
-                    f.display()
-                );
-            }
+        let text = without_files(&text, &ours);
+        for f in files.into_iter().filter(|f| !ours.contains(f)) {
             if !patched.contains(&f) {
                 let orig = pristine.join(&f);
                 if orig.is_file() {
@@ -203,13 +257,13 @@ pub fn apply(ov: &Overlay, pristine: &Path, tree: &Path, scratch: &Path) -> Resu
                 patched.push(f);
             }
         }
-        let out = Command::new("patch")
-            .args(["-p1", "-s", "-N", "-F0", "--no-backup-if-mismatch", "-d"])
-            .arg(scratch)
-            .arg("-i")
-            .arg(p)
-            .output()
-            .context("cannot run patch (setup installs it)")?;
+        let out = sh::run_with_stdin(
+            Command::new("patch")
+                .args(["-p1", "-s", "-N", "-F0", "--no-backup-if-mismatch", "-d"])
+                .arg(scratch),
+            text.as_bytes(),
+        )
+        .context("cannot run patch (setup installs it)")?;
         if !out.status.success() {
             bail!(
                 "{} does not apply to the pristine tree:\n{}{}",
@@ -265,6 +319,25 @@ mod tests {
             patched_files(d),
             [PathBuf::from("x/y.c"), PathBuf::from("z.h")]
         );
+    }
+
+    #[test]
+    fn drops_the_sections_of_overlay_files() {
+        let git = "Subject: x\n---\ndiff --git a/o.c b/o.c\nindex 1..2 100644\n--- a/o.c\n+++ b/o.c\n@@ -1 +1 @@\n-a\n+b\ndiff --git a/t.c b/t.c\n--- a/t.c\n+++ b/t.c\n@@ -1 +1 @@\n-c\n+d\n";
+        let kept = without_files(git, &[PathBuf::from("o.c")]);
+        assert_eq!(
+            kept,
+            "Subject: x\n---\ndiff --git a/t.c b/t.c\n--- a/t.c\n+++ b/t.c\n@@ -1 +1 @@\n-c\n+d\n"
+        );
+        let plain = "--- a/t.c\n+++ b/t.c\n@@ -1 +1 @@\n-c\n+d\n--- a/o.c\n+++ b/o.c\n@@ -1 +1 @@\n-a\n+b\n";
+        assert_eq!(
+            without_files(plain, &[PathBuf::from("o.c")]),
+            "--- a/t.c\n+++ b/t.c\n@@ -1 +1 @@\n-c\n+d\n"
+        );
+        assert_eq!(without_files(plain, &[]), plain);
+        // A removed line that reads like a header stays in its hunk.
+        let tricky = "--- a/t.c\n+++ b/t.c\n@@ -1,2 +1 @@\n--- a/o.c\n-x\n+y\n";
+        assert_eq!(without_files(tricky, &[PathBuf::from("o.c")]), tricky);
     }
 
     #[test]

@@ -42,6 +42,35 @@ pub fn output(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs `cmd` with `input` on its stdin and returns its output, whatever
+/// its exit status.
+pub fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> Result<std::process::Output> {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", show(cmd)))?;
+    // Write from another thread: a child that fills its output pipes
+    // before reading all its input must not deadlock with us.
+    let mut stdin = child.stdin.take().context("no stdin pipe")?;
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child
+        .wait_with_output()
+        .with_context(|| format!("`{}` did not finish", show(cmd)))?;
+    match writer.join() {
+        Ok(Ok(())) => {}
+        // A child that exits without reading everything (EPIPE) reports
+        // that through its status and output.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Ok(Err(e)) => return Err(e).with_context(|| format!("cannot feed `{}`", show(cmd))),
+        Err(_) => bail!("the thread feeding `{}` panicked", show(cmd)),
+    }
+    Ok(out)
+}
+
 /// Whether `prog` can be found on PATH (or is an existing path).
 pub fn have(prog: &str) -> bool {
     if prog.contains('/') {

@@ -54,6 +54,7 @@ pub fn expected() -> Vec<(&'static str, u64)> {
         ("KVM_EINVAL", KVM_EINVAL),
         ("KVM_EFAULT", KVM_EFAULT),
         ("KVM_EPERM", KVM_EPERM),
+        ("KVM_ENOMEM", KVM_ENOMEM),
         (
             "KVM_CAP_SW_PROTECTED_POPULATE",
             u64::from(kvm_protmem_vmm::gmem_kvm::KVM_CAP_SW_PROTECTED_POPULATE),

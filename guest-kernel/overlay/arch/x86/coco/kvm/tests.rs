@@ -60,6 +60,7 @@ mod abi_tests {
         assert_eq!(u64::from(bindings::KVM_EINVAL), KVM_EINVAL);
         assert_eq!(u64::from(bindings::KVM_EFAULT), KVM_EFAULT);
         assert_eq!(u64::from(bindings::KVM_EPERM), KVM_EPERM);
+        assert_eq!(u64::from(bindings::KVM_ENOMEM), KVM_ENOMEM);
         assert_eq!(bindings::KVM_CPUID_FEATURES, KVM_CPUID_FEATURES);
         assert_eq!(bindings::KVM_CPUID_SIGNATURE, KVM_CPUID_SIGNATURE);
     }
@@ -74,6 +75,7 @@ mod abi_tests {
         assert_eq!(decode_ret(KVM_EINVAL.wrapping_neg()), Err(Error::Invalid));
         assert_eq!(decode_ret(KVM_EFAULT.wrapping_neg()), Err(Error::Fault));
         assert_eq!(decode_ret(KVM_EPERM.wrapping_neg()), Err(Error::Permission));
+        assert_eq!(decode_ret(KVM_ENOMEM.wrapping_neg()), Err(Error::NoMemory));
         // A hostile or newer host: never mistaken for success.
         assert_eq!(decode_ret(1), Err(Error::Unexpected(1)));
         assert_eq!(decode_ret(1 << 63), Err(Error::Unexpected(1 << 63)));
