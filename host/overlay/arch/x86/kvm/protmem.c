@@ -21,6 +21,13 @@
  * waits for userspace, and only in pages that were shared when that
  * ENABLE started, once each (KVM_SW_PROTECTED_POPULATE): the contents the
  * guest had in shared memory, which userspace could write anyway.
+ *
+ * From the guest's first ENABLE on, userspace is also locked out of what
+ * would let it read or change the guest's state other than through memory
+ * the guest shares: vCPU registers and other vCPU state, new vCPUs,
+ * memslots (kvm_protmem_locked() in x86.c).  It can still stop the guest,
+ * refuse conversions, inject interrupts and corrupt shared memory: denial
+ * of service, which the host can always cause.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -45,12 +52,18 @@ int kvm_protmem_enable_cap(struct kvm *kvm, u64 flags)
 	if (kvm->created_vcpus)
 		return -EBUSY;
 
+	/* RDMSR/WRMSR exits would show userspace what the guest writes. */
+	if (kvm->arch.user_space_msr_mask)
+		return -EINVAL;
+
 	pm = kzalloc_obj(*pm, GFP_KERNEL_ACCOUNT);
 	if (!pm)
 		return -ENOMEM;
 
 	mutex_init(&pm->lock);
 
+	/* No KVM_CAP_SYNC_REGS: it puts registers in kvm_run on every exit. */
+	kvm->arch.has_protected_state = true;
 	/* KVM alone sets memory attributes and discards guest_memfd pages. */
 	WRITE_ONCE(kvm->private_mem_locked, true);
 	WRITE_ONCE(kvm->arch.protmem, pm);
@@ -189,6 +202,7 @@ static int kvm_protmem_enable(struct kvm_vcpu *vcpu)
 	}
 
 	bitmap_copy(populate, shared, end);
+	WRITE_ONCE(pm->locked, true);
 	pm->enabling = vcpu;
 	pm->shared = shared;
 	pm->populate = populate;
@@ -355,4 +369,28 @@ int kvm_protmem_populate(struct kvm *kvm, struct kvm_sw_protected_populate *p)
 	r = kvm_sw_protected_populate(kvm, p);
 	bitmap_clear(pm->populate, start, gpa_to_gfn(p->gpa) - start);
 	return r;
+}
+
+/*
+ * The vCPU ioctls userspace may still issue once the guest enabled
+ * protected memory: running the vCPU, delivering interrupts, and queries
+ * that reveal no guest state.  Everything else reads or changes registers
+ * or other vCPU state and fails with -EPERM.
+ */
+bool kvm_protmem_vcpu_ioctl_allowed(unsigned int ioctl)
+{
+	switch (ioctl) {
+	case KVM_RUN:
+	case KVM_SET_SIGNAL_MASK:
+	case KVM_GET_STATS_FD:
+	case KVM_GET_MP_STATE:
+	case KVM_INTERRUPT:
+	case KVM_NMI:
+	case KVM_KVMCLOCK_CTRL:
+	case KVM_GET_TSC_KHZ:
+	case KVM_GET_CPUID2:
+		return true;
+	default:
+		return false;
+	}
 }
