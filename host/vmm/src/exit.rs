@@ -86,12 +86,16 @@ pub enum Exit<'a> {
         /// Bytes written.
         data: &'a [u8],
     },
-    /// `KVM_EXIT_HYPERCALL`: `ret` is what KVM puts in the guest's RAX.
+    /// `KVM_EXIT_HYPERCALL`: `ret` is what KVM puts in the guest's RAX;
+    /// with `applied`, KVM already carried the call out and `ret` can only
+    /// refuse it (KVM then undoes it).
     Hypercall {
         /// Hypercall number.
         nr: u64,
         /// Arguments a0..a5.
         args: [u64; 6],
+        /// `KVM_EXIT_HYPERCALL_APPLIED`.
+        applied: bool,
         /// Return value slot (`kvm_run.hypercall.ret`).
         ret: &'a mut u64,
     },
@@ -378,8 +382,24 @@ impl<T: Trigger, W: Write> Machine<T, W> {
                 bump(&self.exits.mmio_write);
                 self.mmio_write(addr, data)
             }
-            Exit::Hypercall { nr, args, ret } => {
+            Exit::Hypercall {
+                nr,
+                args,
+                applied,
+                ret,
+            } => {
                 bump(&self.exits.hypercall);
+                // guest_memfd mode asked KVM to own what is private: a
+                // conversion it did not apply would be ours to fake.
+                let kvm_owned = self.prot().gmem_stats().is_some();
+                if applied != kvm_owned {
+                    return Action::Stop(StopReason::Error(format!(
+                        "KVM_EXIT_HYPERCALL {nr} {} KVM_EXIT_HYPERCALL_APPLIED, but the VM {} \
+                         KVM_CAP_X86_PROTECTED_MEMORY",
+                        if applied { "with" } else { "without" },
+                        if kvm_owned { "has" } else { "does not have" }
+                    )));
+                }
                 let mut hypercalls = locked(&self.hypercalls);
                 let result =
                     hypercalls.handle(&mut self.prot_mut(), nr, [args[0], args[1], args[2]]);
@@ -650,6 +670,7 @@ pub(crate) mod tests {
         let args = [a[0], a[1], a[2], 0, 0, 0];
         assert_eq!(
             m.handle_exit(Exit::Hypercall {
+                applied: false,
                 nr,
                 args,
                 ret: &mut ret

@@ -4,21 +4,24 @@
 //! Guest RAM has two backings per page: the shared memfd (the memslot's
 //! `userspace_addr`, also what devices reach through the checked view) and
 //! the guest_memfd. KVM picks one per page from the page's memory
-//! attributes. This module keeps one invariant: **a page's data is in the
-//! backing its attribute selects, and the other backing holds nothing for
-//! it** (a hole), so the VMM process never holds a copy of a private page.
+//! attributes, and KVM alone sets them: with `KVM_CAP_X86_PROTECTED_MEMORY`
+//! it applies ENABLE, SHARE and UNSHARE itself (and frees the guest_memfd
+//! pages of what becomes shared) before it tells the VMM, which can refuse
+//! a conversion but not fake one. This module does the VMM's part and keeps
+//! one invariant: **the memfd holds nothing for a private page** (a hole),
+//! so the VMM process never holds a copy of a private page.
 //!
-//! | guest request | attributes | then |
-//! |---|---|---|
-//! | ENABLE | whole RAM private | populate every *shared data extent* of the memfd into the guest_memfd (holes are skipped, pages never touched cost nothing), then punch the whole memfd |
-//! | SHARE | range shared | punch the guest_memfd range (contents are not kept: the guest writes a shared page after sharing it) |
-//! | UNSHARE | range private | punch the memfd range (the private page starts zeroed) |
+//! | guest request (KVM applied it) | then, in the VMM |
+//! |---|---|
+//! | ENABLE (RAM private) | populate every *shared data extent* of the memfd into the guest_memfd, the one time KVM allows it (holes are skipped, pages never touched cost nothing; KVM refuses pages that were private), then punch the whole memfd |
+//! | SHARE (range shared) | nothing: the memfd range is the shared backing (contents are not kept: the guest writes a shared page after sharing it) |
+//! | UNSHARE (range private) | punch the memfd range (the private page starts zeroed) |
 //!
 //! A reboot or a new VM gets a new guest_memfd (it belongs to one KVM VM),
 //! and the shell punches the memfd, so no copy of either side survives.
 //!
-//! The KVM calls sit behind [`PrivateMemory`], so the bookkeeping here is
-//! tested with a fake; [`crate::vmm`] implements it over KVM.
+//! The KVM call sits behind [`PrivateMemory`], so the bookkeeping here is
+//! tested with a fake; [`crate::gmem_kvm`] implements it over KVM.
 
 use std::fs::File;
 use std::io;
@@ -58,18 +61,15 @@ pub enum GmemError {
     },
 }
 
-/// The private side of guest RAM: what KVM offers for a software-protected
-/// VM. GPAs and lengths are page aligned; the guest_memfd offset of a GPA
-/// is the GPA (one memslot from GPA 0).
+/// The private side of guest RAM: what KVM lets the VMM do for a
+/// software-protected VM whose private memory KVM owns. GPAs and lengths
+/// are page aligned; the guest_memfd offset of a GPA is the GPA (one
+/// memslot from GPA 0).
 pub trait PrivateMemory: Send {
-    /// Sets (`true`) or clears the PRIVATE attribute of `len` bytes at `gpa`
-    /// (`KVM_SET_MEMORY_ATTRIBUTES`); KVM unmaps the other backing.
-    fn set_private(&mut self, gpa: u64, len: u64, private: bool) -> Result<(), GmemError>;
     /// Copies `len` bytes at `gpa` from the shared backing into the
-    /// guest_memfd (`KVM_SW_PROTECTED_POPULATE`); the range must be private.
+    /// guest_memfd (`KVM_SW_PROTECTED_POPULATE`): only while the guest's
+    /// ENABLE waits for the VMM, into pages that were shared, once.
     fn populate(&mut self, gpa: u64, len: u64) -> Result<(), GmemError>;
-    /// Frees the guest_memfd pages of `len` bytes at `gpa` (punch hole).
-    fn discard(&mut self, gpa: u64, len: u64) -> Result<(), GmemError>;
 }
 
 /// Figures of guest_memfd protection, as the stats file lists them.
@@ -89,12 +89,12 @@ pub struct GmemStats {
     pub rss_kib_before_enable: u64,
     /// See `rss_kib_before_enable`.
     pub rss_kib_after_enable: u64,
-    /// Ranges made shared (SHARE) and private (UNSHARE) in KVM.
+    /// Ranges KVM made shared (SHARE) and private (UNSHARE).
     pub to_shared: u64,
     /// See `to_shared`.
     pub to_private: u64,
-    /// Punches of the other backing that failed after a conversion (the
-    /// conversion stood; the stale copy is counted, never used by KVM).
+    /// Punches of the memfd that failed after an UNSHARE (the conversion
+    /// stood; the stale copy is counted, never used by KVM).
     pub punch_failures: u64,
 }
 
@@ -133,12 +133,13 @@ impl Gmem {
         self.stats = before;
     }
 
-    /// ENABLE over RAM `0..ram_end`: makes every page private keeping the
+    /// ENABLE over RAM `0..ram_end`, which KVM made private: keeps the
     /// contents of the pages `is_shared` reports shared (all of them at a
-    /// boot's first ENABLE; the shared set at a later one), then empties the
-    /// shared memfd. Data of a page that was private stays in the
-    /// guest_memfd; whatever the memfd held for it (nothing, unless
-    /// something touched the hole) is dropped, never copied in.
+    /// boot's first ENABLE; the shared set at a later one) by populating
+    /// them, then empties the shared memfd. Data of a page that was
+    /// private stays in the guest_memfd; whatever the memfd held for it
+    /// (nothing, unless something touched the hole) is dropped, never
+    /// copied in (KVM would refuse it).
     pub fn enable(
         &mut self,
         ram_end: u64,
@@ -146,7 +147,6 @@ impl Gmem {
     ) -> Result<(), GmemError> {
         let started = Instant::now();
         let rss_before = rss_kib();
-        self.private.set_private(0, ram_end, true)?;
         let mut bytes = 0;
         for (start, end) in data_extents(&self.shared, 0, ram_end)? {
             for (s, e) in shared_runs(start, end, &is_shared) {
@@ -166,27 +166,20 @@ impl Gmem {
         Ok(())
     }
 
-    /// SHARE: the range goes to the shared memfd; its private pages are freed.
-    pub fn share(&mut self, gpa: u64, len: u64) -> Result<(), GmemError> {
-        self.private.set_private(gpa, len, false)?;
+    /// SHARE, which KVM applied: the range's data is now the shared memfd's
+    /// (KVM freed its private pages).
+    pub fn share(&mut self, _gpa: u64, _len: u64) {
         self.stats.to_shared += 1;
-        if let Err(e) = self.private.discard(gpa, len) {
-            eprintln!("protmem-vmm: SHARE {gpa:#x}+{len:#x}: {e}");
-            self.stats.punch_failures += 1;
-        }
-        Ok(())
     }
 
-    /// UNSHARE: the range goes to the guest_memfd (zeroed); its shared
-    /// pages are freed.
-    pub fn unshare(&mut self, gpa: u64, len: u64) -> Result<(), GmemError> {
-        self.private.set_private(gpa, len, true)?;
+    /// UNSHARE, which KVM applied: the range is private (zeroed in the
+    /// guest_memfd); its shared pages are freed.
+    pub fn unshare(&mut self, gpa: u64, len: u64) {
         self.stats.to_private += 1;
         if let Err(e) = punch(&self.shared, gpa, len) {
             eprintln!("protmem-vmm: UNSHARE {gpa:#x}+{len:#x}: {e}");
             self.stats.punch_failures += 1;
         }
-        Ok(())
     }
 }
 
@@ -298,18 +291,41 @@ pub fn rss_kib() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
     use std::os::unix::fs::FileExt;
     use std::sync::{Arc, Mutex};
 
-    /// A fake private side: attributes per page and a page store, with the
-    /// calls made, in order.
+    /// A fake KVM: attributes per page, a guest_memfd page store, the
+    /// populate window of a pending ENABLE, and the populate calls made.
     #[derive(Default)]
     struct Fake {
         private: BTreeMap<u64, bool>,
         store: BTreeMap<u64, Vec<u8>>,
+        window: BTreeSet<u64>,
         calls: Vec<String>,
-        fail_discard: bool,
+    }
+
+    impl Fake {
+        /// KVM's side of ENABLE: every shared page private, and open to
+        /// one populate each.
+        fn enable(&mut self, npages: u64) {
+            self.window = (0..npages)
+                .filter(|p| !self.private.get(p).copied().unwrap_or(false))
+                .collect();
+            for p in 0..npages {
+                self.private.insert(p, true);
+            }
+        }
+
+        /// KVM's side of SHARE (private pages dropped) and UNSHARE.
+        fn convert(&mut self, first: u64, n: u64, private: bool) {
+            for p in first..first + n {
+                self.private.insert(p, private);
+                if !private {
+                    self.store.remove(&p);
+                }
+            }
+        }
     }
 
     struct FakeSide {
@@ -318,42 +334,26 @@ mod tests {
     }
 
     impl PrivateMemory for FakeSide {
-        fn set_private(&mut self, gpa: u64, len: u64, private: bool) -> Result<(), GmemError> {
-            let mut s = self.state.lock().unwrap();
-            s.calls.push(format!("attr {gpa:#x}+{len:#x} {private}"));
-            for pfn in gpa / PAGE_SIZE..(gpa + len) / PAGE_SIZE {
-                s.private.insert(pfn, private);
-            }
-            Ok(())
-        }
-
         fn populate(&mut self, gpa: u64, len: u64) -> Result<(), GmemError> {
             let mut s = self.state.lock().unwrap();
             s.calls.push(format!("populate {gpa:#x}+{len:#x}"));
-            for pfn in gpa / PAGE_SIZE..(gpa + len) / PAGE_SIZE {
-                assert_eq!(s.private.get(&pfn), Some(&true), "populate needs private");
+            let pages = gpa / PAGE_SIZE..(gpa + len) / PAGE_SIZE;
+            // KVM_SW_PROTECTED_POPULATE: only pages of the window, once.
+            if pages.clone().any(|p| !s.window.contains(&p)) {
+                return Err(GmemError::Kvm {
+                    op: "KVM_SW_PROTECTED_POPULATE",
+                    start: gpa,
+                    end: gpa + len,
+                    err: io::Error::from_raw_os_error(libc::EPERM),
+                });
+            }
+            for pfn in pages {
+                s.window.remove(&pfn);
                 let mut page = vec![0; PAGE_SIZE as usize];
                 self.shared
                     .read_exact_at(&mut page, pfn * PAGE_SIZE)
                     .unwrap();
                 s.store.insert(pfn, page);
-            }
-            Ok(())
-        }
-
-        fn discard(&mut self, gpa: u64, len: u64) -> Result<(), GmemError> {
-            let mut s = self.state.lock().unwrap();
-            s.calls.push(format!("discard {gpa:#x}+{len:#x}"));
-            if s.fail_discard {
-                return Err(GmemError::Kvm {
-                    op: "fallocate(guest_memfd)",
-                    start: gpa,
-                    end: gpa + len,
-                    err: io::Error::from_raw_os_error(libc::EIO),
-                });
-            }
-            for pfn in gpa / PAGE_SIZE..(gpa + len) / PAGE_SIZE {
-                s.store.remove(&pfn);
             }
             Ok(())
         }
@@ -434,13 +434,13 @@ mod tests {
         shared.write_all_at(&page_of(0xaa), 2 * PAGE_SIZE).unwrap();
         shared.write_all_at(&page_of(0xbb), 3 * PAGE_SIZE).unwrap();
         shared.write_all_at(&page_of(0xcc), 50 * PAGE_SIZE).unwrap();
+        state.lock().unwrap().enable(NPAGES);
         g.enable(NPAGES * PAGE_SIZE, |_| true).unwrap();
         let s = state.lock().unwrap();
         assert_eq!(
             s.calls,
             vec![
-                "attr 0x0+0x40000 true".to_string(),
-                "populate 0x2000+0x2000".into(),
+                "populate 0x2000+0x2000".to_string(),
                 "populate 0x32000+0x1000".into(),
             ]
         );
@@ -465,24 +465,21 @@ mod tests {
     fn share_and_unshare_leave_one_copy() {
         let (mut g, state, shared) = setup();
         shared.write_all_at(&page_of(0x11), 5 * PAGE_SIZE).unwrap();
+        state.lock().unwrap().enable(NPAGES);
         g.enable(NPAGES * PAGE_SIZE, |_| true).unwrap();
-        g.share(5 * PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
-        {
-            let s = state.lock().unwrap();
-            assert!(!s.store.contains_key(&5), "private copy dropped on SHARE");
-            assert!(!s.private[&5]);
-            assert_eq!(s.calls.last().unwrap(), "discard 0x5000+0x2000");
-        }
+        state.lock().unwrap().convert(5, 2, false);
+        g.share(5 * PAGE_SIZE, 2 * PAGE_SIZE);
+        assert!(!state.lock().unwrap().store.contains_key(&5));
         // The guest writes the shared page; then takes it back.
         shared.write_all_at(&page_of(0x22), 5 * PAGE_SIZE).unwrap();
-        g.unshare(5 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        state.lock().unwrap().convert(5, 1, true);
+        g.unshare(5 * PAGE_SIZE, PAGE_SIZE);
         assert!(
             data_extents(&shared, 0, NPAGES * PAGE_SIZE)
                 .unwrap()
                 .is_empty(),
             "shared copy dropped on UNSHARE"
         );
-        assert!(state.lock().unwrap().private[&5]);
         let st = g.stats();
         assert_eq!((st.to_shared, st.to_private, st.punch_failures), (1, 1, 0));
     }
@@ -490,14 +487,17 @@ mod tests {
     #[test]
     fn enable_again_copies_only_shared_pages() {
         let (mut g, state, shared) = setup();
+        state.lock().unwrap().enable(NPAGES);
         g.enable(NPAGES * PAGE_SIZE, |_| true).unwrap();
-        g.share(8 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        state.lock().unwrap().convert(8, 1, false);
+        g.share(8 * PAGE_SIZE, PAGE_SIZE);
         shared.write_all_at(&page_of(0x33), 8 * PAGE_SIZE).unwrap();
         // Something touched the hole of private page 9 (a scanner reading
         // the mapping): zeros in the memfd that must not clobber the
         // guest's private page.
         shared.write_all_at(&page_of(0), 9 * PAGE_SIZE).unwrap();
         state.lock().unwrap().store.insert(9, page_of(0x99));
+        state.lock().unwrap().enable(NPAGES);
         g.enable(NPAGES * PAGE_SIZE, |pfn| pfn == 8).unwrap();
         let s = state.lock().unwrap();
         assert_eq!(s.store[&8], page_of(0x33), "shared data kept");
@@ -509,13 +509,14 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_discard_is_counted_and_the_share_stands() {
-        let (mut g, state, _shared) = setup();
-        g.enable(NPAGES * PAGE_SIZE, |_| true).unwrap();
-        state.lock().unwrap().fail_discard = true;
-        g.share(0, PAGE_SIZE).unwrap();
-        assert_eq!(g.stats().punch_failures, 1);
-        assert!(!state.lock().unwrap().private[&0]);
+    fn a_populate_kvm_refuses_fails_the_enable() {
+        let (mut g, state, shared) = setup();
+        shared.write_all_at(&page_of(0x44), 7 * PAGE_SIZE).unwrap();
+        // No ENABLE pending in KVM: the populate window is closed.
+        let e = g.enable(NPAGES * PAGE_SIZE, |_| true).unwrap_err();
+        assert!(e.to_string().contains("KVM_SW_PROTECTED_POPULATE"), "{e}");
+        assert!(state.lock().unwrap().store.is_empty());
+        assert_eq!(g.stats().enables, 0);
     }
 
     #[test]

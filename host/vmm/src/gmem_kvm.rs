@@ -1,21 +1,21 @@
 //! The KVM half of guest_memfd protection (`--protect=gmem`): what the host
-//! must offer, the software-protected VM with its guest_memfd memslot, and
-//! [`PrivateMemory`] over `KVM_SET_MEMORY_ATTRIBUTES`,
-//! `KVM_SW_PROTECTED_POPULATE` and punching the guest_memfd.
+//! must offer, the software-protected VM with its guest_memfd memslot and
+//! KVM-owned protected memory (`KVM_CAP_X86_PROTECTED_MEMORY`), and
+//! [`PrivateMemory`] over `KVM_SW_PROTECTED_POPULATE`.
 //!
-//! `KVM_SW_PROTECTED_POPULATE` comes from this project's KVM patch
-//! (`host/patches/0003-*`, documented in `Documentation/virt/kvm/api.rst`);
-//! the numbers below are that patch's uapi.
+//! Both come from this project's KVM patches (`host/patches/0003-*`,
+//! `0007-*`, documented in `Documentation/virt/kvm/api.rst`); the numbers
+//! below are their uapi, checked against the headers by `cargo xtask test`.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_create_guest_memfd, kvm_memory_attributes, kvm_userspace_memory_region2,
-    KVM_CAP_GUEST_MEMFD, KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_VM_TYPES, KVM_MEMORY_ATTRIBUTE_PRIVATE,
-    KVM_MEM_GUEST_MEMFD, KVM_X86_SW_PROTECTED_VM,
+    kvm_create_guest_memfd, kvm_enable_cap, kvm_userspace_memory_region2, KVM_CAP_GUEST_MEMFD,
+    KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_VM_TYPES, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEM_GUEST_MEMFD,
+    KVM_X86_SW_PROTECTED_VM,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
@@ -24,6 +24,12 @@ use crate::gmem::{GmemError, PrivateMemory};
 
 /// `KVM_CAP_SW_PROTECTED_POPULATE` (include/uapi/linux/kvm.h, our patch).
 pub const KVM_CAP_SW_PROTECTED_POPULATE: u32 = 250;
+/// `KVM_CAP_X86_PROTECTED_MEMORY` (include/uapi/linux/kvm.h, our patch):
+/// KVM applies the protected-memory hypercalls and locks the VMM out.
+pub const KVM_CAP_X86_PROTECTED_MEMORY: u32 = 251;
+/// `KVM_EXIT_HYPERCALL_APPLIED` (arch/x86/include/uapi/asm/kvm.h, our
+/// patch): a `KVM_EXIT_HYPERCALL` flag, KVM already carried the call out.
+pub const KVM_EXIT_HYPERCALL_APPLIED: u64 = 1 << 1;
 /// `KVMIO`, the KVM ioctl type.
 const KVMIO: u32 = 0xae;
 
@@ -90,7 +96,26 @@ pub fn check_host(kvm: &Kvm) -> Result<(), HostError> {
             "KVM_SW_PROTECTED_POPULATE (the populate patch, KVM_CAP_SW_PROTECTED_POPULATE)",
         );
     }
+    if cap(KVM_CAP_X86_PROTECTED_MEMORY) <= 0 {
+        return missing(
+            "KVM-owned protected memory (the hypercall patch, KVM_CAP_X86_PROTECTED_MEMORY)",
+        );
+    }
     Ok(())
+}
+
+/// Lets KVM own the private memory of `vm`, before its vCPUs exist: KVM
+/// applies ENABLE, SHARE and UNSHARE itself, populating is allowed only
+/// during an ENABLE, and vCPU state is locked once the guest enabled it.
+pub fn enable_protected_memory(vm: &VmFd) -> Result<(), HostError> {
+    let cap = kvm_enable_cap {
+        cap: KVM_CAP_X86_PROTECTED_MEMORY,
+        ..Default::default()
+    };
+    vm.enable_cap(&cap).map_err(|err| HostError::Setup {
+        op: "KVM_ENABLE_CAP(KVM_CAP_X86_PROTECTED_MEMORY)",
+        err,
+    })
 }
 
 /// The VM type to create for `--protect=gmem`.
@@ -170,27 +195,6 @@ fn kvm_err(op: &'static str, gpa: u64, len: u64, err: io::Error) -> GmemError {
 }
 
 impl PrivateMemory for KvmPrivate {
-    fn set_private(&mut self, gpa: u64, len: u64, private: bool) -> Result<(), GmemError> {
-        let attr = kvm_memory_attributes {
-            address: gpa,
-            size: len,
-            attributes: if private {
-                u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE)
-            } else {
-                0
-            },
-            flags: 0,
-        };
-        let op = if private {
-            "KVM_SET_MEMORY_ATTRIBUTES(PRIVATE)"
-        } else {
-            "KVM_SET_MEMORY_ATTRIBUTES(shared)"
-        };
-        self.vm
-            .set_memory_attributes(attr)
-            .map_err(|e| kvm_err(op, gpa, len, io::Error::from_raw_os_error(e.errno())))
-    }
-
     fn populate(&mut self, gpa: u64, len: u64) -> Result<(), GmemError> {
         let mut arg = KvmSwProtectedPopulate {
             gpa,
@@ -212,36 +216,6 @@ impl PrivateMemory for KvmPrivate {
             if err.raw_os_error() != Some(libc::EINTR) {
                 return Err(kvm_err("KVM_SW_PROTECTED_POPULATE", arg.gpa, arg.size, err));
             }
-        }
-        Ok(())
-    }
-
-    fn discard(&mut self, gpa: u64, len: u64) -> Result<(), GmemError> {
-        let (Ok(off), Ok(l)) = (libc::off_t::try_from(gpa), libc::off_t::try_from(len)) else {
-            return Err(kvm_err(
-                "fallocate(PUNCH_HOLE) of the guest_memfd",
-                gpa,
-                len,
-                io::Error::from(io::ErrorKind::InvalidInput),
-            ));
-        };
-        // SAFETY: fallocate on the guest_memfd we own; it frees private
-        // pages (KVM unmaps them from the guest), touching no memory of ours.
-        let rc = unsafe {
-            libc::fallocate(
-                self.gmem.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                l,
-            )
-        };
-        if rc != 0 {
-            return Err(kvm_err(
-                "fallocate(PUNCH_HOLE) of the guest_memfd",
-                gpa,
-                len,
-                io::Error::last_os_error(),
-            ));
         }
         Ok(())
     }

@@ -14,10 +14,11 @@
 //! more permissive than the mapping: SHARE opens the mapping first, UNSHARE
 //! and ENABLE close the map first.
 //!
-//! With `--protect=gmem` a [`Gmem`] is attached: each ENABLE, SHARE and
-//! UNSHARE then also moves the pages between the shared memfd and the
-//! guest_memfd (see [`crate::gmem`]), after the device view was closed and
-//! before it is opened, so the map stays the authority for devices.
+//! With `--protect=gmem` a [`Gmem`] is attached. KVM then owns what is
+//! private and has applied each ENABLE, SHARE and UNSHARE before the VMM
+//! hears of it; the VMM follows (this map, the device view, and moving
+//! page contents out of the shared memfd, see [`crate::gmem`]) or refuses,
+//! which KVM undoes. With `--protect=view` the VMM decides alone.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -379,14 +380,7 @@ impl Protection {
             return Err(AbiError::Fault);
         }
         if let Some(g) = self.gmem.as_mut() {
-            if let Err(e) = g.share(range.gpa(), range.len()) {
-                Self::report("SHARE", range, &e);
-                // Still private in KVM: close the device view again.
-                if self.set_prot(range.gpa(), range.end(), false).is_err() {
-                    bump(&self.counters.mprotect_failures, 1);
-                }
-                return Err(AbiError::Fault);
-            }
+            g.share(range.gpa(), range.len());
         }
         self.shared
             .set_range(range.first_pfn(), range.npages(), true);
@@ -411,12 +405,7 @@ impl Protection {
             return Err(AbiError::Fault);
         }
         if let Some(g) = self.gmem.as_mut() {
-            if let Err(e) = g.unshare(range.gpa(), range.len()) {
-                // Devices are already refused; KVM still maps the shared
-                // backing for the guest, which must not reuse the page.
-                Self::report("UNSHARE", range, &e);
-                return Err(AbiError::Fault);
-            }
+            g.unshare(range.gpa(), range.len());
         }
         Ok(())
     }

@@ -302,6 +302,7 @@ mod tests {
             (KVM_HC_MEM_SHARE, 0x1001),
         ] {
             m.handle_exit(Exit::Hypercall {
+                applied: false,
                 nr,
                 args: [a0, 1, 0, 0, 0, 0],
                 ret: &mut ret,
@@ -348,6 +349,7 @@ mod tests {
     fn hypercall(m: &TestMachine, nr: u64, gpa: u64, npages: u64) {
         let mut ret = 0;
         m.handle_exit(Exit::Hypercall {
+            applied: false,
             nr,
             args: [gpa, npages, 0, 0, 0, 0],
             ret: &mut ret,

@@ -282,7 +282,11 @@ impl Setup<'_> {
             self.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?
         };
         let vm = Arc::new(vm);
-        if cli.protect.is_some() {
+        if gmem_mode {
+            // KVM applies the protected-memory hypercalls and keeps the
+            // guest's state from us; it must be enabled before any vCPU.
+            gmem_kvm::enable_protected_memory(&vm)?;
+        } else if cli.protect.is_some() {
             let offered = vm.check_extension_int(Cap::ExitHypercall).max(0) as u64;
             let mask = hypercalls::exit_hypercall_mask(offered)?;
             let cap = kvm_enable_cap {
@@ -293,6 +297,9 @@ impl Setup<'_> {
             vm.enable_cap(&cap).map_err(kvm_err(format!(
                 "KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL, {mask:#x})"
             )))?;
+        }
+        if cli.protect.is_some() {
+            disable_hypercall_patching(&vm)?;
         }
         pin_tsc_khz(&vm, self.tsc_note_printed.get());
         self.tsc_note_printed.set(true);
@@ -387,6 +394,26 @@ impl Setup<'_> {
         let entry = self.load(boot)?;
         self.create_vm(entry)
     }
+}
+
+/// Turns off KVM's rewriting of a guest hypercall instruction of the other
+/// vendor (`vmcall` on AMD, `vmmcall` on Intel) in guest memory
+/// (`KVM_X86_QUIRK_FIX_HYPERCALL_INSN`): the host must not write a protected
+/// guest's code. The guest gets #UD instead; ours issues the right one.
+fn disable_hypercall_patching(vm: &VmFd) -> Result<(), VmmError> {
+    let cap = kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_DISABLE_QUIRKS2,
+        args: [
+            u64::from(kvm_bindings::KVM_X86_QUIRK_FIX_HYPERCALL_INSN),
+            0,
+            0,
+            0,
+        ],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap).map_err(kvm_err(
+        "KVM_ENABLE_CAP(KVM_CAP_DISABLE_QUIRKS2, KVM_X86_QUIRK_FIX_HYPERCALL_INSN)",
+    ))
 }
 
 /// `KVM_SET_TSC_KHZ` and `KVM_GET_TSC_KHZ` (`_IO(KVMIO, 0xa2/0xa3)`); on
@@ -857,6 +884,8 @@ fn convert(exit: VcpuExit<'_>, io_size: usize) -> Exit<'_> {
         VcpuExit::Hypercall(h) => Exit::Hypercall {
             nr: h.nr,
             args: h.args,
+            // kvm-ioctls reads the flags word's low half as `longmode`.
+            applied: u64::from(h.longmode) & gmem_kvm::KVM_EXIT_HYPERCALL_APPLIED != 0,
             ret: h.ret,
         },
         VcpuExit::Hlt => Exit::Hlt,

@@ -10,17 +10,27 @@
 //!   calls get -KVM_EINVAL without an exit;
 //! - without the capability, every call gets -KVM_ENOSYS without an exit;
 //! - guest_memfd (`KVM_SW_PROTECTED_POPULATE`, in the pattern of
-//!   private_mem_conversions_test.c): in a software-protected VM a guest
-//!   running from a shared page reads byte patterns from private pages that
-//!   userspace populated, not what the shared backing holds; conversions
-//!   private -> shared -> private and punching the guest_memfd give the
-//!   contents the API promises; the populate ioctl rejects bad arguments
-//!   with the documented errno.
+//!   private_mem_conversions_test.c): in a stock software-protected VM,
+//!   where userspace sets the memory attributes, a guest running from a
+//!   shared page reads byte patterns from private pages that userspace
+//!   populated, not what the shared backing holds; conversions private ->
+//!   shared -> private and punching the guest_memfd give the contents the
+//!   API promises; the populate ioctl rejects bad arguments with the
+//!   documented errno;
+//! - KVM-owned protected memory (`KVM_CAP_X86_PROTECTED_MEMORY`, [`owned`]):
+//!   KVM applies the hypercalls, the VMM can refuse but not fake one, every
+//!   operation that would read or change private memory or vCPU state
+//!   fails with EPERM, and the instruction emulator reads and writes
+//!   private memory (string I/O, `movs` from MMIO, `cmpxchg`, hypercall
+//!   patching) with the data checked.
 //!
 //! Prints one `ok`/`not ok` line per check and `N passed, M failed`; exits
 //! non-zero on any failure. Needs /dev/kvm.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
+
+mod asm;
+mod owned;
 
 use std::process::ExitCode;
 
@@ -29,7 +39,6 @@ use hypercall::{
 };
 use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_EXIT_HYPERCALL};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
-use kvm_protmem_vmm::gmem::PrivateMemory;
 use kvm_protmem_vmm::gmem_kvm::{
     self, KvmPrivate, KvmSwProtectedPopulate, KVM_CAP_SW_PROTECTED_POPULATE,
     KVM_SW_PROTECTED_POPULATE,
@@ -340,14 +349,12 @@ fn gmem_checks(kvm: &Kvm, check: &mut dyn FnMut(&str, bool, String)) {
     let src_host = src
         .get_host_address(GuestAddress(first))
         .map_or(0, |p| p as u64);
-    let mut setup = || -> Result<(), String> {
+    let setup = || -> Result<(), String> {
         for &p in &GM_DATA {
             fill(&src, p, b'A')?;
             fill(&g.mem, p, b'S')?;
         }
-        g.private
-            .set_private(first, len, true)
-            .map_err(|e| e.to_string())?;
+        set_private(&g.vm, first, len, true)?;
         let mut arg = KvmSwProtectedPopulate {
             gpa: first,
             size: len,
@@ -389,10 +396,8 @@ fn gmem_checks(kvm: &Kvm, check: &mut dyn FnMut(&str, bool, String)) {
     );
     // Private -> shared: the guest sees what the shared side holds.
     let p1 = GM_DATA[1];
-    let conv = g
-        .private
-        .set_private(p1, 0x1000, false)
-        .and_then(|()| g.private.discard(p1, 0x1000));
+    let conv = set_private(&g.vm, p1, 0x1000, false)
+        .and_then(|()| punch_gmem(g.private.file(), p1, 0x1000));
     check(
         "gmem: convert a page to shared and punch its private page",
         conv.is_ok(),
@@ -406,7 +411,7 @@ fn gmem_checks(kvm: &Kvm, check: &mut dyn FnMut(&str, bool, String)) {
         &mut g,
     );
     // Shared -> private: a new, zeroed private page.
-    let conv = g.private.set_private(p1, 0x1000, true);
+    let conv = set_private(&g.vm, p1, 0x1000, true);
     check(
         "gmem: convert the page back to private",
         conv.is_ok(),
@@ -419,7 +424,7 @@ fn gmem_checks(kvm: &Kvm, check: &mut dyn FnMut(&str, bool, String)) {
         &mut g,
     );
     // Punching a private page loses its contents.
-    let punched = g.private.discard(GM_DATA[2], 0x1000);
+    let punched = punch_gmem(g.private.file(), GM_DATA[2], 0x1000);
     check(
         "gmem: punch a private page",
         punched.is_ok(),
@@ -533,6 +538,45 @@ fn gmem_checks(kvm: &Kvm, check: &mut dyn FnMut(&str, bool, String)) {
             );
         }
         Err(e) => check("gmem: default VM", false, e.to_string()),
+    }
+}
+
+/// `KVM_SET_MEMORY_ATTRIBUTES`: `len` bytes at `gpa` private or shared.
+fn set_private(vm: &VmFd, gpa: u64, len: u64, private: bool) -> Result<(), String> {
+    let attributes = if private {
+        u64::from(kvm_bindings::KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    } else {
+        0
+    };
+    vm.set_memory_attributes(kvm_bindings::kvm_memory_attributes {
+        address: gpa,
+        size: len,
+        attributes,
+        flags: 0,
+    })
+    .map_err(|e| format!("KVM_SET_MEMORY_ATTRIBUTES({gpa:#x}+{len:#x}, {attributes:#x}): {e}"))
+}
+
+/// `fallocate(PUNCH_HOLE)` of `len` bytes at `offset` of a guest_memfd.
+fn punch_gmem(gmem: &std::fs::File, offset: u64, len: u64) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on a descriptor the caller owns; it changes file
+    // contents only.
+    let rc = unsafe {
+        libc::fallocate(
+            gmem.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "fallocate(PUNCH_HOLE, {offset:#x}+{len:#x}): {}",
+            std::io::Error::last_os_error()
+        ))
     }
 }
 
@@ -662,6 +706,7 @@ fn main() -> ExitCode {
         Err(e) => check("guest run without the capability", false, e),
     }
     gmem_checks(&kvm, &mut check);
+    owned::checks(&kvm, &mut check);
     println!("{passed} passed, {failed} failed");
     if failed == 0 {
         ExitCode::SUCCESS
