@@ -536,7 +536,9 @@ pub fn run_on(
         // loglevel=4: L1's errors reach the console, its warnings do not:
         // a warning (the clocksource watchdog's, under TCG) printed in the
         // middle of an L2 line used to cut it in two.
-        "console=ttyS0 panic=-1 kvm_amd.npt=1 kunit.enable=0 loglevel=4",
+        // kvm.force_emulation_prefix: the L1 tests (protmem-kvm-test and
+        // mainline's selftests) make KVM emulate chosen instructions.
+        "console=ttyS0 panic=-1 kvm_amd.npt=1 kvm.force_emulation_prefix=1 kunit.enable=0 loglevel=4",
     );
     let total = 60 + runs.iter().map(|r| r.timeout + 20).sum::<u64>();
     let which = match l1 {
