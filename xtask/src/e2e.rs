@@ -79,7 +79,7 @@ fn scenario(
             cmdline: format!("{BASE_CMDLINE} {extra}").trim().to_string(),
             timeout: match name {
                 "no-bounce" => NO_BOUNCE_TIMEOUT,
-                "timeout-report" => TIMEOUT_REPORT_AFTER,
+                "timeout-report" | "timeout-report-view" => TIMEOUT_REPORT_AFTER,
                 _ => 240,
             },
             qemu: false,
@@ -241,8 +241,15 @@ pub fn all() -> Vec<Scenario> {
         },
         scenario(
             "timeout-report",
-            "--timeout stops a sleeping guest: exit 3 and a one-line-each report of the I/O APIC, the virtqueues and the vCPU (its TSC-deadline timer armed)",
+            "--timeout stops a sleeping protected guest: exit 3 and a one-line-each report of the I/O APIC, the virtqueues and the vCPU, whose state KVM refuses to the VMM",
             &["--protect"],
+            &format!("{NO_KUNIT} kpm.sleep"),
+            judge_timeout_report,
+        ),
+        scenario(
+            "timeout-report-view",
+            "--timeout with --protect=view: the same report with the vCPU's registers and TSC-deadline timer (KVM does not lock the VMM out)",
+            &["--protect=view"],
             &format!("{NO_KUNIT} kpm.sleep"),
             judge_timeout_report,
         ),
@@ -546,15 +553,30 @@ fn judge_timeout_report(o: &L2Outcome) -> Vec<Row> {
             line("ioapic ").is_some() && o.lines_after("protmem-vmm: virtio type=").count() == 2,
             line("ioapic ").unwrap_or_else(|| "no ioapic line".into()),
         ),
-        row(
-            "the report has vCPU 0 with its local APIC timer",
-            vcpu.contains("rip=0x") && vcpu.contains("timer="),
-            if vcpu.is_empty() {
-                "no vcpu0 line".to_string()
-            } else {
-                vcpu.chars().take(160).collect()
-            },
-        ),
+        if o.name.ends_with("-view") {
+            row(
+                "the report has vCPU 0 with its local APIC timer",
+                vcpu.contains("rip=0x") && vcpu.contains("timer="),
+                if vcpu.is_empty() {
+                    "no vcpu0 line".to_string()
+                } else {
+                    vcpu.chars().take(160).collect()
+                },
+            )
+        } else {
+            // KVM keeps a protected guest's vCPU state from the VMM.
+            row(
+                "the report says vCPU 0's state is not readable (KVM refuses it)",
+                vcpu.contains("mp_state=")
+                    && vcpu.contains("not readable")
+                    && !vcpu.contains("rip="),
+                if vcpu.is_empty() {
+                    "no vcpu0 line".to_string()
+                } else {
+                    vcpu.chars().take(160).collect()
+                },
+            )
+        },
     ]
 }
 

@@ -167,6 +167,27 @@ pub struct Cli {
         help_heading = "Test-only options"
     )]
     pub fail_unshare: Option<FailPolicy>,
+    /// TEST ONLY: behave as a VMM that was taken over. Answer 0 to every
+    /// conversion and keep every page and device mapping (the lie); on
+    /// SIGUSR1 try to read and change vCPU state and private memory, one
+    /// stderr line per attempt (`protmem-vmm: hostile: ...`), then create
+    /// PATH. See host/vmm/src/hostile.rs.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "protect",
+        help_heading = "Test-only options"
+    )]
+    pub hostile: Option<PathBuf>,
+    /// TEST ONLY: with --hostile, also search the VMM's mapping of guest
+    /// RAM for STR (the guest's secret) and overwrite it.
+    #[arg(
+        long,
+        value_name = "STR",
+        requires = "hostile",
+        help_heading = "Test-only options"
+    )]
+    pub hostile_needle: Option<String>,
 }
 
 #[cfg(test)]

@@ -112,6 +112,15 @@ pub fn vcpu_line(
     )
 }
 
+/// The hang report's line for a vCPU whose state KVM refuses to the VMM
+/// (a protected guest under `KVM_CAP_X86_PROTECTED_MEMORY`).
+pub fn vcpu_locked_line(id: u8, mp_state: u32) -> String {
+    format!(
+        "vcpu{id} mp_state={mp_state} registers, local APIC and MSRs not readable: KVM keeps a \
+         protected guest's vCPU state from the VMM (EPERM)"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +137,14 @@ mod tests {
             "ioapic irr=0x40 pin4:vec=0x24,edge pin5:vec=0x25,level,remote-irr \
              pin6:vec=0x26,edge,masked,pending"
         );
+    }
+
+    #[test]
+    fn a_locked_vcpu_says_what_is_missing() {
+        let l = vcpu_locked_line(2, 3);
+        assert!(l.starts_with("vcpu2 mp_state=3 "), "{l}");
+        assert!(l.contains("not readable") && l.contains("EPERM"), "{l}");
+        assert_eq!(l.lines().count(), 1);
     }
 
     #[test]

@@ -792,6 +792,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_conversion_kvm_applied_without_guest_memfd_stops_the_vm() {
+        // Without --protect=gmem KVM must not apply conversions itself,
+        // and with it every conversion must come applied.
+        let m = machine(false);
+        let mut ret = 0x55;
+        let action = m.handle_exit(Exit::Hypercall {
+            nr: KVM_HC_MEM_SHARE,
+            args: [0x1000, 1, 0, 0, 0, 0],
+            applied: true,
+            ret: &mut ret,
+        });
+        match action {
+            Action::Stop(StopReason::Error(e)) => {
+                assert!(e.contains("KVM_EXIT_HYPERCALL_APPLIED"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ret, 0x55, "the guest's return value left alone");
+        assert_eq!(m.prot().shared_pages(), 0);
+    }
+
+    #[test]
     fn mmio_routes_to_devices_and_probe() {
         let m = machine(true);
         let mut magic = [0u8; 4];

@@ -136,14 +136,16 @@ impl Gmem {
     /// ENABLE over RAM `0..ram_end`, which KVM made private: keeps the
     /// contents of the pages `is_shared` reports shared (all of them at a
     /// boot's first ENABLE; the shared set at a later one) by populating
-    /// them, then empties the shared memfd. Data of a page that was
-    /// private stays in the guest_memfd; whatever the memfd held for it
-    /// (nothing, unless something touched the hole) is dropped, never
-    /// copied in (KVM would refuse it).
-    pub fn enable(
+    /// them, then, with `punch`, empties the shared memfd. Data of a page
+    /// that was private stays in the guest_memfd; whatever the memfd held
+    /// for it (nothing, unless something touched the hole) is dropped,
+    /// never copied in (KVM would refuse it). Only `--hostile` keeps the
+    /// memfd (`punch` false).
+    pub fn populate(
         &mut self,
         ram_end: u64,
         is_shared: impl Fn(u64) -> bool,
+        punch_memfd: bool,
     ) -> Result<(), GmemError> {
         let started = Instant::now();
         let rss_before = rss_kib();
@@ -155,7 +157,9 @@ impl Gmem {
                 self.stats.extents_populated += 1;
             }
         }
-        punch(&self.shared, 0, ram_end)?;
+        if punch_memfd {
+            punch(&self.shared, 0, ram_end)?;
+        }
         let s = &mut self.stats;
         s.enables += 1;
         s.bytes_populated += bytes;
@@ -435,7 +439,7 @@ mod tests {
         shared.write_all_at(&page_of(0xbb), 3 * PAGE_SIZE).unwrap();
         shared.write_all_at(&page_of(0xcc), 50 * PAGE_SIZE).unwrap();
         state.lock().unwrap().enable(NPAGES);
-        g.enable(NPAGES * PAGE_SIZE, |_| true).unwrap();
+        g.populate(NPAGES * PAGE_SIZE, |_| true, true).unwrap();
         let s = state.lock().unwrap();
         assert_eq!(
             s.calls,
@@ -466,7 +470,7 @@ mod tests {
         let (mut g, state, shared) = setup();
         shared.write_all_at(&page_of(0x11), 5 * PAGE_SIZE).unwrap();
         state.lock().unwrap().enable(NPAGES);
-        g.enable(NPAGES * PAGE_SIZE, |_| true).unwrap();
+        g.populate(NPAGES * PAGE_SIZE, |_| true, true).unwrap();
         state.lock().unwrap().convert(5, 2, false);
         g.share(5 * PAGE_SIZE, 2 * PAGE_SIZE);
         assert!(!state.lock().unwrap().store.contains_key(&5));
@@ -488,7 +492,7 @@ mod tests {
     fn enable_again_copies_only_shared_pages() {
         let (mut g, state, shared) = setup();
         state.lock().unwrap().enable(NPAGES);
-        g.enable(NPAGES * PAGE_SIZE, |_| true).unwrap();
+        g.populate(NPAGES * PAGE_SIZE, |_| true, true).unwrap();
         state.lock().unwrap().convert(8, 1, false);
         g.share(8 * PAGE_SIZE, PAGE_SIZE);
         shared.write_all_at(&page_of(0x33), 8 * PAGE_SIZE).unwrap();
@@ -498,7 +502,8 @@ mod tests {
         shared.write_all_at(&page_of(0), 9 * PAGE_SIZE).unwrap();
         state.lock().unwrap().store.insert(9, page_of(0x99));
         state.lock().unwrap().enable(NPAGES);
-        g.enable(NPAGES * PAGE_SIZE, |pfn| pfn == 8).unwrap();
+        g.populate(NPAGES * PAGE_SIZE, |pfn| pfn == 8, true)
+            .unwrap();
         let s = state.lock().unwrap();
         assert_eq!(s.store[&8], page_of(0x33), "shared data kept");
         assert_eq!(s.store[&9], page_of(0x99), "private data untouched");
@@ -513,7 +518,7 @@ mod tests {
         let (mut g, state, shared) = setup();
         shared.write_all_at(&page_of(0x44), 7 * PAGE_SIZE).unwrap();
         // No ENABLE pending in KVM: the populate window is closed.
-        let e = g.enable(NPAGES * PAGE_SIZE, |_| true).unwrap_err();
+        let e = g.populate(NPAGES * PAGE_SIZE, |_| true, true).unwrap_err();
         assert!(e.to_string().contains("KVM_SW_PROTECTED_POPULATE"), "{e}");
         assert!(state.lock().unwrap().store.is_empty());
         assert_eq!(g.stats().enables, 0);

@@ -123,6 +123,11 @@ pub struct FailKnobs {
     pub share: FailPolicy,
     /// Same for UNSHARE.
     pub unshare: FailPolicy,
+    /// `--hostile`: every ENABLE, SHARE and UNSHARE gets 0 and the VMM
+    /// keeps its side as it was (after ENABLE under guest_memfd it
+    /// populates, keeping its copy: without that the guest would only
+    /// crash). The lie of a VMM that was taken over.
+    pub lie: bool,
 }
 
 /// Hypercall results by number, then by the signed value returned.
@@ -209,6 +214,9 @@ impl HypercallHandler {
         args: [u64; 3],
     ) -> Result<u64, HypercallError> {
         let shared_before = prot.shared_pages();
+        if self.knobs.lie {
+            return self.lie(prot, nr, shared_before);
+        }
         let res = match Hypercall::decode(nr, args) {
             None => Err(AbiError::NotSupported),
             Some(Err(e)) => Err(e),
@@ -233,6 +241,27 @@ impl HypercallHandler {
             self.record_enable(shared_before, ret);
         }
         Ok(ret)
+    }
+
+    /// `--hostile`: 0 for every protected-memory hypercall, nothing done but
+    /// populating at ENABLE under guest_memfd.
+    fn lie(
+        &mut self,
+        prot: &mut Protection,
+        nr: u64,
+        shared_before: u64,
+    ) -> Result<u64, HypercallError> {
+        if !Hypercall::is_ours(nr) {
+            let ret = AbiError::NotSupported.to_ret();
+            self.record(nr, ret);
+            return Ok(ret);
+        }
+        if nr == KVM_HC_ENABLE_MEM_PROTECTED {
+            prot.populate_keeping_copies()?;
+            self.record_enable(shared_before, 0);
+        }
+        self.record(nr, 0);
+        Ok(0)
     }
 
     fn record_enable(&mut self, pages_shared_before: u64, ret: u64) {
@@ -396,6 +425,7 @@ mod tests {
             enable: true,
             share: FailPolicy::Every(2),
             unshare: FailPolicy::Always,
+            lie: false,
         };
         let mut h = HypercallHandler::new(knobs);
         assert_eq!(
@@ -418,6 +448,38 @@ mod tests {
             neg(KVM_EFAULT)
         );
         assert_eq!(p.shared_pages(), 2);
+    }
+
+    #[test]
+    fn a_lying_vmm_says_yes_and_keeps_everything() {
+        let mut p = prot();
+        let mut h = HypercallHandler::new(FailKnobs {
+            lie: true,
+            ..Default::default()
+        });
+        for (nr, args) in [
+            (KVM_HC_ENABLE_MEM_PROTECTED, [0; 3]),
+            (KVM_HC_MEM_SHARE, [0x2000, 2, 0]),
+            (KVM_HC_MEM_UNSHARE, [0x2000, 1, 0]),
+            (KVM_HC_MEM_SHARE, [0x2001, 0, 7]),
+        ] {
+            assert_eq!(h.handle(&mut p, nr, args).unwrap(), 0, "{nr}");
+        }
+        assert!(!p.enabled(), "nothing made private on the VMM's side");
+        assert_eq!(p.shared_pages(), 0);
+        assert_eq!(
+            h.enables(),
+            [EnableRecord {
+                boot: 1,
+                pages_shared_before: 0,
+                result: 0
+            }]
+        );
+        assert_eq!(
+            h.handle(&mut p, KVM_HC_MAP_GPA_RANGE, [0; 3]).unwrap(),
+            neg(KVM_ENOSYS),
+            "not a protected-memory hypercall"
+        );
     }
 
     #[test]

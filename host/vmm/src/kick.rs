@@ -166,6 +166,17 @@ impl VcpuThreads {
         self.threads.iter().all(|(_, h)| h.is_finished())
     }
 
+    /// Kicks every running thread out of KVM_RUN once, without stopping it
+    /// (it goes back in after a look at its flags).
+    pub fn kick(&self) {
+        let signal = kick_signal();
+        for (_, handle) in &self.threads {
+            if !handle.is_finished() {
+                let _ = handle.kill(signal);
+            }
+        }
+    }
+
     /// Sets the stop flag, kicks every thread until all have ended (giving
     /// up after `timeout`), and joins them.
     pub fn stop(self, timeout: Duration) -> Result<(), KickError> {

@@ -19,6 +19,7 @@ pub mod diag;
 pub mod exit;
 pub mod gmem;
 pub mod gmem_kvm;
+pub mod hostile;
 pub mod hypercalls;
 pub mod iothread;
 pub mod kick;

@@ -313,7 +313,22 @@ impl Protection {
         self.enable_count += 1;
         self.set_prot(0, self.ram_end, false)?;
         if let Some(g) = self.gmem.as_mut() {
-            g.enable(self.ram_end, |pfn| !was_enabled || shared_before.get(pfn))?;
+            g.populate(
+                self.ram_end,
+                |pfn| !was_enabled || shared_before.get(pfn),
+                true,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `--hostile`'s ENABLE: under guest_memfd, copies the guest's pages
+    /// into it (KVM made them private and zero) but keeps them in the memfd
+    /// and the device view open; the map stays as it was. Without
+    /// guest_memfd it does nothing.
+    pub fn populate_keeping_copies(&mut self) -> Result<(), ProtectionError> {
+        if let Some(g) = self.gmem.as_mut() {
+            g.populate(self.ram_end, |_| true, false)?;
         }
         Ok(())
     }

@@ -56,6 +56,7 @@ use crate::exit::{
 };
 use crate::gmem::Gmem;
 use crate::gmem_kvm::{self, HostError, KvmPrivate};
+use crate::hostile::{Hostile, HostileError};
 use crate::hypercalls::{self, FailKnobs, HypercallError, HypercallHandler};
 use crate::iothread::IoThread;
 use crate::kick::{self, KickError, VcpuThreads};
@@ -140,6 +141,9 @@ pub enum VmmError {
     /// Protected-memory capability.
     #[error(transparent)]
     Hypercall(#[from] HypercallError),
+    /// Setting up --hostile failed.
+    #[error(transparent)]
+    Hostile(#[from] HostileError),
     /// Disk.
     #[error(transparent)]
     Block(#[from] BlockError),
@@ -314,9 +318,13 @@ impl Setup<'_> {
             .ram
             .get_host_address(GuestAddress(0))
             .map_err(|_| RamError::BadSize(cli.mem))?;
+        let mut gmem_fd = None;
         let gmem = if gmem_mode {
             // SAFETY: as below: the KVM view is leaked by `run`.
             let gmem = unsafe { gmem_kvm::add_gmem_slot(&vm, cli.mem, host as u64) }?;
+            if cli.hostile.is_some() {
+                gmem_fd = Some(gmem.try_clone().map_err(VmmError::GmemDup)?);
+            }
             let shared = self.memfd().map_err(VmmError::GmemDup)?;
             let private = KvmPrivate::new(vm.clone(), gmem, host as u64);
             Some(Gmem::new(Box::new(private), shared))
@@ -353,7 +361,12 @@ impl Setup<'_> {
         for id in 0..cli.cpus {
             vcpus.push(create_vcpu(&vm, &self.supported, id, cli, entry)?);
         }
-        Ok(NewVm { vm, vcpus, gmem })
+        Ok(NewVm {
+            vm,
+            vcpus,
+            gmem,
+            gmem_fd,
+        })
     }
 
     /// A new descriptor of the guest RAM memfd.
@@ -458,6 +471,8 @@ struct NewVm {
     vm: Arc<VmFd>,
     vcpus: Vec<VcpuFd>,
     gmem: Option<Gmem>,
+    /// Another descriptor of the guest_memfd, for --hostile's attempts.
+    gmem_fd: Option<File>,
 }
 
 /// Builds the VM described by `cli`, runs it until it stops, and returns why.
@@ -548,7 +563,12 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
         tsc_note_printed: Default::default(),
     };
     let entry = setup.load(1)?;
-    let NewVm { vm, vcpus, gmem } = setup.create_vm(entry)?;
+    let NewVm {
+        vm,
+        vcpus,
+        gmem,
+        gmem_fd,
+    } = setup.create_vm(entry)?;
 
     let mut prot = Protection::new(device_view);
     if let Some(g) = gmem {
@@ -558,7 +578,24 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
         enable: cli.fail_enable,
         share: cli.fail_share.unwrap_or_default(),
         unshare: cli.fail_unshare.unwrap_or_default(),
+        lie: cli.hostile.is_some(),
     });
+    let hostile = match &cli.hostile {
+        Some(done) => Some(Arc::new(Hostile::new(
+            done.clone(),
+            cli.hostile_needle.clone(),
+            usize::from(cli.cpus),
+        )?)),
+        None => None,
+    };
+    // The VMM's own mapping of all guest RAM (the memslot's), for --hostile.
+    let ram_mapping = [(
+        setup
+            .ram
+            .get_host_address(GuestAddress(0))
+            .map_err(|_| RamError::BadSize(cli.mem))? as u64,
+        cli.mem,
+    )];
     let machine: SharedMachine = Arc::new(Machine::new(
         SerialPort::new(serial_irq, console),
         blk,
@@ -578,10 +615,23 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
     let start = Instant::now();
     let deadline = cli.timeout.map(|s| start + Duration::from_secs(s));
     let mut panic_since = None;
-    let mut threads = start_vcpus(vcpus, &machine, &tx)?;
+    let mut threads = start_vcpus(vcpus, &machine, &tx, &hostile)?;
     let mut vm = vm;
+    let mut gmem_fd = gmem_fd;
     let reason = loop {
-        let first = wait_for_end(&rx, &threads, &machine, deadline, &mut panic_since);
+        let mut tick = |t: &VcpuThreads| {
+            if let Some(h) = &hostile {
+                h.poll(&vm, gmem_fd.as_ref(), &ram_mapping, || t.kick());
+            }
+        };
+        let first = wait_for_end(
+            &rx,
+            &threads,
+            &machine,
+            deadline,
+            &mut panic_since,
+            &mut tick,
+        );
         if first == Action::Stop(StopReason::Timeout) {
             report_hang(&vm, &machine, threads);
             break StopReason::Timeout;
@@ -604,10 +654,14 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
             if let Some(g) = new.gmem {
                 machine.prot_mut().attach_gmem(g);
             }
-            Ok((new.vm, start_vcpus(new.vcpus, &machine, &tx)?))
+            Ok((
+                new.vm,
+                new.gmem_fd,
+                start_vcpus(new.vcpus, &machine, &tx, &hostile)?,
+            ))
         });
         match next {
-            Ok((new_vm, t)) => (vm, threads) = (new_vm, t),
+            Ok((new_vm, fd, t)) => (vm, gmem_fd, threads) = (new_vm, fd, t),
             Err(e) => break StopReason::Error(e.to_string()),
         }
     };
@@ -667,15 +721,20 @@ fn report_hang(vm: &VmFd, machine: &SharedMachine, threads: VcpuThreads) {
     }
 }
 
-/// Prints vCPU `id`'s registers, local APIC and TSC deadline (hang report).
+/// Prints vCPU `id`'s registers, local APIC and TSC deadline (hang report);
+/// for a guest whose state KVM keeps from us, what we cannot see.
 fn dump_vcpu(id: u8, vcpu: &VcpuFd) {
     const MSR_IA32_TSC: u32 = 0x10;
     const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
-    let regs = vcpu
-        .get_regs()
-        .map(|r| (r.rip, r.rflags))
-        .unwrap_or_default();
     let mp = vcpu.get_mp_state().map(|m| m.mp_state).unwrap_or(u32::MAX);
+    let regs = match vcpu.get_regs() {
+        Ok(r) => (r.rip, r.rflags),
+        Err(e) if e.errno() == libc::EPERM => {
+            eprintln!("protmem-vmm: {}", diag::vcpu_locked_line(id, mp));
+            return;
+        }
+        Err(_) => (0, 0),
+    };
     let lapic: Vec<u8> = vcpu
         .get_lapic()
         .map(|l| l.regs.iter().map(|b| *b as u8).collect())
@@ -714,13 +773,15 @@ fn start_vcpus(
     vcpus: Vec<VcpuFd>,
     machine: &SharedMachine,
     tx: &Sender<Action>,
+    hostile: &Option<Arc<Hostile>>,
 ) -> Result<VcpuThreads, VmmError> {
     let mut threads = VcpuThreads::new();
     for (id, vcpu) in (0u8..).zip(vcpus) {
         let (m, tx, stop) = (machine.clone(), tx.clone(), threads.stop_flag());
+        let hostile = hostile.clone();
         let handle = thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || vcpu_loop(id, vcpu, m, tx, stop))
+            .spawn(move || vcpu_loop(id, vcpu, m, tx, stop, hostile))
             .map_err(|err| VmmError::Thread { id, err })?;
         threads.push(id, handle);
     }
@@ -736,6 +797,7 @@ fn wait_for_end(
     machine: &SharedMachine,
     deadline: Option<Instant>,
     panic_since: &mut Option<Instant>,
+    tick: &mut dyn FnMut(&VcpuThreads),
 ) -> Action {
     loop {
         match rx.recv_timeout(TICK) {
@@ -743,7 +805,7 @@ fn wait_for_end(
             Err(RecvTimeoutError::Disconnected) => {
                 return Action::Stop(StopReason::Error("every vCPU thread ended".into()))
             }
-            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Timeout) => tick(threads),
         }
         if threads.all_ended() {
             // A thread reports before it ends; look once more for it.
@@ -906,6 +968,7 @@ fn vcpu_loop(
     machine: SharedMachine,
     events: Sender<Action>,
     stop: Arc<AtomicBool>,
+    hostile: Option<Arc<Hostile>>,
 ) {
     let run = vcpu.get_kvm_run() as *const kvm_bindings::kvm_run;
     let immediate_exit = std::ptr::addr_of_mut!(vcpu.get_kvm_run().immediate_exit);
@@ -936,6 +999,9 @@ fn vcpu_loop(
             }
             Err(e) => Action::Stop(StopReason::Error(format!("KVM_RUN on vCPU {id}: {e}"))),
         };
+        if let Some(h) = &hostile {
+            h.on_vcpu(id, &vcpu);
+        }
         if action != Action::Continue {
             // The receiver only goes away when the VMM is exiting anyway.
             let _ = events.send(action);

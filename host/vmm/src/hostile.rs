@@ -1,0 +1,500 @@
+//! TEST ONLY (`--hostile`): the VMM behaves as one that has been taken
+//! over, to show what KVM stops and what it cannot.
+//!
+//! From the start it lies about conversions (see [`crate::hypercalls`]):
+//! it answers 0 to ENABLE, SHARE and UNSHARE and keeps its side as it was
+//! (every page of its memfd kept, the device view open everywhere). With
+//! `--protect=gmem` KVM applied the conversions anyway; with
+//! `--protect=view` the guest now believes memory is private that the VMM
+//! maps.
+//!
+//! On SIGUSR1 (the test harness sends it once the guest holds a secret in
+//! private memory) it attacks: every vCPU thread, kicked out of KVM_RUN,
+//! tries to read and change its vCPU's state; then the main thread tries
+//! every VM-level operation that would read or change private memory, and
+//! searches its own mappings of guest RAM for the secret (`--hostile-needle`)
+//! to overwrite it. Each attempt is one stderr line,
+//! `protmem-vmm: hostile: <operation>: refused (<errno>)` or `...: done
+//! (<what>)`, and the file named by `--hostile` is created when all are done.
+//!
+//! State-changing attempts write back what the matching read returned,
+//! where one exists, so that a host that does not refuse them shows it
+//! without crashing the guest.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_enable_cap, kvm_guest_debug, kvm_memory_attributes, kvm_msr_entry,
+    kvm_userspace_memory_region, kvm_userspace_memory_region2, Msrs,
+};
+use kvm_ioctls::{VcpuFd, VmFd};
+
+use crate::gmem_kvm::{KvmSwProtectedPopulate, KVM_SW_PROTECTED_POPULATE};
+
+/// Set by the SIGUSR1 handler.
+static REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigusr1(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// How long the vCPU threads get to report before the VM-level attacks
+/// go ahead without them.
+const VCPU_WAIT: Duration = Duration::from_secs(10);
+
+/// Errors setting up the hostile mode.
+#[derive(Debug, thiserror::Error)]
+pub enum HostileError {
+    /// `sigaction(SIGUSR1)` failed.
+    #[error("installing the --hostile SIGUSR1 handler failed: {0}")]
+    Signal(std::io::Error),
+}
+
+/// One attempt and what KVM made of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attempt {
+    /// What was tried, e.g. `vcpu0 KVM_GET_REGS`.
+    pub op: String,
+    /// `Err(errno)` if refused, else what it did.
+    pub outcome: Result<String, i32>,
+}
+
+impl Attempt {
+    fn new(op: impl Into<String>, outcome: Result<String, i32>) -> Self {
+        Attempt {
+            op: op.into(),
+            outcome,
+        }
+    }
+
+    /// The stable stderr line.
+    pub fn line(&self) -> String {
+        match &self.outcome {
+            Ok(what) => format!("hostile: {}: done ({what})", self.op),
+            Err(e) => format!("hostile: {}: refused ({})", self.op, errno_name(*e)),
+        }
+    }
+}
+
+/// The name of an errno the attempts can get.
+pub fn errno_name(e: i32) -> String {
+    match e {
+        libc::EPERM => "EPERM".into(),
+        libc::EINVAL => "EINVAL".into(),
+        libc::EBUSY => "EBUSY".into(),
+        libc::EFAULT => "EFAULT".into(),
+        libc::ENOTTY => "ENOTTY".into(),
+        libc::ENXIO => "ENXIO".into(),
+        libc::EOPNOTSUPP => "EOPNOTSUPP".into(),
+        other => format!("errno {other}"),
+    }
+}
+
+fn kvm_result<T>(
+    r: Result<T, kvm_ioctls::Error>,
+    what: impl FnOnce(T) -> String,
+) -> Result<String, i32> {
+    r.map(what).map_err(|e| e.errno())
+}
+
+/// The hostile mode of one VMM run.
+pub struct Hostile {
+    done: PathBuf,
+    needle: Option<Vec<u8>>,
+    vcpus: usize,
+    /// Attempts of the vCPU threads, and which vCPUs are through.
+    attempts: Mutex<(Vec<Attempt>, Vec<u8>)>,
+    /// The attack ran (it runs once).
+    finished: AtomicBool,
+    started: Mutex<Option<Instant>>,
+}
+
+impl Hostile {
+    /// Installs the SIGUSR1 trigger; `done` is created when the attack is
+    /// over.
+    pub fn new(done: PathBuf, needle: Option<String>, vcpus: usize) -> Result<Self, HostileError> {
+        vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, on_sigusr1)
+            .map_err(|e| HostileError::Signal(std::io::Error::from_raw_os_error(e.errno())))?;
+        Ok(Hostile {
+            done,
+            needle: needle.map(String::into_bytes),
+            vcpus,
+            attempts: Mutex::default(),
+            finished: AtomicBool::new(false),
+            started: Mutex::default(),
+        })
+    }
+
+    /// Whether the harness asked for the attack and it is not over.
+    pub fn requested(&self) -> bool {
+        REQUESTED.load(Ordering::SeqCst) && !self.finished.load(Ordering::SeqCst)
+    }
+
+    /// A vCPU thread's part, once per vCPU: read and change its state.
+    pub fn on_vcpu(&self, id: u8, vcpu: &VcpuFd) {
+        if !self.requested() {
+            return;
+        }
+        let mut guard = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.1.contains(&id) {
+            return;
+        }
+        let attempts = vcpu_attack(id, vcpu);
+        for a in &attempts {
+            eprintln!("protmem-vmm: {}", a.line());
+        }
+        guard.0.extend(attempts);
+        guard.1.push(id);
+    }
+
+    /// The main thread's part, called every tick: once every vCPU thread
+    /// reported (or `VCPU_WAIT` passed), the VM-level attacks, the search
+    /// for the secret, and the done file. `kick` makes the vCPU threads
+    /// leave KVM_RUN; it is called until they all reported.
+    pub fn poll(&self, vm: &VmFd, gmem: Option<&File>, ram: &[(u64, u64)], kick: impl Fn()) {
+        if !self.requested() {
+            return;
+        }
+        let started = *self
+            .started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(Instant::now);
+        let through = self
+            .attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .len();
+        if through < self.vcpus && started.elapsed() < VCPU_WAIT {
+            kick();
+            return;
+        }
+        if through < self.vcpus {
+            eprintln!(
+                "protmem-vmm: hostile: {} of {} vCPU threads did not come out of KVM_RUN",
+                self.vcpus - through,
+                self.vcpus
+            );
+        }
+        for a in vm_attack(vm, gmem, ram) {
+            eprintln!("protmem-vmm: {}", a.line());
+        }
+        if let Some(needle) = &self.needle {
+            let hits = overwrite(ram, needle);
+            eprintln!(
+                "protmem-vmm: {}",
+                Attempt::new(
+                    "find and overwrite the guest's secret in the VMM's mappings of guest RAM",
+                    Ok(format!("{hits} hits overwritten")),
+                )
+                .line()
+            );
+        }
+        self.finished.store(true, Ordering::SeqCst);
+        match File::create(&self.done) {
+            Ok(_) => eprintln!("protmem-vmm: hostile: attack over"),
+            Err(e) => eprintln!(
+                "protmem-vmm: hostile: cannot create {}: {e}",
+                self.done.display()
+            ),
+        }
+    }
+}
+
+/// What a vCPU thread tries on its own vCPU.
+fn vcpu_attack(id: u8, v: &VcpuFd) -> Vec<Attempt> {
+    let op = |name: &str| format!("vcpu{id} {name}");
+    let mut out = Vec::new();
+    let regs = v.get_regs();
+    out.push(Attempt::new(
+        op("KVM_GET_REGS (read the registers)"),
+        kvm_result(regs, |r| format!("rip {:#x}", r.rip)),
+    ));
+    if let Ok(r) = v.get_regs() {
+        out.push(Attempt::new(
+            op("KVM_SET_REGS"),
+            kvm_result(v.set_regs(&r), |()| "registers written".into()),
+        ));
+    } else {
+        // What redirecting execution would take: refused all the same.
+        out.push(Attempt::new(
+            op("KVM_SET_REGS"),
+            kvm_result(v.set_regs(&Default::default()), |()| {
+                "registers written".into()
+            }),
+        ));
+    }
+    let sregs = v.get_sregs();
+    let sregs_ok = sregs.is_ok();
+    out.push(Attempt::new(
+        op("KVM_GET_SREGS"),
+        kvm_result(sregs, |s| format!("cr3 {:#x}", s.cr3)),
+    ));
+    if sregs_ok {
+        if let Ok(s) = v.get_sregs() {
+            out.push(Attempt::new(
+                op("KVM_SET_SREGS"),
+                kvm_result(v.set_sregs(&s), |()| "written".into()),
+            ));
+        }
+    } else {
+        out.push(Attempt::new(
+            op("KVM_SET_SREGS"),
+            kvm_result(v.set_sregs(&Default::default()), |()| "written".into()),
+        ));
+    }
+    out.push(Attempt::new(
+        op("KVM_GET_FPU"),
+        kvm_result(v.get_fpu(), |_| "read".into()),
+    ));
+    out.push(Attempt::new(
+        op("KVM_GET_XSAVE (vector registers)"),
+        kvm_result(v.get_xsave(), |_| "read".into()),
+    ));
+    out.push(Attempt::new(
+        op("KVM_GET_XCRS"),
+        kvm_result(v.get_xcrs(), |_| "read".into()),
+    ));
+    out.push(Attempt::new(
+        op("KVM_GET_DEBUGREGS"),
+        kvm_result(v.get_debug_regs(), |_| "read".into()),
+    ));
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: 0xc000_0082, // MSR_LSTAR: the syscall entry point
+        ..Default::default()
+    }])
+    .ok();
+    if let Some(m) = msrs.as_mut() {
+        let read = v.get_msrs(m);
+        let got = matches!(read, Ok(1));
+        out.push(Attempt::new(
+            op("KVM_GET_MSRS (LSTAR)"),
+            kvm_result(read, |n| format!("{n} read")),
+        ));
+        let written = if got {
+            v.set_msrs(m)
+        } else {
+            v.set_msrs(
+                &Msrs::from_entries(&[kvm_msr_entry {
+                    index: 0xc000_0082,
+                    ..Default::default()
+                }])
+                .unwrap_or_else(|_| m.clone()),
+            )
+        };
+        out.push(Attempt::new(
+            op("KVM_SET_MSRS (LSTAR)"),
+            kvm_result(written, |n| format!("{n} written")),
+        ));
+    }
+    out.push(Attempt::new(
+        op("KVM_GET_LAPIC"),
+        kvm_result(v.get_lapic(), |_| "read".into()),
+    ));
+    out.push(Attempt::new(
+        op("KVM_GET_VCPU_EVENTS"),
+        kvm_result(v.get_vcpu_events(), |_| "read".into()),
+    ));
+    out.push(Attempt::new(
+        op("KVM_TRANSLATE (walk the guest's page tables)"),
+        kvm_result(v.translate_gva(0xffff_ffff_8100_0000), |t| {
+            format!("valid {}", t.valid)
+        }),
+    ));
+    // Guest debugging would stop the guest at each instruction with its
+    // RIP; on a host that allows it, turn it off again at once.
+    let dbg = v.set_guest_debug(&kvm_guest_debug {
+        control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP,
+        ..Default::default()
+    });
+    if dbg.is_ok() {
+        let _ = v.set_guest_debug(&kvm_guest_debug::default());
+    }
+    out.push(Attempt::new(
+        op("KVM_SET_GUEST_DEBUG (single-step)"),
+        kvm_result(dbg, |()| "enabled, then disabled".into()),
+    ));
+    let mp = v.get_mp_state();
+    out.push(Attempt::new(
+        op("KVM_SET_MP_STATE"),
+        match mp {
+            Ok(m) => kvm_result(v.set_mp_state(m), |()| "written back".into()),
+            Err(_) => kvm_result(
+                v.set_mp_state(kvm_bindings::kvm_mp_state {
+                    mp_state: kvm_bindings::KVM_MP_STATE_INIT_RECEIVED,
+                }),
+                |()| "INIT received".into(),
+            ),
+        },
+    ));
+    out
+}
+
+/// `ioctl` that returns the errno on failure.
+fn raw_ioctl<T>(fd: &impl AsRawFd, req: libc::c_ulong, arg: &mut T) -> Result<(), i32> {
+    // SAFETY: every caller passes the structure its request reads and
+    // writes; the kernel touches nothing else of ours.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), req, arg as *mut T) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        Ok(())
+    }
+}
+
+/// What the main thread tries on the VM, its guest_memfd and guest RAM.
+fn vm_attack(vm: &VmFd, gmem: Option<&File>, ram: &[(u64, u64)]) -> Vec<Attempt> {
+    let mut out = Vec::new();
+    let ram_len = ram.first().map_or(0, |r| r.1);
+    out.push(Attempt::new(
+        "KVM_SET_MEMORY_ATTRIBUTES (all RAM shared, to write the guest's private pages)",
+        kvm_result(
+            vm.set_memory_attributes(kvm_memory_attributes {
+                address: 0,
+                size: ram_len,
+                attributes: 0,
+                flags: 0,
+            }),
+            |()| "RAM is shared".into(),
+        ),
+    ));
+    if let Some(g) = gmem {
+        // SAFETY: fallocate on our guest_memfd descriptor; it would free
+        // guest pages (that is the attack), touching nothing of ours.
+        let rc = unsafe {
+            libc::fallocate(
+                g.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                ram_len as libc::off_t,
+            )
+        };
+        out.push(Attempt::new(
+            "fallocate(PUNCH_HOLE) of the guest_memfd (zero the guest's private pages)",
+            if rc == 0 {
+                Ok("punched".into())
+            } else {
+                Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+            },
+        ));
+        // Our chosen bytes for every page.
+        let source = vec![0xccu8; 0x1000 * 16];
+        let src = (source.as_ptr() as u64 + 0xfff) & !0xfff;
+        let mut arg = KvmSwProtectedPopulate {
+            gpa: 0x10_0000,
+            size: 0x1000 * 8,
+            source: src,
+            ..Default::default()
+        };
+        out.push(Attempt::new(
+            "KVM_SW_PROTECTED_POPULATE (write chosen bytes into private pages)",
+            raw_ioctl(vm, KVM_SW_PROTECTED_POPULATE, &mut arg).map(|()| "populated".into()),
+        ));
+    }
+    let delete = kvm_userspace_memory_region2 {
+        slot: 0,
+        flags: kvm_bindings::KVM_MEM_GUEST_MEMFD,
+        ..Default::default()
+    };
+    // SAFETY: deleting a slot maps no memory of ours into the guest; on a
+    // host that allows it the guest loses its RAM (the attack).
+    let deleted = unsafe { vm.set_user_memory_region2(delete) };
+    out.push(Attempt::new(
+        "KVM_SET_USER_MEMORY_REGION2 (delete the guest's RAM slot)",
+        kvm_result(deleted, |()| "deleted".into()),
+    ));
+    if let Some(&(host, _)) = ram.first() {
+        let slot = kvm_userspace_memory_region {
+            slot: 7,
+            flags: 0,
+            guest_phys_addr: 0xf000_0000,
+            memory_size: 0x1000,
+            userspace_addr: host,
+        };
+        // SAFETY: the slot would show the first page of our RAM mapping,
+        // which lives as long as the VMM, at an unused GPA.
+        let mapped = unsafe { vm.set_user_memory_region(slot) };
+        out.push(Attempt::new(
+            "KVM_SET_USER_MEMORY_REGION (map VMM memory where the guest could run it)",
+            kvm_result(mapped, |()| "mapped".into()),
+        ));
+    }
+    out.push(Attempt::new(
+        "KVM_CREATE_VCPU (a vCPU that starts where the VMM wants)",
+        kvm_result(vm.create_vcpu(31), |_| "created".into()),
+    ));
+    out.push(Attempt::new(
+        "KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR) (see the guest's MSR writes)",
+        kvm_result(
+            vm.enable_cap(&kvm_enable_cap {
+                cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+                args: [u64::from(kvm_bindings::KVM_MSR_EXIT_REASON_FILTER), 0, 0, 0],
+                ..Default::default()
+            }),
+            |()| "enabled".into(),
+        ),
+    ));
+    out
+}
+
+/// Overwrites every occurrence of `needle` in the mappings `ram` (host
+/// address, length); returns how many there were.
+fn overwrite(ram: &[(u64, u64)], needle: &[u8]) -> usize {
+    let mut hits = 0;
+    if needle.is_empty() {
+        return 0;
+    }
+    for &(host, len) in ram {
+        let Ok(len) = usize::try_from(len) else {
+            continue;
+        };
+        // SAFETY: `host .. host + len` is one of the VMM's own mappings of
+        // guest RAM, mapped for the VMM's lifetime; the guest may write it
+        // concurrently, which only changes what is found. Reading pages
+        // that are PROT_NONE would fault: callers pass readable mappings.
+        let mem = unsafe { std::slice::from_raw_parts_mut(host as *mut u8, len) };
+        let mut i = 0;
+        while i + needle.len() <= mem.len() {
+            if mem[i..i + needle.len()] == *needle {
+                mem[i..i + needle.len()].fill(b'X');
+                hits += 1;
+                i += needle.len();
+            } else {
+                i += 1;
+            }
+        }
+    }
+    hits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_stable() {
+        let a = Attempt::new("vcpu0 KVM_GET_REGS", Err(libc::EPERM));
+        assert_eq!(a.line(), "hostile: vcpu0 KVM_GET_REGS: refused (EPERM)");
+        let b = Attempt::new("x", Ok("3 hits overwritten".into()));
+        assert_eq!(b.line(), "hostile: x: done (3 hits overwritten)");
+        assert_eq!(errno_name(99), "errno 99");
+    }
+
+    #[test]
+    fn overwrite_finds_every_hit() {
+        let mut buf = b"..KPM-SECRET-ab..KPM-SECRET-ab.KPM-SECRET-a".to_vec();
+        let hits = overwrite(
+            &[(buf.as_mut_ptr() as u64, buf.len() as u64)],
+            b"KPM-SECRET-ab",
+        );
+        assert_eq!(hits, 2);
+        assert_eq!(&buf[..17], b"..XXXXXXXXXXXXX..");
+        assert!(buf.ends_with(b"KPM-SECRET-a"));
+    }
+}
