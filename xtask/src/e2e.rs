@@ -47,7 +47,7 @@ pub struct Row {
     pub figure: String,
 }
 
-fn row(check: &str, ok: bool, figure: impl Into<String>) -> Row {
+pub(crate) fn row(check: &str, ok: bool, figure: impl Into<String>) -> Row {
     Row {
         check: check.to_string(),
         ok,
@@ -63,7 +63,7 @@ pub struct Scenario {
     pub judge: fn(&L2Outcome) -> Vec<Row>,
 }
 
-fn scenario(
+pub(crate) fn scenario(
     name: &'static str,
     expect: &'static str,
     args: &[&str],
@@ -139,7 +139,7 @@ pub fn by_name_only() -> Vec<Scenario> {
 
 /// Every scenario `cargo xtask test` runs, in one L1 boot.
 pub fn all() -> Vec<Scenario> {
-    vec![
+    let mut all = vec![
         protected(),
         protected_view(),
         scenario(
@@ -260,7 +260,9 @@ pub fn all() -> Vec<Scenario> {
             "kvm_protmem=off kunit.enable=0",
             judge_opt_out,
         ),
-    ]
+    ];
+    all.extend(crate::hostile::scenarios());
+    all
 }
 
 /// Scenarios on a stock distribution kernel as L1 (`cargo xtask test` runs
@@ -468,7 +470,7 @@ fn kunit_row_refusing_host(o: &L2Outcome) -> Row {
 }
 
 /// The secret-scan row: what L1's scan of the running VMM found.
-fn scan_row(o: &L2Outcome, expect_hits: bool) -> Row {
+pub(crate) fn scan_row(o: &L2Outcome, expect_hits: bool) -> Row {
     let planted = o.lines_after("kpm-init: secret planted").next().is_some();
     let hits = o
         .lines_after("kpm-scan: hits ")

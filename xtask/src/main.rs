@@ -6,6 +6,7 @@ mod bench;
 mod boot;
 mod ctx;
 mod e2e;
+mod hostile;
 mod initramfs;
 mod kernel;
 mod ktap;

@@ -67,6 +67,13 @@ impl L2Run {
             .then_some(BENCH_DISK_MIB)
     }
 
+    /// Whether the VMM plays a compromised VMM (`kpm.hostile` in the
+    /// guest's command line): the L1 script starts it with `--hostile` and
+    /// the needle, and signals it once the guest holds its secret.
+    pub fn hostile(&self) -> bool {
+        self.cmdline.split_whitespace().any(|w| w == "kpm.hostile")
+    }
+
     /// Whether the guest hands over to a second kernel (`kpm.kexec`,
     /// `kpm.kdump` in tests/guest/init): it boots the kexec initramfs.
     pub fn kexecs(&self) -> bool {
@@ -206,6 +213,22 @@ pub fn l1_script(runs: &[L2Run], kvm_test: bool) -> String {
         let n = &r.name;
         // With a secret: the VMM runs in the background while L1 waits for
         // the guest's ready block, scans the VMM, and releases the guest.
+        // With --hostile the VMM attacks (SIGUSR1) before the scan, and
+        // says when it is done by creating a file.
+        let mut hostile_args = String::new();
+        let mut attack = String::new();
+        if let (true, Some(needle)) = (r.hostile(), secret_needle(&r.cmdline)) {
+            hostile_args = format!(
+                " --hostile /tmp/{n}.hostile-done --hostile-needle {}",
+                shell_quote(&needle)
+            );
+            attack = format!(
+                "kill -USR1 $pid\n\
+                 j=0\n\
+                 while [ $j -lt 120 ] && [ ! -e /tmp/{n}.hostile-done ] && kill -0 $pid 2>/dev/null; do sleep 1; j=$((j + 1)); done\n\
+                 echo \"kpm-l1: hostile-done {n} after ${{j}}s\"\n"
+            );
+        }
         let (bg, scan) = match secret_needle(&r.cmdline) {
             Some(needle) => (
                 " &",
@@ -216,6 +239,7 @@ pub fn l1_script(runs: &[L2Run], kvm_test: bool) -> String {
                      \tdd if=/tmp/{n}.img bs=4096 skip={SCAN_READY_BLOCK} count=1 2>/dev/null | grep -q kpm-scan-ready && break\n\
                      \tsleep 1; i=$((i + 1))\n\
                      done\n\
+                     {attack}\
                      echo \"kpm-l1: scan-start {n} after ${{i}}s\"\n\
                      /vmm/protmem-scan $pid {}\n\
                      printf kpm-scan-done | dd of=/tmp/{n}.img bs=4096 seek={SCAN_DONE_BLOCK} conv=notrunc 2>/dev/null\n\
@@ -253,7 +277,7 @@ pub fn l1_script(runs: &[L2Run], kvm_test: bool) -> String {
              cp /l2/disk.img /tmp/{n}.img\n\
              {grow}\
              /vmm/protmem-vmm --kernel /l2/bzImage --initrd /l2/{initrd} --disk /tmp/{n}.img --rng \\\n  \
-             --stats-json /tmp/{n}.json --timeout {} --cmdline {} {}{bg}\n\
+             --stats-json /tmp/{n}.json --timeout {} --cmdline {} {}{hostile_args}{bg}\n\
              {scan}\
              echo \"kpm-l1: exit {n} $?\"\n\
              echo \"kpm-l1: stats {n} $(tr -d '\\n' < /tmp/{n}.json 2>/dev/null)\"\n\
@@ -657,6 +681,29 @@ mod tests {
         );
         assert!(
             script.contains("wait $pid\necho \"kpm-l1: exit s $?\""),
+            "{script}"
+        );
+        assert!(!script.contains("--hostile"), "{script}");
+        // A hostile run: the VMM gets the needle and the done file, and is
+        // signalled between the guest's ready block and the scan.
+        let runs = vec![L2Run {
+            name: "h".into(),
+            vmm_args: vec![],
+            cmdline: "kpm.secret=12 kpm.hostile".into(),
+            timeout: 60,
+            qemu: false,
+        }];
+        let script = l1_script(&runs, false);
+        assert!(
+            script.contains("--hostile /tmp/h.hostile-done --hostile-needle 'KPM-SECRET-hi' &"),
+            "{script}"
+        );
+        let (kill, scan) = (
+            script.find("kill -USR1 $pid").unwrap(),
+            script.find("/vmm/protmem-scan $pid").unwrap(),
+        );
+        assert!(
+            script.find("kpm-scan-ready").unwrap() < kill && kill < scan,
             "{script}"
         );
     }
