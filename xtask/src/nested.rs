@@ -218,10 +218,10 @@ pub fn l1_script(runs: &[L2Run], kvm_test: bool) -> String {
         let mut hostile_args = String::new();
         let mut attack = String::new();
         if let (true, Some(needle)) = (r.hostile(), secret_needle(&r.cmdline)) {
-            hostile_args = format!(
-                " --hostile /tmp/{n}.hostile-done --hostile-needle {}",
-                shell_quote(&needle)
-            );
+            // Hex: the needle's bytes must not sit in the VMM's arguments,
+            // where the secret scan would find them.
+            let hex: String = needle.bytes().map(|b| format!("{b:02x}")).collect();
+            hostile_args = format!(" --hostile /tmp/{n}.hostile-done --hostile-needle {hex}");
             attack = format!(
                 "kill -USR1 $pid\n\
                  j=0\n\
@@ -695,7 +695,9 @@ mod tests {
         }];
         let script = l1_script(&runs, false);
         assert!(
-            script.contains("--hostile /tmp/h.hostile-done --hostile-needle 'KPM-SECRET-hi' &"),
+            script.contains(
+                "--hostile /tmp/h.hostile-done --hostile-needle 4b504d2d5345435245542d6869 &"
+            ),
             "{script}"
         );
         let (kill, scan) = (

@@ -180,10 +180,10 @@ pub struct Cli {
     )]
     pub hostile: Option<PathBuf>,
     /// TEST ONLY: with --hostile, also search the VMM's mapping of guest
-    /// RAM for STR (the guest's secret) and overwrite it.
+    /// RAM for the bytes HEX encodes (the guest's secret) and overwrite them.
     #[arg(
         long,
-        value_name = "STR",
+        value_name = "HEX",
         requires = "hostile",
         help_heading = "Test-only options"
     )]

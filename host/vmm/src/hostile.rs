@@ -12,8 +12,9 @@
 //! private memory) it attacks: every vCPU thread, kicked out of KVM_RUN,
 //! tries to read and change its vCPU's state; then the main thread tries
 //! every VM-level operation that would read or change private memory, and
-//! searches its own mappings of guest RAM for the secret (`--hostile-needle`)
-//! to overwrite it. Each attempt is one stderr line,
+//! searches what its memfd holds of guest RAM for the secret
+//! (`--hostile-needle`, hex-encoded so that the VMM's own memory holds the
+//! secret only during the search) to overwrite it. Each attempt is one stderr line,
 //! `protmem-vmm: hostile: <operation>: refused (<errno>)` or `...: done
 //! (<what>)`, and the file named by `--hostile` is created when all are done.
 //!
@@ -53,6 +54,9 @@ pub enum HostileError {
     /// `sigaction(SIGUSR1)` failed.
     #[error("installing the --hostile SIGUSR1 handler failed: {0}")]
     Signal(std::io::Error),
+    /// `--hostile-needle` is not an even number of hex digits.
+    #[error("--hostile-needle {0:?}: expected the secret as hex digits, two per byte")]
+    Needle(String),
 }
 
 /// One attempt and what KVM made of it.
@@ -105,7 +109,12 @@ fn kvm_result<T>(
 /// The hostile mode of one VMM run.
 pub struct Hostile {
     done: PathBuf,
-    needle: Option<Vec<u8>>,
+    /// The secret, hex-encoded.
+    needle_hex: Option<String>,
+    /// The guest RAM memfd: the search reads its data extents.
+    memfd: File,
+    /// Whether private memory lives in a guest_memfd (KVM owns it).
+    gmem: bool,
     vcpus: usize,
     /// Attempts of the vCPU threads, and which vCPUs are through.
     attempts: Mutex<(Vec<Attempt>, Vec<u8>)>,
@@ -116,13 +125,24 @@ pub struct Hostile {
 
 impl Hostile {
     /// Installs the SIGUSR1 trigger; `done` is created when the attack is
-    /// over.
-    pub fn new(done: PathBuf, needle: Option<String>, vcpus: usize) -> Result<Self, HostileError> {
+    /// over; `memfd` is guest RAM's shared backing.
+    pub fn new(
+        done: PathBuf,
+        needle_hex: Option<String>,
+        memfd: File,
+        gmem: bool,
+        vcpus: usize,
+    ) -> Result<Self, HostileError> {
+        if let Some(h) = &needle_hex {
+            decode_hex(h).ok_or_else(|| HostileError::Needle(h.clone()))?;
+        }
         vmm_sys_util::signal::register_signal_handler(libc::SIGUSR1, on_sigusr1)
             .map_err(|e| HostileError::Signal(std::io::Error::from_raw_os_error(e.errno())))?;
         Ok(Hostile {
             done,
-            needle: needle.map(String::into_bytes),
+            needle_hex,
+            memfd,
+            gmem,
             vcpus,
             attempts: Mutex::default(),
             finished: AtomicBool::new(false),
@@ -182,16 +202,34 @@ impl Hostile {
                 self.vcpus
             );
         }
-        for a in vm_attack(vm, gmem, ram) {
+        for a in vm_attack(vm, gmem, ram, self.gmem) {
             eprintln!("protmem-vmm: {}", a.line());
         }
-        if let Some(needle) = &self.needle {
-            let hits = overwrite(ram, needle);
+        if let (Some(hex), Some(&(host, len))) = (&self.needle_hex, ram.first()) {
+            let outcome = match crate::gmem::data_extents(&self.memfd, 0, len) {
+                Ok(extents) => {
+                    let mut needle = decode_hex(hex).unwrap_or_default();
+                    let ranges: Vec<(u64, u64)> =
+                        extents.iter().map(|&(s, e)| (host + s, e - s)).collect();
+                    let hits = overwrite(&ranges, &needle);
+                    // Leave no copy of the secret behind in our own memory.
+                    for b in needle.iter_mut() {
+                        // SAFETY: a byte of our own vector; volatile so that
+                        // the store is not dropped as dead.
+                        unsafe { std::ptr::write_volatile(b, 0) };
+                    }
+                    Ok(format!("{hits} hits overwritten"))
+                }
+                Err(e) => {
+                    eprintln!("protmem-vmm: hostile: {e}");
+                    Err(libc::EIO)
+                }
+            };
             eprintln!(
                 "protmem-vmm: {}",
                 Attempt::new(
                     "find and overwrite the guest's secret in the VMM's mappings of guest RAM",
-                    Ok(format!("{hits} hits overwritten")),
+                    outcome,
                 )
                 .line()
             );
@@ -349,7 +387,9 @@ fn raw_ioctl<T>(fd: &impl AsRawFd, req: libc::c_ulong, arg: &mut T) -> Result<()
 }
 
 /// What the main thread tries on the VM, its guest_memfd and guest RAM.
-fn vm_attack(vm: &VmFd, gmem: Option<&File>, ram: &[(u64, u64)]) -> Vec<Attempt> {
+/// Without KVM-owned memory (`kvm_owned` false) nothing stops deleting the
+/// guest's RAM slot, which would only crash the guest: not tried there.
+fn vm_attack(vm: &VmFd, gmem: Option<&File>, ram: &[(u64, u64)], kvm_owned: bool) -> Vec<Attempt> {
     let mut out = Vec::new();
     let ram_len = ram.first().map_or(0, |r| r.1);
     out.push(Attempt::new(
@@ -402,13 +442,15 @@ fn vm_attack(vm: &VmFd, gmem: Option<&File>, ram: &[(u64, u64)]) -> Vec<Attempt>
         flags: kvm_bindings::KVM_MEM_GUEST_MEMFD,
         ..Default::default()
     };
-    // SAFETY: deleting a slot maps no memory of ours into the guest; on a
-    // host that allows it the guest loses its RAM (the attack).
-    let deleted = unsafe { vm.set_user_memory_region2(delete) };
-    out.push(Attempt::new(
-        "KVM_SET_USER_MEMORY_REGION2 (delete the guest's RAM slot)",
-        kvm_result(deleted, |()| "deleted".into()),
-    ));
+    if kvm_owned {
+        // SAFETY: deleting a slot maps no memory of ours into the guest; on
+        // a host that allows it the guest loses its RAM (the attack).
+        let deleted = unsafe { vm.set_user_memory_region2(delete) };
+        out.push(Attempt::new(
+            "KVM_SET_USER_MEMORY_REGION2 (delete the guest's RAM slot)",
+            kvm_result(deleted, |()| "deleted".into()),
+        ));
+    }
     if let Some(&(host, _)) = ram.first() {
         let slot = kvm_userspace_memory_region {
             slot: 7,
@@ -443,34 +485,43 @@ fn vm_attack(vm: &VmFd, gmem: Option<&File>, ram: &[(u64, u64)]) -> Vec<Attempt>
     out
 }
 
-/// Overwrites every occurrence of `needle` in the mappings `ram` (host
-/// address, length); returns how many there were.
+/// Overwrites every occurrence of `needle` in the ranges `ram` (host
+/// address, length) of the VMM's own mappings; returns how many there were.
 fn overwrite(ram: &[(u64, u64)], needle: &[u8]) -> usize {
     let mut hits = 0;
     if needle.is_empty() {
         return 0;
     }
+    let finder = memchr::memmem::Finder::new(needle);
     for &(host, len) in ram {
         let Ok(len) = usize::try_from(len) else {
             continue;
         };
-        // SAFETY: `host .. host + len` is one of the VMM's own mappings of
-        // guest RAM, mapped for the VMM's lifetime; the guest may write it
-        // concurrently, which only changes what is found. Reading pages
-        // that are PROT_NONE would fault: callers pass readable mappings.
+        // SAFETY: `host .. host + len` lies in one of the VMM's own
+        // mappings of guest RAM, mapped for the VMM's lifetime; the guest
+        // may write it concurrently, which only changes what is found.
+        // Callers pass readable ranges (PROT_NONE pages would fault).
         let mem = unsafe { std::slice::from_raw_parts_mut(host as *mut u8, len) };
-        let mut i = 0;
-        while i + needle.len() <= mem.len() {
-            if mem[i..i + needle.len()] == *needle {
-                mem[i..i + needle.len()].fill(b'X');
+        let found: Vec<usize> = finder.find_iter(mem).collect();
+        for at in found {
+            if let Some(hit) = mem.get_mut(at..at + needle.len()) {
+                hit.fill(b'X');
                 hits += 1;
-                i += needle.len();
-            } else {
-                i += 1;
             }
         }
     }
     hits
+}
+
+/// `hex` as bytes, or `None` unless it is an even number of hex digits.
+fn decode_hex(hex: &str) -> Option<Vec<u8>> {
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 #[cfg(test)]
@@ -484,6 +535,14 @@ mod tests {
         let b = Attempt::new("x", Ok("3 hits overwritten".into()));
         assert_eq!(b.line(), "hostile: x: done (3 hits overwritten)");
         assert_eq!(errno_name(99), "errno 99");
+    }
+
+    #[test]
+    fn needles_come_as_hex() {
+        assert_eq!(decode_hex("4b504d"), Some(b"KPM".to_vec()));
+        assert_eq!(decode_hex("4b5"), None);
+        assert_eq!(decode_hex("zz"), None);
+        assert_eq!(decode_hex(""), Some(vec![]));
     }
 
     #[test]

@@ -584,6 +584,8 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
         Some(done) => Some(Arc::new(Hostile::new(
             done.clone(),
             cli.hostile_needle.clone(),
+            setup.memfd().map_err(VmmError::GmemDup)?,
+            cli.protect == Some(ProtectMode::Gmem),
             usize::from(cli.cpus),
         )?)),
         None => None,
