@@ -90,13 +90,23 @@ pub fn scenarios() -> Vec<Scenario> {
     ]
 }
 
-/// The `protmem-vmm: hostile: OP: ...` lines: (op, outcome).
+/// The VMM's attempts from its stats file (its stderr lines may be cut by
+/// the guest's console on the shared L1 console): (op, `refused (ERRNO)`
+/// or `done (WHAT)`).
 fn attempts(o: &L2Outcome) -> Vec<(String, String)> {
-    o.lines_after("protmem-vmm: hostile: ")
-        .filter_map(|l| {
-            // The outcome follows the last ": " (ops may contain colons).
-            let (op, outcome) = l.rsplit_once(": ")?;
-            Some((op.to_string(), outcome.to_string()))
+    let v = stats(o);
+    let Some(list) = v.get("hostile").and_then(|h| h.as_array()) else {
+        return Vec::new();
+    };
+    list.iter()
+        .filter_map(|a| {
+            let op = a.get("op")?.as_str()?.to_string();
+            let outcome = match (a.get("refused"), a.get("done")) {
+                (Some(e), _) => format!("refused ({})", e.as_str()?),
+                (None, Some(d)) => format!("done ({})", d.as_str()?),
+                _ => return None,
+            };
+            Some((op, outcome))
         })
         .collect()
 }
@@ -128,7 +138,7 @@ fn common_rows(o: &L2Outcome) -> Vec<Row> {
                 && enable_ok == enable_all
                 && unshare_ok == unshare_all
                 && shared == 0
-                && o.lines_after("protmem-vmm: hostile: attack over").next().is_some(),
+                && !attempts(o).is_empty(),
             format!(
                 "ENABLE 0 x{enable_ok}/{enable_all}, UNSHARE 0 x{unshare_ok}/{unshare_all}; the VMM's map shares {shared} pages (it never closed one)"
             ),
@@ -238,58 +248,64 @@ fn judge_hostile_view(o: &L2Outcome) -> Vec<Row> {
 mod tests {
     use super::*;
 
-    fn outcome_with(lines: &str) -> L2Outcome {
+    fn outcome_with(attempts: &[(&str, &str, &str)]) -> L2Outcome {
+        let list: Vec<serde_json::Value> = attempts
+            .iter()
+            .map(|(op, kind, what)| serde_json::json!({ "op": op, *kind: what }))
+            .collect();
         L2Outcome {
             name: "hostile".into(),
-            console: lines.to_string(),
+            stats: Some(serde_json::json!({ "hostile": list }).to_string()),
             ..Default::default()
         }
     }
 
     #[test]
-    fn attempt_lines_parse() {
-        let o = outcome_with(
-            "protmem-vmm: hostile: vcpu0 KVM_GET_REGS (read the registers): refused (EPERM)\n\
-             protmem-vmm: hostile: KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR) (see the guest's MSR writes): refused (EINVAL)\n\
-             protmem-vmm: hostile: find and overwrite the guest's secret in the VMM's mappings of guest RAM: done (0 hits overwritten)\n",
-        );
+    fn attempts_come_from_the_stats_file() {
+        let o = outcome_with(&[
+            (
+                "vcpu0 KVM_GET_REGS (read the registers)",
+                "refused",
+                "EPERM",
+            ),
+            (SEARCH, "done", "0 hits overwritten"),
+        ]);
         let all = attempts(&o);
-        assert_eq!(all.len(), 3);
+        assert_eq!(all.len(), 2);
         assert_eq!(
             outcome(&all, "vcpu0 KVM_GET_REGS (read the registers)"),
             Some("refused (EPERM)")
         );
         assert_eq!(outcome(&all, SEARCH), Some("done (0 hits overwritten)"));
-        assert_eq!(
-            outcome(
-                &all,
-                "KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR) (see the guest's MSR writes)"
-            ),
-            Some("refused (EINVAL)")
-        );
+        assert!(attempts(&L2Outcome::default()).is_empty());
     }
 
     #[test]
     fn a_succeeding_attempt_fails_the_judge() {
-        let mut lines = String::new();
-        for (op, errno) in REFUSED {
-            lines.push_str(&format!("protmem-vmm: hostile: {op}: refused ({errno})\n"));
-        }
-        lines.push_str(&format!(
-            "protmem-vmm: hostile: {SEARCH}: done (0 hits overwritten)\n"
-        ));
-        let good = judge_hostile(&outcome_with(&lines));
+        let mut list: Vec<(&str, &str, &str)> = REFUSED
+            .iter()
+            .map(|(op, errno)| (*op, "refused", *errno))
+            .collect();
+        list.push((SEARCH, "done", "0 hits overwritten"));
         let row_ok = |rows: &[Row], prefix: &str| {
             rows.iter()
                 .find(|r| r.check.starts_with(prefix))
                 .map(|r| r.ok)
         };
+        let good = judge_hostile(&outcome_with(&list));
         assert_eq!(row_ok(&good, "no attempt on vCPU state"), Some(true));
         assert_eq!(row_ok(&good, "KVM refuses: vcpu0 KVM_SET_REGS"), Some(true));
-        let bad = lines.replace(
-            "vcpu0 KVM_SET_REGS: refused (EPERM)",
-            "vcpu0 KVM_SET_REGS: done (registers written)",
-        );
+        assert_eq!(row_ok(&good, "the VMM's own mappings"), Some(true));
+        let bad: Vec<(&str, &str, &str)> = list
+            .iter()
+            .map(|&(op, k, w)| {
+                if op == "vcpu0 KVM_SET_REGS" {
+                    (op, "done", "registers written")
+                } else {
+                    (op, k, w)
+                }
+            })
+            .collect();
         let rows = judge_hostile(&outcome_with(&bad));
         assert_eq!(row_ok(&rows, "no attempt on vCPU state"), Some(false));
         assert_eq!(

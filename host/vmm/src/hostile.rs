@@ -68,6 +68,21 @@ pub struct Attempt {
     pub outcome: Result<String, i32>,
 }
 
+/// In the stats file: `{"op": ..., "refused": "EPERM"}` or `{"op": ...,
+/// "done": "what it did"}`.
+impl serde::Serialize for Attempt {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(2))?;
+        m.serialize_entry("op", &self.op)?;
+        match &self.outcome {
+            Ok(what) => m.serialize_entry("done", what)?,
+            Err(e) => m.serialize_entry("refused", &errno_name(*e))?,
+        }
+        m.end()
+    }
+}
+
 impl Attempt {
     fn new(op: impl Into<String>, outcome: Result<String, i32>) -> Self {
         Attempt {
@@ -116,7 +131,7 @@ pub struct Hostile {
     /// Whether private memory lives in a guest_memfd (KVM owns it).
     gmem: bool,
     vcpus: usize,
-    /// Attempts of the vCPU threads, and which vCPUs are through.
+    /// Every attempt so far, and which vCPUs are through.
     attempts: Mutex<(Vec<Attempt>, Vec<u8>)>,
     /// The attack ran (it runs once).
     finished: AtomicBool,
@@ -148,6 +163,15 @@ impl Hostile {
             finished: AtomicBool::new(false),
             started: Mutex::default(),
         })
+    }
+
+    /// Every attempt, in order (the vCPUs' first), for the stats file.
+    pub fn attempts(&self) -> Vec<Attempt> {
+        self.attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
     }
 
     /// Whether the harness asked for the attack and it is not over.
@@ -202,9 +226,7 @@ impl Hostile {
                 self.vcpus
             );
         }
-        for a in vm_attack(vm, gmem, ram, self.gmem) {
-            eprintln!("protmem-vmm: {}", a.line());
-        }
+        let mut done = vm_attack(vm, gmem, ram, self.gmem);
         if let (Some(hex), Some(&(host, len))) = (&self.needle_hex, ram.first()) {
             let outcome = match crate::gmem::data_extents(&self.memfd, 0, len) {
                 Ok(extents) => {
@@ -225,15 +247,19 @@ impl Hostile {
                     Err(libc::EIO)
                 }
             };
-            eprintln!(
-                "protmem-vmm: {}",
-                Attempt::new(
-                    "find and overwrite the guest's secret in the VMM's mappings of guest RAM",
-                    outcome,
-                )
-                .line()
-            );
+            done.push(Attempt::new(
+                "find and overwrite the guest's secret in the VMM's mappings of guest RAM",
+                outcome,
+            ));
         }
+        for a in &done {
+            eprintln!("protmem-vmm: {}", a.line());
+        }
+        self.attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .extend(done);
         self.finished.store(true, Ordering::SeqCst);
         match File::create(&self.done) {
             Ok(_) => eprintln!("protmem-vmm: hostile: attack over"),
@@ -535,6 +561,19 @@ mod tests {
         let b = Attempt::new("x", Ok("3 hits overwritten".into()));
         assert_eq!(b.line(), "hostile: x: done (3 hits overwritten)");
         assert_eq!(errno_name(99), "errno 99");
+    }
+
+    #[test]
+    fn attempts_serialize_for_the_stats_file() {
+        let v = serde_json::to_value(vec![
+            Attempt::new("a", Err(libc::EPERM)),
+            Attempt::new("b", Ok("read".into())),
+        ])
+        .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!([{"op": "a", "refused": "EPERM"}, {"op": "b", "done": "read"}])
+        );
     }
 
     #[test]

@@ -166,6 +166,9 @@ pub struct Stats {
     pub exits: ExitCounts,
     /// Bytes the guest wrote to the console.
     pub console_bytes: u64,
+    /// `--hostile`: every attempt of the compromised VMM, in order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostile: Option<Vec<crate::hostile::Attempt>>,
 }
 
 impl Stats {

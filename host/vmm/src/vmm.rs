@@ -670,7 +670,8 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
     if let Err(e) = locked(&machine.serial).flush() {
         eprintln!("protmem-vmm: flushing the console: {e}");
     }
-    let stats = Stats::collect(&machine, &reason, cli.protect, cli.blk_io);
+    let mut stats = Stats::collect(&machine, &reason, cli.protect, cli.blk_io);
+    stats.hostile = hostile.map(|h| h.attempts());
     Ok(Outcome { reason, stats })
 }
 
