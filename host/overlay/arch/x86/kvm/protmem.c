@@ -203,6 +203,11 @@ static int kvm_protmem_enable(struct kvm_vcpu *vcpu)
 
 	bitmap_copy(populate, shared, end);
 	WRITE_ONCE(pm->locked, true);
+	/*
+	 * Userspace may neither take memory away from the guest nor map its
+	 * own where the guest could run it.
+	 */
+	kvm->memslots_locked = true;
 	pm->enabling = vcpu;
 	pm->shared = shared;
 	pm->populate = populate;
