@@ -12,6 +12,7 @@ mod kernel;
 mod ktap;
 mod nested;
 mod overlay;
+mod selftests;
 mod series;
 mod setup;
 mod sh;
@@ -179,6 +180,11 @@ fn run(cli: Cli) -> Result<()> {
             if list {
                 for s in all.iter().chain(&stock) {
                     println!("{:<28} {}", s.name, s.expect);
+                    if s.name == selftests::RUN {
+                        for t in selftests::LIST {
+                            println!("  {:<54} {}", t.name(), t.guards);
+                        }
+                    }
                 }
                 for s in e2e::by_name_only() {
                     println!("{:<28} (by name only) {}", s.name, s.expect);
@@ -230,6 +236,9 @@ fn run(cli: Cli) -> Result<()> {
                 .any(|s| s.name == scenario)
             {
                 anyhow::bail!("no scenario named {scenario} on our L1 (see `scenarios --list`)");
+            }
+            if scenario == selftests::RUN {
+                anyhow::bail!("{scenario} is no L2 boot to repeat: `cargo xtask scenarios {scenario}` runs it");
             }
             let tools = setup::run(&ctx)?;
             let k = kernel::build(&ctx, &tools)?;

@@ -12,6 +12,7 @@ use crate::boot::{self, Console, End};
 use crate::ctx::Ctx;
 use crate::initramfs::{self, Initramfs};
 use crate::kernel::Kernel;
+use crate::selftests;
 use crate::setup::{self, Qemu};
 use crate::sh;
 use crate::stock::StockHost;
@@ -210,6 +211,10 @@ pub fn l1_script(runs: &[L2Run], kvm_test: bool) -> String {
         ));
     }
     for r in runs {
+        if r.name == selftests::RUN {
+            s.push_str(&selftests::script());
+            continue;
+        }
         let n = &r.name;
         // With a secret: the VMM runs in the background while L1 waits for
         // the guest's ready block, scans the VMM, and releases the guest.
@@ -529,6 +534,9 @@ pub fn run_on(
     add_libraries(&mut i, &mut dirs, vmm)?;
     if runs.iter().any(|r| r.qemu) {
         add_qemu(ctx, &mut i, &mut dirs)?;
+    }
+    if runs.iter().any(|r| r.name == selftests::RUN) {
+        selftests::add(ctx, k, &mut i);
     }
     let l1_kernel = match l1 {
         L1::Ours => k.bzimage.clone(),

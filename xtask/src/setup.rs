@@ -29,6 +29,9 @@ fn packages(llvm: &str) -> Vec<String> {
         "busybox-static",
         "qemu-system-x86",
         "git",
+        // libc.a: mainline's KVM selftests are linked static for L1's
+        // busybox initramfs (selftests.rs).
+        "libc6-dev",
     ]
     .iter()
     .map(|s| s.to_string())
