@@ -263,7 +263,7 @@ pub fn export(ctx: &Ctx, pristine: &Path, out: &Path, from: From) -> Result<Expo
         ident(&mut c);
         sh::run(&mut c).with_context(|| format!("cannot commit {}", s.patch.display()))?;
     }
-    sh::fresh_dir(out)?;
+    let claim = sh::OutDir::claim(out)?;
     let mut c = git(&work);
     c.args([
         "format-patch",
@@ -281,6 +281,12 @@ pub fn export(ctx: &Ctx, pristine: &Path, out: &Path, from: From) -> Result<Expo
         .filter(|p| p.extension().is_some_and(|e| e == "patch"))
         .collect();
     patches.sort();
+    claim.record(
+        &patches
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect::<Vec<_>>(),
+    )?;
     if patches.len() < 2 {
         bail!("git format-patch wrote no series into {}", out.display());
     }
@@ -477,7 +483,15 @@ pub fn run(
     out: Option<PathBuf>,
     from: From,
 ) -> Result<Exported> {
-    let out = out.unwrap_or_else(|| ctx.cache.join("series/out"));
+    let out = match out {
+        Some(dir) => dir,
+        None => {
+            // The cache's own directory: emptied whole.
+            let dir = ctx.cache.join("series/out");
+            sh::fresh_dir(&dir)?;
+            dir
+        }
+    };
     let ex = export(ctx, pristine, &out, from)?;
     println!(
         "series: {} patches and a cover letter in {}",

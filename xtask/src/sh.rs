@@ -128,9 +128,112 @@ pub fn fresh_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
 }
 
+/// A directory given with `--out`: commands write into it, but never delete
+/// what they did not write there. A file named [`OutDir::MARKER`] lists
+/// what the last run wrote.
+pub struct OutDir {
+    dir: std::path::PathBuf,
+}
+
+impl OutDir {
+    /// The list of files a run wrote, kept in the directory.
+    pub const MARKER: &'static str = ".kvm-protmem-output";
+
+    /// Takes `dir` for output: a new directory, an empty one, or one a
+    /// run made before (it has the marker), whose listed files are removed.
+    /// Anything else is refused with one line, and nothing is touched.
+    pub fn claim(dir: &Path) -> Result<Self> {
+        let marker = dir.join(Self::MARKER);
+        match std::fs::read_dir(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+            Ok(mut entries) => {
+                if marker.is_file() {
+                    let listed = std::fs::read_to_string(&marker)
+                        .with_context(|| format!("cannot read {}", marker.display()))?;
+                    for name in listed.lines().filter(|l| !l.is_empty()) {
+                        // Only plain names: never a path out of the directory.
+                        if name.contains('/') || name == ".." || name == "." {
+                            bail!("{}: unexpected entry {name:?}", marker.display());
+                        }
+                        match std::fs::remove_file(dir.join(name)) {
+                            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                                return Err(e).with_context(|| {
+                                    format!("cannot remove {}", dir.join(name).display())
+                                })
+                            }
+                            _ => {}
+                        }
+                    }
+                } else if entries.next().is_some() {
+                    bail!(
+                        "refusing to write into {}: it is not empty and no earlier run of this \
+                         command wrote it (give a new or empty directory)",
+                        dir.display()
+                    );
+                }
+            }
+        }
+        Ok(OutDir {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Records that this run wrote `names` (file names in the directory).
+    pub fn record(&self, names: &[String]) -> Result<()> {
+        let mut list = names.join("\n");
+        list.push('\n');
+        let marker = self.dir.join(Self::MARKER);
+        std::fs::write(&marker, list).with_context(|| format!("cannot write {}", marker.display()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_dirs_keep_what_we_did_not_write() {
+        let base = std::env::temp_dir().join(format!("xtask-outdir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        // A new directory is created and taken.
+        let d = base.join("new");
+        OutDir::claim(&d)
+            .unwrap()
+            .record(&["a.patch".into()])
+            .unwrap();
+        std::fs::write(d.join("a.patch"), "ours").unwrap();
+        // Someone else's file put there later survives the next run, ours
+        // is removed.
+        std::fs::write(d.join("notes.txt"), "theirs").unwrap();
+        OutDir::claim(&d).unwrap();
+        assert!(!d.join("a.patch").exists());
+        assert_eq!(
+            std::fs::read_to_string(d.join("notes.txt")).unwrap(),
+            "theirs"
+        );
+        // A non-empty directory we never wrote is refused, untouched.
+        let h = base.join("home");
+        std::fs::create_dir_all(&h).unwrap();
+        std::fs::write(h.join("keep.txt"), "x").unwrap();
+        let e = OutDir::claim(&h).err().unwrap().to_string();
+        assert!(
+            e.contains("refusing to write into") && e.contains("home"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(h.join("keep.txt")).unwrap(), "x");
+        // An empty one is fine.
+        let empty = base.join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        OutDir::claim(&empty).unwrap();
+        // A marker naming a path outside is refused.
+        std::fs::write(empty.join(OutDir::MARKER), "../keep.txt\n").unwrap();
+        assert!(OutDir::claim(&empty).is_err());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 
     #[test]
     fn fresh_dir_empties_or_creates() {
