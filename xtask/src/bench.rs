@@ -326,6 +326,13 @@ fn machine() -> String {
 /// `cargo xtask bench`: runs everything, writes `BENCHMARKS.md` and the
 /// plots into `out`, prints the report.
 pub fn run(ctx: &Ctx, k: &Kernel, vmm: &Path, runs: usize, out: &Path) -> Result<()> {
+    // The repository's own generated files are ours to rewrite; any other
+    // `--out` directory is claimed before the long run, not after it.
+    let claim = if out == ctx.repo {
+        None
+    } else {
+        Some(crate::sh::OutDir::claim(out)?)
+    };
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
@@ -369,6 +376,13 @@ pub fn run(ctx: &Ctx, k: &Kernel, vmm: &Path, runs: usize, out: &Path) -> Result
     std::fs::write(out.join("BENCHMARKS.md"), &md)?;
     plot_throughput(&main, &out.join("bench-throughput.svg"))?;
     plot_conversion(&main, &out.join("bench-conversion.svg"))?;
+    if let Some(c) = &claim {
+        c.record(&[
+            "BENCHMARKS.md".into(),
+            "bench-throughput.svg".into(),
+            "bench-conversion.svg".into(),
+        ])?;
+    }
     println!("{md}");
     println!(
         "bench: wrote {} and its plots",
