@@ -220,6 +220,20 @@ pub fn all() -> Vec<Scenario> {
             judge_kdump,
         ),
         scenario(
+            "kexec-refused",
+            "a protected kernel refuses to kexec into a kernel without XLF_KVM_PROTMEM (kexec -s -l and kdump's -s -p), refuses kexec_load and a next kernel told kvm_protmem=off, each with its line; it still loads its own kernel, and stays up with I/O intact",
+            &["--protect"],
+            &format!("{NO_KUNIT} kpm.kexec-refused crashkernel={KEXEC_REFUSED_RESERVE}"),
+            judge_kexec_refused,
+        ),
+        scenario(
+            "percpu-share-fails",
+            "the host refuses the SHARE of the per-CPU PV data (2 vCPUs, the 7th SHARE): async PF, steal time and PV EOI stay off, each with its line, no PV MSR is set; the guest stays protected with I/O intact",
+            &["--protect", "--cpus", "2", "--fail-share", "every:7"],
+            &format!("kunit.enable=1 kunit.filter_glob={PV_MSR_CASE}"),
+            judge_percpu_share_fails,
+        ),
+        scenario(
             "sleep-after-io",
             "protected: after parallel disk readers the guest sleeps 25 s and wakes on time (host clock)",
             &["--protect"],
@@ -985,6 +999,176 @@ const KEXEC_APIC: &str = "nox2apic";
 /// Memory the kdump scenario reserves for the crash kernel (of the guest's
 /// 512 MiB), which boots there with a 16 MiB bounce pool.
 const KDUMP_RESERVE: &str = "160M";
+
+/// Memory the kexec-refused scenario reserves so that kexec-tools gets as
+/// far as the kernel with `kexec -s -p` (it checks for a reservation
+/// first); nothing is ever loaded there.
+const KEXEC_REFUSED_RESERVE: &str = "32M";
+
+/// The KUnit case that reads the PV MSRs of a CPU (tests.rs), as a
+/// `kunit.filter_glob`.
+const PV_MSR_CASE: &str = "kvm_protmem_live.pv_msrs_point_into_shared_pages_or_are_off";
+
+/// The lines of a guest that left a PV feature off because the host
+/// refused to share its per-CPU page (patch "x86/kvm: Leave PV features
+/// off when their per-CPU data stays private").
+const PV_OFF_LINES: [&str; 3] = [
+    "kvm_protmem: steal time disabled: its per-CPU page is not shared",
+    "kvm_protmem: PV EOI disabled: its per-CPU page is not shared",
+    "kvm_protmem: async PF disabled: its per-CPU page is not shared",
+];
+
+/// The host refused the SHARE of the per-CPU PV data: the guest says so,
+/// turns each PV feature that writes there off with its line, no PV MSR
+/// of a CPU points anywhere (KUnit reads them), and it keeps working,
+/// protected, with its disk.
+fn judge_percpu_share_fails(o: &L2Outcome) -> Vec<Row> {
+    let v = stats(o);
+    let (ok, all) = calls(&v, 14);
+    let refused = kernel_lines(o, "kvm_protmem: per-cpu PV data: the host cannot update it");
+    let off: Vec<usize> = PV_OFF_LINES.iter().map(|l| kernel_lines(o, l)).collect();
+    let case = ktap::parse(&o.console)
+        .cases
+        .into_iter()
+        .find(|c| c.suite == "kvm_protmem_live" && PV_MSR_CASE.ends_with(&c.name));
+    let verdict = verify::assess(&o.console);
+    let pool = o
+        .lines_after("kvm_protmem: swiotlb pool shared: ")
+        .next()
+        .unwrap_or("");
+    let mut rows = vec![
+        booted(o),
+        row(
+            "the only refused SHARE is the per-CPU PV data's",
+            refused == 1 && all - ok == 1,
+            format!("`per-cpu PV data: the host cannot update it` {refused}x; SHARE {ok}/{all} ok"),
+        ),
+        row(
+            "steal time, PV EOI and async PF left off, one line each",
+            off.iter().all(|&n| n == 1),
+            format!(
+                "{:?} x {:?}",
+                PV_OFF_LINES.map(|l| l.split(" disabled").next().unwrap_or(l)),
+                off
+            ),
+        ),
+        row(
+            "no PV MSR of the CPU is set (KUnit reads them)",
+            case.as_ref().is_some_and(|c| c.status == Status::Pass),
+            match &case {
+                Some(c) => format!("{}: {:?}", c.name, c.status),
+                None => "the KUnit case did not run".to_string(),
+            },
+        ),
+        row(
+            "still protected: ENABLE, the bounce pool shared, the guest on 2 vCPUs",
+            kernel_lines(o, "kvm_protmem: enabled") == 1
+                && !pool.is_empty()
+                && dmesg_has(o, "smp: Brought up 1 node, 2 CPUs"),
+            pool.to_string(),
+        ),
+        row(
+            "`cargo xtask verify` flags the private per-CPU data",
+            !verdict.healthy() && verdict.percpu_unshared,
+            verdict.summary(),
+        ),
+    ];
+    rows.extend(disk_rows(o));
+    rows
+}
+
+/// What /init's `kpm.kexec-refused` step printed for `name`: the exit
+/// code, what sysfs says is loaded, and kexec's last message.
+fn kexec_try(o: &L2Outcome, name: &str) -> (Option<i32>, Option<u32>, String) {
+    let Some(l) = kv(o, name) else {
+        return (None, None, "no line".to_string());
+    };
+    let (head, msg) = l.split_once(": ").unwrap_or((l, ""));
+    let field = |key: &str| {
+        head.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|n| n.parse().ok())
+    };
+    let rc = field("rc=");
+    let loaded = head
+        .split_whitespace()
+        .skip_while(|w| *w != "loaded")
+        .nth(1)
+        .and_then(|n| n.parse().ok());
+    (rc, loaded, msg.trim().to_string())
+}
+
+/// A protected guest refuses what would hand its private memory to a
+/// kernel that cannot protect itself, says why, loads what it may, and
+/// stays up.
+fn judge_kexec_refused(o: &L2Outcome) -> Vec<Row> {
+    const IMAGE: &str = "kvm_protmem: kexec: refusing a kernel without KVM protected memory support (no XLF_KVM_PROTMEM): it would start with all memory private";
+    const LOAD: &str = "kvm_protmem: kexec: refusing kexec_load: the kernel cannot check the image; use kexec_file_load (kexec -s)";
+    const OPT_OUT: &str = "kvm_protmem: kexec: refusing kvm_protmem=off on the next kernel's command line: it would start with all memory private";
+    let refused = |name: &str| {
+        let (rc, loaded, msg) = kexec_try(o, name);
+        (
+            rc.is_some_and(|rc| rc != 0) && loaded == Some(0),
+            format!("{name}: rc {rc:?}, loaded {loaded:?}, `{msg}`"),
+        )
+    };
+    let flags = kv(o, "xloadflags").unwrap_or("");
+    let flag = |img: &str| {
+        flags
+            .split_whitespace()
+            .skip_while(|w| *w != img)
+            .nth(1)
+            .and_then(|h| u16::from_str_radix(h.trim_start_matches("0x"), 16).ok())
+    };
+    let (file, file_fig) = refused("kexec-file-noprotmem");
+    let (kdump, kdump_fig) = refused("kdump-file-noprotmem");
+    let (load, load_fig) = refused("kexec-load");
+    let (opt_out, opt_out_fig) = refused("kexec-file-optout");
+    let good = kexec_try(o, "kexec-file-good");
+    let unload = kexec_try(o, "kexec-unload");
+    let v = stats(o);
+    let mut rows = vec![
+        booted(o),
+        row(
+            "the harness's copy lacks XLF_KVM_PROTMEM (bit 8), the kernel's own has it",
+            flag("bzImage").is_some_and(|f| f & 0x100 != 0)
+                && flag("bzImage-noprotmem") == flag("bzImage").map(|f| f & !0x100),
+            format!("xloadflags {flags}"),
+        ),
+        row(
+            "kexec_file_load of the unflagged kernel refused, as kexec and as kdump (-s -p)",
+            file && kdump && kernel_lines(o, IMAGE) == 2,
+            format!("{file_fig}; {kdump_fig}; line {}x", kernel_lines(o, IMAGE)),
+        ),
+        row(
+            "kexec_load refused, the line says to use kexec -s",
+            load && kernel_lines(o, LOAD) == 1,
+            format!("{load_fig}; line {}x", kernel_lines(o, LOAD)),
+        ),
+        row(
+            "a next kernel told kvm_protmem=off refused",
+            opt_out && kernel_lines(o, OPT_OUT) == 1,
+            format!("{opt_out_fig}; line {}x", kernel_lines(o, OPT_OUT)),
+        ),
+        row(
+            "the guest's own kernel still loads with kexec -s and unloads",
+            good.0 == Some(0) && good.1 == Some(1) && unload.0 == Some(0) && unload.1 == Some(0),
+            format!(
+                "load rc {:?} loaded {:?}; unload rc {:?} loaded {:?}",
+                good.0, good.1, unload.0, unload.1
+            ),
+        ),
+        row(
+            "no handover: one ENABLE, the guest stays up and says so",
+            enable_records(&v).len() == 1
+                && kernel_lines(o, "kvm_protmem: kexec: all memory private again") == 0
+                && dmesg_has(o, "kpm-init: kexec-refused still up"),
+            format!("ENABLE records {:?}", enable_records(&v)),
+        ),
+    ];
+    rows.extend(disk_rows(o));
+    rows
+}
 
 /// The part of a run's console after the first line containing `marker`
 /// (the second kernel's), as an outcome of its own with the run's VMM

@@ -75,12 +75,13 @@ impl L2Run {
         self.cmdline.split_whitespace().any(|w| w == "kpm.hostile")
     }
 
-    /// Whether the guest hands over to a second kernel (`kpm.kexec`,
-    /// `kpm.kdump` in tests/guest/init): it boots the kexec initramfs.
+    /// Whether the guest runs kexec (`kpm.kexec`, `kpm.kdump`,
+    /// `kpm.kexec-refused` in tests/guest/init): it boots the kexec
+    /// initramfs.
     pub fn kexecs(&self) -> bool {
         self.cmdline
             .split_whitespace()
-            .any(|w| w == "kpm.kexec" || w == "kpm.kdump")
+            .any(|w| w == "kpm.kexec" || w == "kpm.kdump" || w == "kpm.kexec-refused")
     }
 }
 
@@ -399,10 +400,13 @@ fn add_libraries_from(
 }
 
 /// The initramfs of a guest that kexecs (tests/guest/init, `kpm.kexec`,
-/// `kpm.kdump`): the plain one's files, `kexec` from Debian's kexec-tools
-/// with its libraries, and under /kexec the next kernel (this same
-/// bzImage) and its initramfs: the plain one with `vmcore-dmesg`, which
-/// reads the crashed kernel's log out of /proc/vmcore.
+/// `kpm.kdump`, `kpm.kexec-refused`): the plain one's files, `kexec` from
+/// Debian's kexec-tools with its libraries, and under /kexec the next
+/// kernel (this same bzImage), a copy of it without `XLF_KVM_PROTMEM` (a
+/// kernel that cannot run as a protected guest, which a protected one
+/// must refuse to load) and their initramfs: the plain one with
+/// `vmcore-dmesg`, which reads the crashed kernel's log out of
+/// /proc/vmcore.
 fn l2_kexec_initrd(ctx: &Ctx, k: &Kernel) -> Result<Vec<u8>> {
     let root = setup::kexec_root(&ctx.cache);
     let tool = |name: &str| -> Result<PathBuf> {
@@ -431,8 +435,40 @@ fn l2_kexec_initrd(ctx: &Ctx, k: &Kernel) -> Result<Vec<u8>> {
     let mut i = with_tool("kexec")?;
     i.dir("kexec");
     i.copy("kexec/bzImage", 0o644, &k.bzimage)?;
+    let image = std::fs::read(&k.bzimage)
+        .with_context(|| format!("cannot read {}", k.bzimage.display()))?;
+    i.file(
+        "kexec/bzImage-noprotmem",
+        0o644,
+        &without_protmem_flag(image).with_context(|| k.bzimage.display().to_string())?,
+    );
     i.file("kexec/initrd.cpio", 0o644, &next);
     Ok(i.finish())
+}
+
+/// Offset of the setup header's `xloadflags` in a bzImage (boot protocol
+/// 2.12+, Documentation/arch/x86/boot.rst).
+const XLOADFLAGS: usize = 0x236;
+/// `XLF_KVM_PROTMEM` (arch/x86/include/uapi/asm/bootparam.h): the kernel
+/// can run as a KVM protected memory guest.
+const XLF_KVM_PROTMEM: u16 = 1 << 8;
+
+/// `image` (a bzImage that has `XLF_KVM_PROTMEM`) with the bit cleared:
+/// what a kernel built without `CONFIG_KVM_PROTMEM_GUEST` says.
+fn without_protmem_flag(mut image: Vec<u8>) -> Result<Vec<u8>> {
+    if image.get(0x202..0x206) != Some(b"HdrS".as_slice()) {
+        bail!("not a bzImage: no `HdrS` setup header signature at 0x202");
+    }
+    let version = u16::from_le_bytes([image[0x206], image[0x207]]);
+    if version < 0x020c || image.len() < XLOADFLAGS + 2 {
+        bail!("boot protocol {version:#x} has no xloadflags (2.12+)");
+    }
+    let flags = u16::from_le_bytes([image[XLOADFLAGS], image[XLOADFLAGS + 1]]);
+    if flags & XLF_KVM_PROTMEM == 0 {
+        bail!("xloadflags {flags:#06x} lack XLF_KVM_PROTMEM: the kernel does not say it can run protected");
+    }
+    image[XLOADFLAGS..XLOADFLAGS + 2].copy_from_slice(&(flags & !XLF_KVM_PROTMEM).to_le_bytes());
+    Ok(image)
 }
 
 /// Firmware QEMU needs to boot a Linux kernel with `-nodefaults -vga none`
@@ -741,6 +777,27 @@ mod tests {
             o[0].lines_after("kvm_protmem: ").collect::<Vec<_>>(),
             ["enabled"]
         );
+    }
+
+    #[test]
+    fn the_protmem_flag_is_cleared_and_nothing_else() {
+        let mut img = vec![0u8; 0x400];
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        img[XLOADFLAGS..XLOADFLAGS + 2].copy_from_slice(&0x017fu16.to_le_bytes());
+        let out = without_protmem_flag(img.clone()).unwrap();
+        assert_eq!(
+            u16::from_le_bytes([out[XLOADFLAGS], out[XLOADFLAGS + 1]]),
+            0x007f
+        );
+        let diff = img.iter().zip(&out).filter(|(a, b)| a != b).count();
+        assert_eq!(diff, 1, "only the flag's byte changes");
+        // A kernel that does not set the bit, or no bzImage: refused.
+        assert!(without_protmem_flag(out).is_err());
+        assert!(without_protmem_flag(vec![0u8; 0x400]).is_err());
+        let mut old = img;
+        old[0x206..0x208].copy_from_slice(&0x020bu16.to_le_bytes());
+        assert!(without_protmem_flag(old).is_err());
     }
 
     #[test]

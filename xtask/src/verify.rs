@@ -43,6 +43,9 @@ pub struct Verdict {
     pub kvmclock_unshared: bool,
     /// The per-CPU PV data (steal time, async PF, PV EOI) stayed private.
     pub percpu_unshared: bool,
+    /// The PV features left off for it (`<feature> disabled: its per-CPU
+    /// page is not shared`).
+    pub pv_off: Vec<String>,
     /// `share failed:`/`unshare failed:` lines (the first ten of a boot).
     pub failures: usize,
     /// Pages those lines leaked.
@@ -124,6 +127,7 @@ pub fn assess(log: &str) -> Verdict {
         cc_active: false,
         kvmclock_unshared: false,
         percpu_unshared: false,
+        pv_off: Vec::new(),
         failures: 0,
         leaked_logged: 0,
         debugfs_failures: None,
@@ -192,6 +196,12 @@ pub fn assess(log: &str) -> Verdict {
         }
         if m.starts_with("per-cpu PV data: the host cannot update it") {
             v.percpu_unshared = true;
+        }
+        if let Some(f) = m
+            .trim_end()
+            .strip_suffix(" disabled: its per-CPU page is not shared")
+        {
+            v.pv_off.push(f.to_string());
         }
         if let Some(rest) = m
             .strip_prefix("share failed: ")
@@ -296,7 +306,11 @@ impl Verdict {
                         } else {
                             ""
                         },
-                        if p { "per-CPU PV data private" } else { "" }
+                        if p {
+                            format!("per-CPU PV data private (off: {})", self.pv_off.join(", "))
+                        } else {
+                            String::new()
+                        }
                     ),
                 },
             ),
@@ -433,6 +447,26 @@ kpm-init: debugfs pages_leaked: 0
             HEALTHY
         );
         assert_eq!(assess(&both).failures, 1);
+    }
+
+    #[test]
+    fn private_per_cpu_data_and_the_features_left_off_are_reported() {
+        let log = format!(
+            "{HEALTHY}[0.1] kvm_protmem: per-cpu PV data: the host cannot update it\n\
+             [0.1] kvm_protmem: steal time disabled: its per-CPU page is not shared\n\
+             [0.1] kvm_protmem: PV EOI disabled: its per-CPU page is not shared\n"
+        );
+        let v = assess(&log);
+        assert!(!v.healthy());
+        assert!(v.percpu_unshared);
+        assert_eq!(v.pv_off, ["steal time", "PV EOI"]);
+        let row = v
+            .rows()
+            .into_iter()
+            .find(|r| r.0.starts_with("kvmclock"))
+            .unwrap();
+        assert!(!row.1);
+        assert!(row.2.contains("(off: steal time, PV EOI)"), "{}", row.2);
     }
 
     #[test]

@@ -1,12 +1,13 @@
 // SPDX-License-Identifier: GPL-2.0
 
 //! The one wrapper around the KVM hypercall instruction, and around the
-//! two other instructions the guest executes itself: CPUID leaf 0 (the
-//! vendor, which picks the instruction) and the TSC read the conversion
-//! benchmark times with.
+//! other instructions the guest executes itself: CPUID leaf 0 (the
+//! vendor, which picks the instruction), the TSC read the conversion
+//! benchmark times with, and reads of the KVM paravirt MSRs that register
+//! per-CPU memory with the host (checked by KUnit).
 //!
 //! No other code of the KVM protected memory guest executes `vmcall`,
-//! `vmmcall`, `cpuid` or `rdtsc`. Issuing a hypercall is `unsafe` ([`Hypervisor::hypercall`]),
+//! `vmmcall`, `cpuid`, `rdtsc` or `rdmsr`. Issuing a hypercall is `unsafe` ([`Hypervisor::hypercall`]),
 //! because a conversion changes which pages the host may access.
 //! Crate-private: nothing outside this module crate can reach it. KVM is
 //! detected with the tree's own `kvm_para_available()`.
@@ -24,6 +25,8 @@
 //! C header: [`arch/x86/include/asm/kvm_para.h`](srctree/arch/x86/include/asm/kvm_para.h)
 
 use crate::abi::Hypervisor;
+#[cfg(CONFIG_KVM_PROTMEM_KUNIT_TEST)]
+use crate::PvFeature;
 use core::arch::asm;
 use kernel::{
     bindings,
@@ -98,6 +101,42 @@ pub(crate) fn tsc() -> u64 {
         );
     }
     (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// The value of the KVM paravirt MSR through which this CPU registers
+/// `feature`'s per-CPU data with the host (bit 0: enabled; the page
+/// address above), if the host offers the feature.
+#[cfg(CONFIG_KVM_PROTMEM_KUNIT_TEST)]
+pub(crate) fn pv_msr(feature: PvFeature) -> Option<u64> {
+    // KVM lets a guest read these MSRs when it offers the feature the
+    // host checks for them (async PF: KVM_FEATURE_ASYNC_PF).
+    let (bit, msr) = match feature {
+        PvFeature::AsyncPf => (
+            bindings::KVM_FEATURE_ASYNC_PF,
+            bindings::MSR_KVM_ASYNC_PF_EN,
+        ),
+        PvFeature::StealTime => (
+            bindings::KVM_FEATURE_STEAL_TIME,
+            bindings::MSR_KVM_STEAL_TIME,
+        ),
+        PvFeature::Eoi => (bindings::KVM_FEATURE_PV_EOI, bindings::MSR_KVM_PV_EOI_EN),
+    };
+    if kvm_features()? & (1 << bit) == 0 {
+        return None;
+    }
+    let (lo, hi): (u32, u32);
+    // SAFETY: on KVM (`kvm_features()` found its signature), which offers
+    // `feature`: reading its MSR does not fault. RDMSR only writes EDX:EAX.
+    unsafe {
+        asm!(
+            "rdmsr",
+            in("ecx") msr,
+            out("eax") lo,
+            out("edx") hi,
+            options(nostack, preserves_flags, nomem),
+        );
+    }
+    Some((u64::from(hi) << 32) | u64::from(lo))
 }
 
 /// The KVM hypercall instruction of this CPU.

@@ -30,7 +30,9 @@
 //! `enabled: ...`, `not offered by the host...`, `not offered: ... is
 //! active`, `disabled on the command line...`, `enable failed: ...`,
 //! `protection required (kvm_protmem=require) but ...` (panic),
-//! `swiotlb pool shared: ...`, `share failed: ...`, `unshare failed: ...`.
+//! `swiotlb pool shared: ...`, `share failed: ...`, `unshare failed: ...`,
+//! `kvmclock disabled: ...`, `<feature> disabled: its per-CPU page is not
+//! shared`, `kexec: refusing ...`.
 //!
 //! C header: [`arch/x86/include/asm/kvm_protmem.h`](srctree/arch/x86/include/asm/kvm_protmem.h)
 
@@ -613,9 +615,18 @@ pub unsafe extern "C" fn kvm_protmem_init() {
     }
 }
 
+/// Set when the host refused a share of the per-CPU PV data (async PF
+/// reason, steal time, PV EOI). The three live in the per-CPU decrypted
+/// section, page-aligned and padded to whole pages in every CPU's area,
+/// so a refusal leaves a whole CPU's page, with all three, private; the
+/// features are global, so none of them is used on any CPU. 0: shared.
+static PERCPU_UNSHARED: Atomic<u32> = Atomic::new(0);
+
 /// Shares the page(s) of per-CPU data the host writes (steal time, async
 /// PF reason, PV EOI), for every possible CPU, from
-/// `kvm_smp_prepare_boot_cpu()`.
+/// `kvm_smp_prepare_boot_cpu()`. After a refusal it shares nothing more:
+/// the features that would use the section stay off
+/// ([`kvm_protmem_pv_usable`]).
 ///
 /// # Safety
 ///
@@ -623,8 +634,160 @@ pub unsafe extern "C" fn kvm_protmem_init() {
 /// `DEFINE_PER_CPU_DECRYPTED` section, which holds nothing private.
 #[export]
 pub unsafe extern "C" fn kvm_protmem_share_early(ptr: *mut c_void, size: c_ulong) {
+    if !percpu_shared() {
+        return;
+    }
     let start = ptr as usize;
-    share_section("per-cpu PV data", start, start + size);
+    if !share_section("per-cpu PV data", start, start + size) {
+        PERCPU_UNSHARED.store(1, Relaxed);
+    }
+}
+
+/// Whether every share of the per-CPU PV data succeeded.
+pub fn percpu_shared() -> bool {
+    PERCPU_UNSHARED.load(Relaxed) == 0
+}
+
+/// A paravirt feature whose data the host writes into the per-CPU
+/// decrypted section (`enum kvm_protmem_pv`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PvFeature {
+    /// Async page faults (`apf_reason`).
+    AsyncPf,
+    /// Steal time (`steal_time`), and what reads its preempted flag.
+    StealTime,
+    /// PV EOI (`kvm_apic_eoi`).
+    Eoi,
+}
+
+impl PvFeature {
+    /// The feature `kvm.c` names, if it is one.
+    pub fn from_c(v: c_uint) -> Option<Self> {
+        match v {
+            sys::PV_ASYNC_PF => Some(PvFeature::AsyncPf),
+            sys::PV_STEAL_TIME => Some(PvFeature::StealTime),
+            sys::PV_EOI => Some(PvFeature::Eoi),
+            _ => None,
+        }
+    }
+
+    /// The name in the `... disabled` line.
+    pub fn name(self) -> &'static str {
+        match self {
+            PvFeature::AsyncPf => "async PF",
+            PvFeature::StealTime => "steal time",
+            PvFeature::Eoi => "PV EOI",
+        }
+    }
+}
+
+/// Whether `kvm_guest_percpu_init()` may turn on paravirt feature
+/// `feature` (an `enum kvm_protmem_pv`): not when the host refused to
+/// share the per-CPU page it writes, which it would then write where the
+/// guest never looks (with a guest_memfd host, into other memory): async
+/// PF would never complete, PV EOI would read stale bits, steal time
+/// would stay 0. Says so, once per feature (it is asked once, at boot).
+#[export]
+#[link_section = ".init.text"]
+pub extern "C" fn kvm_protmem_pv_usable(feature: c_uint) -> bool {
+    if percpu_shared() {
+        return true;
+    }
+    let name = PvFeature::from_c(feature).map_or("unknown PV feature", PvFeature::name);
+    pr_err!("{name} disabled: its per-CPU page is not shared\n");
+    false
+}
+
+/// What a protected guest refuses to kexec into, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KexecRefusal {
+    /// `kexec_load`: the kernel cannot inspect what it loads.
+    Load,
+    /// An image without `XLF_KVM_PROTMEM`: a kernel that cannot enable
+    /// protection itself.
+    Image,
+    /// `kvm_protmem=off` on the next kernel's command line.
+    OptOut,
+}
+
+impl KexecRefusal {
+    /// The reason, as the `kexec: refusing ...` line gives it.
+    pub fn reason(self) -> &'static str {
+        match self {
+            KexecRefusal::Load => {
+                "kexec_load: the kernel cannot check the image; use kexec_file_load (kexec -s)"
+            }
+            KexecRefusal::Image => {
+                "a kernel without KVM protected memory support (no XLF_KVM_PROTMEM): \
+                 it would start with all memory private"
+            }
+            KexecRefusal::OptOut => {
+                "kvm_protmem=off on the next kernel's command line: \
+                 it would start with all memory private"
+            }
+        }
+    }
+}
+
+/// Whether a kexec may go ahead. A protected guest hands over with all
+/// memory private (`enc_kexec_finish()` issues ENABLE, which drops every
+/// share, in the kdump path too): the next kernel must enable protection
+/// and share what the host must see, or its kvmclock stops and its
+/// devices never reach their buffers. Says why when it may not.
+fn kexec_allowed(refusal: Option<KexecRefusal>) -> bool {
+    let Some(r) = refusal.filter(|_| state() == State::Enabled) else {
+        return true;
+    };
+    pr_err!("kexec: refusing {}\n", r.reason());
+    false
+}
+
+/// `machine_kexec_prepare()` for `kexec_load`: a protected guest refuses
+/// it, since the kernel cannot tell what the segments hold.
+#[export]
+pub extern "C" fn kvm_protmem_kexec_load_ok() -> bool {
+    kexec_allowed(Some(KexecRefusal::Load))
+}
+
+/// `bzImage64_probe()` for `kexec_file_load` (and `kexec -s -p`):
+/// `protmem_kernel` says whether the image's setup header has
+/// `XLF_KVM_PROTMEM`.
+#[export]
+pub extern "C" fn kvm_protmem_kexec_image_ok(protmem_kernel: bool) -> bool {
+    kexec_allowed((!protmem_kernel).then_some(KexecRefusal::Image))
+}
+
+/// Whether a kernel command line turns protection off: its `kvm_protmem=`
+/// values, as the next kernel's `parse_early_param()` reads them (up to
+/// `--`; the last valid value wins, an invalid one changes nothing). A
+/// command line built into the next kernel is not seen here.
+pub fn cmdline_opts_out(cmdline: &[u8]) -> bool {
+    cmdline
+        .split(|b| b.is_ascii_whitespace() || *b == 0)
+        .take_while(|w| *w != b"--")
+        .filter_map(|w| parse_param(w.strip_prefix(b"kvm_protmem=")?))
+        .last()
+        .is_some_and(|(m, _)| m == Mode::Off)
+}
+
+/// `bzImage64_load()`: a protected guest refuses a next kernel told to
+/// stay unprotected.
+///
+/// # Safety
+///
+/// `cmdline` is null, or points to `len` readable bytes.
+#[export]
+pub unsafe extern "C" fn kvm_protmem_kexec_cmdline_ok(
+    cmdline: *const c_char,
+    len: c_ulong,
+) -> bool {
+    let text: &[u8] = if cmdline.is_null() {
+        &[]
+    } else {
+        // SAFETY: `len` readable bytes (caller), only read here.
+        unsafe { core::slice::from_raw_parts(cmdline.cast::<u8>(), len as usize) }
+    };
+    kexec_allowed(cmdline_opts_out(text).then_some(KexecRefusal::OptOut))
 }
 
 /// Keeps the debugfs directory alive.

@@ -68,6 +68,14 @@ pub(crate) const CC_VENDOR_AMD: c_uint = bindings::cc_vendor_CC_VENDOR_AMD;
 /// Intel TDX.
 pub(crate) const CC_VENDOR_INTEL: c_uint = bindings::cc_vendor_CC_VENDOR_INTEL;
 
+/// `enum kvm_protmem_pv`: the paravirt features whose data the host writes
+/// into the per-CPU decrypted section.
+pub(crate) const PV_ASYNC_PF: c_uint = bindings::kvm_protmem_pv_KVM_PROTMEM_PV_ASYNC_PF;
+/// Steal time.
+pub(crate) const PV_STEAL_TIME: c_uint = bindings::kvm_protmem_pv_KVM_PROTMEM_PV_STEAL_TIME;
+/// PV EOI.
+pub(crate) const PV_EOI: c_uint = bindings::kvm_protmem_pv_KVM_PROTMEM_PV_EOI;
+
 /// The confidential-computing vendor and whether memory encryption is
 /// active (`cc_platform_has(CC_ATTR_MEM_ENCRYPT)`), as early boot left
 /// them.

@@ -168,6 +168,51 @@ mod policy_tests {
     }
 
     #[test]
+    fn next_kernel_told_to_opt_out_is_found() {
+        use crate::cmdline_opts_out;
+        assert!(cmdline_opts_out(b"console=ttyS0 kvm_protmem=off"));
+        assert!(cmdline_opts_out(b"kvm_protmem=off,per-page quiet\0"));
+        assert!(!cmdline_opts_out(b""));
+        assert!(!cmdline_opts_out(b"console=ttyS0 kvm_protmem=on"));
+        assert!(!cmdline_opts_out(b"kvm_protmem=require"));
+        // The last valid value wins; an invalid one changes nothing.
+        assert!(!cmdline_opts_out(b"kvm_protmem=off kvm_protmem=on"));
+        assert!(cmdline_opts_out(b"kvm_protmem=on kvm_protmem=off"));
+        assert!(cmdline_opts_out(b"kvm_protmem=off kvm_protmem=bogus"));
+        // Only whole words, and only kernel parameters (before `--`).
+        assert!(!cmdline_opts_out(b"xkvm_protmem=off"));
+        assert!(!cmdline_opts_out(b"init=/init -- kvm_protmem=off"));
+        assert!(cmdline_opts_out(b"a=b\tkvm_protmem=off\nquiet"));
+    }
+
+    #[test]
+    fn kexec_refusals_name_their_reason() {
+        use crate::KexecRefusal::{Image, Load, OptOut};
+        assert!(Load.reason().contains("kexec_file_load (kexec -s)"));
+        assert!(Image.reason().contains("XLF_KVM_PROTMEM"));
+        assert!(OptOut.reason().contains("kvm_protmem=off"));
+    }
+
+    #[test]
+    fn pv_features_follow_the_c_enum() {
+        use crate::PvFeature;
+        assert_eq!(
+            PvFeature::from_c(bindings::kvm_protmem_pv_KVM_PROTMEM_PV_ASYNC_PF),
+            Some(PvFeature::AsyncPf)
+        );
+        assert_eq!(
+            PvFeature::from_c(bindings::kvm_protmem_pv_KVM_PROTMEM_PV_STEAL_TIME),
+            Some(PvFeature::StealTime)
+        );
+        assert_eq!(
+            PvFeature::from_c(bindings::kvm_protmem_pv_KVM_PROTMEM_PV_EOI),
+            Some(PvFeature::Eoi)
+        );
+        assert_eq!(PvFeature::from_c(3), None);
+        assert_eq!(PvFeature::StealTime.name(), "steal time");
+    }
+
+    #[test]
     fn another_cc_platform_is_never_overridden() {
         use bindings::cc_vendor_CC_VENDOR_NONE as NONE;
         use bindings::{cc_vendor_CC_VENDOR_AMD as AMD, cc_vendor_CC_VENDOR_INTEL as INTEL};
@@ -299,6 +344,33 @@ mod live_tests {
         if let Some((start, n)) = pool {
             assert!(n > 0);
             assert!((start..start + n).all(is_shared));
+        }
+    }
+
+    /// Every per-CPU page this CPU registered with the host (async PF,
+    /// steal time, PV EOI MSRs) is shared; if the host refused to share
+    /// the per-CPU section, none is registered. Steal time is always
+    /// registered when offered and shared (no command line turns it off).
+    #[test]
+    fn pv_msrs_point_into_shared_pages_or_are_off() {
+        use crate::{hv::pv_msr, percpu_shared, PvFeature};
+        if skip_unless_enabled(b"protection is off") {
+            return;
+        }
+        let shared = percpu_shared();
+        for f in [PvFeature::AsyncPf, PvFeature::StealTime, PvFeature::Eoi] {
+            let Some(msr) = pv_msr(f) else {
+                continue;
+            };
+            let on = msr & 1 != 0;
+            if shared {
+                assert!(!on || is_shared(msr >> abi::PAGE_SHIFT));
+                if f == PvFeature::StealTime {
+                    assert!(on);
+                }
+            } else {
+                assert!(!on);
+            }
         }
     }
 
