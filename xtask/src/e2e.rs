@@ -228,8 +228,8 @@ pub fn all() -> Vec<Scenario> {
         ),
         scenario(
             "percpu-share-fails",
-            "the host refuses the SHARE of the per-CPU PV data (2 vCPUs, the 7th SHARE): async PF, steal time and PV EOI stay off, each with its line, no PV MSR is set; the guest stays protected with I/O intact",
-            &["--protect", "--cpus", "2", "--fail-share", "every:7"],
+            "the host refuses to share the second CPU's per-CPU PV page (2 vCPUs, the 5th SHARE): async PF, steal time and PV EOI stay off, each with its line, no PV MSR is set; the guest stays protected with I/O intact",
+            &["--protect", "--cpus", "2", "--fail-share", "every:5"],
             &format!("kunit.enable=1 kunit.filter_glob={PV_MSR_CASE}"),
             judge_percpu_share_fails,
         ),
@@ -1018,7 +1018,12 @@ const PV_OFF_LINES: [&str; 3] = [
     "kvm_protmem: async PF disabled: its per-CPU page is not shared",
 ];
 
-/// The host refused the SHARE of the per-CPU PV data: the guest says so,
+/// The host refused the SHARE of the per-CPU PV data. The boot's SHAREs:
+/// kvmclock's pages (1st), then for each possible CPU its per-CPU page
+/// three times (async PF reason, steal time, PV EOI: 2nd to 4th for CPU 0),
+/// so the 5th is the first share of CPU 1's page; after the refusal the
+/// guest shares no more of that section, the bounce pool comes 6th, and
+/// the 10th SHARE, the next refused, is never reached. The guest says so,
 /// turns each PV feature that writes there off with its line, no PV MSR
 /// of a CPU points anywhere (KUnit reads them), and it keeps working,
 /// protected, with its disk.
