@@ -1083,7 +1083,10 @@ fn judge_percpu_share_fails(o: &L2Outcome) -> Vec<Row> {
 }
 
 /// What /init's `kpm.kexec-refused` step printed for `name`: the exit
-/// code, what sysfs says is loaded, and kexec's last message.
+/// code, what sysfs says is loaded, and kexec's first message. (Debian's
+/// kexec-tools 2.0.25 answers a refused `kexec_file_load` with exit code
+/// 253 and `syscall kexec_file_load not available.`, whatever the errno;
+/// the kernel's line says why.)
 fn kexec_try(o: &L2Outcome, name: &str) -> (Option<i32>, Option<u32>, String) {
     let Some(l) = kv(o, name) else {
         return (None, None, "no line".to_string());
@@ -1128,6 +1131,10 @@ fn judge_kexec_refused(o: &L2Outcome) -> Vec<Row> {
     let (file, file_fig) = refused("kexec-file-noprotmem");
     let (kdump, kdump_fig) = refused("kdump-file-noprotmem");
     let (load, load_fig) = refused("kexec-load");
+    let load = load
+        && kexec_try(o, "kexec-load")
+            .2
+            .ends_with("Operation not permitted");
     let (opt_out, opt_out_fig) = refused("kexec-file-optout");
     let good = kexec_try(o, "kexec-file-good");
     let unload = kexec_try(o, "kexec-unload");
@@ -1146,7 +1153,7 @@ fn judge_kexec_refused(o: &L2Outcome) -> Vec<Row> {
             format!("{file_fig}; {kdump_fig}; line {}x", kernel_lines(o, IMAGE)),
         ),
         row(
-            "kexec_load refused, the line says to use kexec -s",
+            "kexec_load refused (EPERM), the line says to use kexec -s",
             load && kernel_lines(o, LOAD) == 1,
             format!("{load_fig}; line {}x", kernel_lines(o, LOAD)),
         ),
