@@ -624,7 +624,8 @@ static PERCPU_UNSHARED: Atomic<u32> = Atomic::new(0);
 
 /// Shares the page(s) of per-CPU data the host writes (steal time, async
 /// PF reason, PV EOI), for every possible CPU, from
-/// `kvm_smp_prepare_boot_cpu()`. After a refusal it shares nothing more:
+/// `sev_map_percpu_data()` (`kvm_guest_percpu_init()`, on the boot CPU
+/// before it chooses those features). After a refusal it shares nothing more:
 /// the features that would use the section stay off
 /// ([`kvm_protmem_pv_usable`]).
 ///
@@ -785,7 +786,7 @@ pub unsafe extern "C" fn kvm_protmem_kexec_cmdline_ok(
         &[]
     } else {
         // SAFETY: `len` readable bytes (caller), only read here.
-        unsafe { core::slice::from_raw_parts(cmdline.cast::<u8>(), len as usize) }
+        unsafe { core::slice::from_raw_parts(cmdline.cast::<u8>(), len) }
     };
     kexec_allowed(cmdline_opts_out(text).then_some(KexecRefusal::OptOut))
 }
