@@ -1112,7 +1112,7 @@ fn kexec_try(o: &L2Outcome, name: &str) -> (Option<i32>, Option<u32>, String) {
 fn judge_kexec_refused(o: &L2Outcome) -> Vec<Row> {
     const IMAGE: &str = "kvm_protmem: kexec: refusing a kernel without KVM protected memory support (no XLF_KVM_PROTMEM): it would start with all memory private";
     const LOAD: &str = "kvm_protmem: kexec: refusing kexec_load: the kernel cannot check the image; use kexec_file_load (kexec -s)";
-    const OPT_OUT: &str = "kvm_protmem: kexec: refusing kvm_protmem=off on the next kernel's command line: it would start with all memory private";
+    const OPT_OUT: &str = "kvm_protmem: kexec: refusing kvm_protmem=off for the next kernel: it would start with all memory private";
     let refused = |name: &str| {
         let (rc, loaded, msg) = kexec_try(o, name);
         (

@@ -7,7 +7,8 @@
 //! per-CPU memory with the host (checked by KUnit).
 //!
 //! No other code of the KVM protected memory guest executes `vmcall`,
-//! `vmmcall`, `cpuid`, `rdtsc` or `rdmsr`. Issuing a hypercall is `unsafe` ([`Hypervisor::hypercall`]),
+//! `vmmcall`, `cpuid`, `rdtsc` or `rdmsr`. Issuing a hypercall is
+//! `unsafe` ([`Hypervisor::hypercall`]),
 //! because a conversion changes which pages the host may access.
 //! Crate-private: nothing outside this module crate can reach it. KVM is
 //! detected with the tree's own `kvm_para_available()`.

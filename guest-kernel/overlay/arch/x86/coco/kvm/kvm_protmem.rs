@@ -718,13 +718,12 @@ impl KexecRefusal {
             KexecRefusal::Load => {
                 "kexec_load: the kernel cannot check the image; use kexec_file_load (kexec -s)"
             }
-            KexecRefusal::Image => {
-                "a kernel without KVM protected memory support (no XLF_KVM_PROTMEM): \
-                 it would start with all memory private"
-            }
+            KexecRefusal::Image => concat!(
+                "a kernel without KVM protected memory support (no XLF_KVM_PROTMEM): ",
+                "it would start with all memory private"
+            ),
             KexecRefusal::OptOut => {
-                "kvm_protmem=off on the next kernel's command line: \
-                 it would start with all memory private"
+                "kvm_protmem=off for the next kernel: it would start with all memory private"
             }
         }
     }
