@@ -18,9 +18,11 @@
 //! `protmem-vmm: hostile: <operation>: refused (<errno>)` or `...: done
 //! (<what>)`, and the file named by `--hostile` is created when all are done.
 //!
-//! State-changing attempts write back what the matching read returned,
-//! where one exists, so that a host that does not refuse them shows it
-//! without crashing the guest.
+//! Where KVM does not own the guest's memory (`--protect=view`) nothing
+//! refuses these operations, and the destructive ones (new vCPUs and
+//! memslots, INIT, state of the VMM's choosing) would only crash the
+//! guest: there the VMM reads everything, writes the registers back as it
+//! read them, and rewrites the secret.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -188,7 +190,7 @@ impl Hostile {
         if guard.1.contains(&id) {
             return;
         }
-        let attempts = vcpu_attack(id, vcpu);
+        let attempts = vcpu_attack(id, vcpu, self.gmem);
         for a in &attempts {
             eprintln!("protmem-vmm: {}", a.line());
         }
@@ -271,48 +273,30 @@ impl Hostile {
     }
 }
 
-/// What a vCPU thread tries on its own vCPU.
-fn vcpu_attack(id: u8, v: &VcpuFd) -> Vec<Attempt> {
+/// What a vCPU thread tries on its own vCPU: every read, then the writes
+/// with what an attacker would write (state of its choosing, LSTAR 0,
+/// INIT). Where KVM does not own the guest (`kvm_owned` false) nothing
+/// refuses those writes and they would only crash the guest, so only the
+/// register write is shown there, writing back what was read.
+fn vcpu_attack(id: u8, v: &VcpuFd, kvm_owned: bool) -> Vec<Attempt> {
     let op = |name: &str| format!("vcpu{id} {name}");
     let mut out = Vec::new();
     let regs = v.get_regs();
+    let read_back = regs.as_ref().ok().copied();
     out.push(Attempt::new(
         op("KVM_GET_REGS (read the registers)"),
         kvm_result(regs, |r| format!("rip {:#x}", r.rip)),
     ));
-    if let Ok(r) = v.get_regs() {
-        out.push(Attempt::new(
-            op("KVM_SET_REGS"),
-            kvm_result(v.set_regs(&r), |()| "registers written".into()),
-        ));
-    } else {
-        // What redirecting execution would take: refused all the same.
-        out.push(Attempt::new(
-            op("KVM_SET_REGS"),
-            kvm_result(v.set_regs(&Default::default()), |()| {
-                "registers written".into()
-            }),
-        ));
-    }
-    let sregs = v.get_sregs();
-    let sregs_ok = sregs.is_ok();
+    out.push(Attempt::new(
+        op("KVM_SET_REGS"),
+        kvm_result(v.set_regs(&read_back.unwrap_or_default()), |()| {
+            "registers written".into()
+        }),
+    ));
     out.push(Attempt::new(
         op("KVM_GET_SREGS"),
-        kvm_result(sregs, |s| format!("cr3 {:#x}", s.cr3)),
+        kvm_result(v.get_sregs(), |s| format!("cr3 {:#x}", s.cr3)),
     ));
-    if sregs_ok {
-        if let Ok(s) = v.get_sregs() {
-            out.push(Attempt::new(
-                op("KVM_SET_SREGS"),
-                kvm_result(v.set_sregs(&s), |()| "written".into()),
-            ));
-        }
-    } else {
-        out.push(Attempt::new(
-            op("KVM_SET_SREGS"),
-            kvm_result(v.set_sregs(&Default::default()), |()| "written".into()),
-        ));
-    }
     out.push(Attempt::new(
         op("KVM_GET_FPU"),
         kvm_result(v.get_fpu(), |_| "read".into()),
@@ -329,32 +313,18 @@ fn vcpu_attack(id: u8, v: &VcpuFd) -> Vec<Attempt> {
         op("KVM_GET_DEBUGREGS"),
         kvm_result(v.get_debug_regs(), |_| "read".into()),
     ));
-    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
-        index: 0xc000_0082, // MSR_LSTAR: the syscall entry point
-        ..Default::default()
-    }])
-    .ok();
-    if let Some(m) = msrs.as_mut() {
-        let read = v.get_msrs(m);
-        let got = matches!(read, Ok(1));
+    // MSR_LSTAR: the syscall entry point.
+    let lstar = || {
+        Msrs::from_entries(&[kvm_msr_entry {
+            index: 0xc000_0082,
+            ..Default::default()
+        }])
+        .ok()
+    };
+    if let Some(mut m) = lstar() {
         out.push(Attempt::new(
             op("KVM_GET_MSRS (LSTAR)"),
-            kvm_result(read, |n| format!("{n} read")),
-        ));
-        let written = if got {
-            v.set_msrs(m)
-        } else {
-            v.set_msrs(
-                &Msrs::from_entries(&[kvm_msr_entry {
-                    index: 0xc000_0082,
-                    ..Default::default()
-                }])
-                .unwrap_or_else(|_| m.clone()),
-            )
-        };
-        out.push(Attempt::new(
-            op("KVM_SET_MSRS (LSTAR)"),
-            kvm_result(written, |n| format!("{n} written")),
+            kvm_result(v.get_msrs(&mut m), |n| format!("{n} read")),
         ));
     }
     out.push(Attempt::new(
@@ -371,31 +341,37 @@ fn vcpu_attack(id: u8, v: &VcpuFd) -> Vec<Attempt> {
             format!("valid {}", t.valid)
         }),
     ));
-    // Guest debugging would stop the guest at each instruction with its
-    // RIP; on a host that allows it, turn it off again at once.
-    let dbg = v.set_guest_debug(&kvm_guest_debug {
-        control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP,
-        ..Default::default()
-    });
-    if dbg.is_ok() {
-        let _ = v.set_guest_debug(&kvm_guest_debug::default());
+    if !kvm_owned {
+        return out;
+    }
+    out.push(Attempt::new(
+        op("KVM_SET_SREGS"),
+        kvm_result(v.set_sregs(&Default::default()), |()| "written".into()),
+    ));
+    if let Some(m) = lstar() {
+        out.push(Attempt::new(
+            op("KVM_SET_MSRS (LSTAR)"),
+            kvm_result(v.set_msrs(&m), |n| format!("{n} written")),
+        ));
     }
     out.push(Attempt::new(
         op("KVM_SET_GUEST_DEBUG (single-step)"),
-        kvm_result(dbg, |()| "enabled, then disabled".into()),
+        kvm_result(
+            v.set_guest_debug(&kvm_guest_debug {
+                control: kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_SINGLESTEP,
+                ..Default::default()
+            }),
+            |()| "enabled".into(),
+        ),
     ));
-    let mp = v.get_mp_state();
     out.push(Attempt::new(
         op("KVM_SET_MP_STATE"),
-        match mp {
-            Ok(m) => kvm_result(v.set_mp_state(m), |()| "written back".into()),
-            Err(_) => kvm_result(
-                v.set_mp_state(kvm_bindings::kvm_mp_state {
-                    mp_state: kvm_bindings::KVM_MP_STATE_INIT_RECEIVED,
-                }),
-                |()| "INIT received".into(),
-            ),
-        },
+        kvm_result(
+            v.set_mp_state(kvm_bindings::kvm_mp_state {
+                mp_state: kvm_bindings::KVM_MP_STATE_INIT_RECEIVED,
+            }),
+            |()| "INIT received".into(),
+        ),
     ));
     out
 }
@@ -413,8 +389,8 @@ fn raw_ioctl<T>(fd: &impl AsRawFd, req: libc::c_ulong, arg: &mut T) -> Result<()
 }
 
 /// What the main thread tries on the VM, its guest_memfd and guest RAM.
-/// Without KVM-owned memory (`kvm_owned` false) nothing stops deleting the
-/// guest's RAM slot, which would only crash the guest: not tried there.
+/// Without KVM-owned memory (`kvm_owned` false) nothing stops the memslot
+/// and vCPU changes, which would only disturb the guest: not tried there.
 fn vm_attack(vm: &VmFd, gmem: Option<&File>, ram: &[(u64, u64)], kvm_owned: bool) -> Vec<Attempt> {
     let mut out = Vec::new();
     let ram_len = ram.first().map_or(0, |r| r.1);
@@ -477,7 +453,7 @@ fn vm_attack(vm: &VmFd, gmem: Option<&File>, ram: &[(u64, u64)], kvm_owned: bool
             kvm_result(deleted, |()| "deleted".into()),
         ));
     }
-    if let Some(&(host, _)) = ram.first() {
+    if let (true, Some(&(host, _))) = (kvm_owned, ram.first()) {
         let slot = kvm_userspace_memory_region {
             slot: 7,
             flags: 0,
@@ -493,10 +469,12 @@ fn vm_attack(vm: &VmFd, gmem: Option<&File>, ram: &[(u64, u64)], kvm_owned: bool
             kvm_result(mapped, |()| "mapped".into()),
         ));
     }
-    out.push(Attempt::new(
-        "KVM_CREATE_VCPU (a vCPU that starts where the VMM wants)",
-        kvm_result(vm.create_vcpu(31), |_| "created".into()),
-    ));
+    if kvm_owned {
+        out.push(Attempt::new(
+            "KVM_CREATE_VCPU (a vCPU that starts where the VMM wants)",
+            kvm_result(vm.create_vcpu(31), |_| "created".into()),
+        ));
+    }
     out.push(Attempt::new(
         "KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR) (see the guest's MSR writes)",
         kvm_result(
