@@ -337,9 +337,19 @@ pub fn run(ctx: &Ctx, k: &Kernel, vmm: &Path, runs: usize, out: &Path) -> Result
         bail!("--runs must be at least 1");
     }
     let mut l2 = Vec::new();
+    let boot_run = |slug: &str, args: &[&str], r: usize| L2Run {
+        name: format!("b-{slug}-{r}"),
+        vmm_args: args.iter().map(|s| s.to_string()).collect(),
+        cmdline: format!("{BASE_CMDLINE} {COMMON} {}", crate::bench_boot::CMDLINE),
+        timeout: 300,
+        qemu: false,
+    };
     for r in 0..runs {
         for c in MAIN.iter().chain(&PRESSURE) {
             l2.push(l2run(c, r));
+        }
+        for (_, slug, args) in crate::bench_boot::CONFIGS {
+            l2.push(boot_run(slug, args, r));
         }
     }
     println!(
@@ -371,7 +381,21 @@ pub fn run(ctx: &Ctx, k: &Kernel, vmm: &Path, runs: usize, out: &Path) -> Result
     };
     let main = series(&MAIN);
     let pressure = series(&PRESSURE);
-    let md = report(ctx, runs, &main, &pressure, started.elapsed().as_secs_f64());
+    let mut boots = Vec::new();
+    for (label, slug, _) in crate::bench_boot::CONFIGS {
+        let mut v = Vec::new();
+        for r in 0..runs {
+            let name = format!("b-{slug}-{r}");
+            let o = outcomes
+                .iter()
+                .find(|o| o.name == name)
+                .with_context(|| format!("benchmark run {name} is missing"))?;
+            v.push(crate::bench_boot::measure(o)?);
+        }
+        boots.push((label, v));
+    }
+    let mut md = report(ctx, runs, &main, &pressure, started.elapsed().as_secs_f64());
+    md.push_str(&crate::bench_boot::section(&boots));
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("BENCHMARKS.md"), &md)?;
     plot_throughput(&main, &out.join("bench-throughput.svg"))?;

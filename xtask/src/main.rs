@@ -3,6 +3,7 @@
 //! `cargo xtask setup | kernel | boot | test`: see `--help`.
 
 mod bench;
+mod bench_boot;
 mod boot;
 mod ctx;
 mod e2e;

@@ -23,6 +23,7 @@ pub mod hostile;
 pub mod hypercalls;
 pub mod iothread;
 pub mod kick;
+pub mod kvm_stats;
 pub mod mptable;
 pub mod probe;
 pub mod protection;

@@ -166,6 +166,9 @@ pub struct Stats {
     pub exits: ExitCounts,
     /// Bytes the guest wrote to the console.
     pub console_bytes: u64,
+    /// KVM's own counters of the VMs and vCPUs (`KVM_GET_STATS_FD`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kvm: Option<crate::kvm_stats::KvmCounters>,
     /// `--hostile`: every attempt of the compromised VMM, in order.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hostile: Option<Vec<crate::hostile::Attempt>>,

@@ -60,6 +60,7 @@ use crate::hostile::{Hostile, HostileError};
 use crate::hypercalls::{self, FailKnobs, HypercallError, HypercallHandler};
 use crate::iothread::IoThread;
 use crate::kick::{self, KickError, VcpuThreads};
+use crate::kvm_stats;
 use crate::mptable::{self, MptableError};
 use crate::protection::{Protection, ProtectionError};
 use crate::ram::{self, GuestRam, RamError};
@@ -617,6 +618,8 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
     let start = Instant::now();
     let deadline = cli.timeout.map(|s| start + Duration::from_secs(s));
     let mut panic_since = None;
+    let mut kvm_counters = kvm_stats::Watch::default();
+    kvm_counters.start(&*vm, &vcpus);
     let mut threads = start_vcpus(vcpus, &machine, &tx, &hostile)?;
     let mut vm = vm;
     let mut gmem_fd = gmem_fd;
@@ -652,10 +655,12 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
         let Action::Reboot(why) = settled else {
             break stop_reason(settled);
         };
+        kvm_counters.harvest();
         let next = setup.reboot(vm, &machine, &why).and_then(|new| {
             if let Some(g) = new.gmem {
                 machine.prot_mut().attach_gmem(g);
             }
+            kvm_counters.start(&*new.vm, &new.vcpus);
             Ok((
                 new.vm,
                 new.gmem_fd,
@@ -671,6 +676,8 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
         eprintln!("protmem-vmm: flushing the console: {e}");
     }
     let mut stats = Stats::collect(&machine, &reason, cli.protect, cli.blk_io);
+    kvm_counters.harvest();
+    stats.kvm = kvm_counters.totals();
     stats.hostile = hostile.map(|h| h.attempts());
     Ok(Outcome { reason, stats })
 }
