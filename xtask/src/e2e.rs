@@ -132,9 +132,12 @@ pub fn protected_smp4() -> Scenario {
     )
 }
 
-/// Scenarios that only run by name (see [`protected_smp4`]).
+/// Scenarios that only run by name (see [`protected_smp4`], and the SMP
+/// boots of `crate::smp`).
 pub fn by_name_only() -> Vec<Scenario> {
-    vec![protected_smp4()]
+    let mut v = vec![protected_smp4()];
+    v.extend(crate::smp::scenarios());
+    v
 }
 
 /// Every scenario `cargo xtask test` runs, in one L1 boot.
@@ -1280,16 +1283,23 @@ pub fn run_on(
 /// a protected L2, in one L1 boot; prints the figures side by side.
 /// `cargo xtask soak N`: N protected boots in one L1 boot, each judged
 /// like the demo's, then the spread of host seconds to L2 userspace.
+/// `name` may list several scenarios (`a,b`): N rounds of each in turn.
 pub fn soak(ctx: &Ctx, k: &Kernel, vmm: &Path, n: usize, name: &str) -> Result<()> {
+    let names: Vec<&str> = name.split(',').collect();
     let scenarios: Vec<Scenario> = (1..=n)
-        .map(|i| {
+        .flat_map(|i| names.iter().map(move |name| (i, *name)))
+        .map(|(i, name)| {
             let mut s = all()
                 .into_iter()
                 .chain(by_name_only())
                 .find(|s| s.name == name)
                 .unwrap_or_else(protected);
-            // Scenario names are static: a CLI run leaks n short strings.
-            s.name = Box::leak(format!("soak-{i}").into_boxed_str());
+            // Scenario names are static: a CLI run leaks a few short strings.
+            s.name = Box::leak(if names.len() == 1 {
+                format!("soak-{i}").into_boxed_str()
+            } else {
+                format!("soak-{i}-{name}").into_boxed_str()
+            });
             s.run.name = s.name.to_string();
             s
         })
@@ -1315,6 +1325,7 @@ pub fn soak(ctx: &Ctx, k: &Kernel, vmm: &Path, n: usize, name: &str) -> Result<(
             times[times.len() / 2]
         );
     }
+    let n = scenarios.len();
     println!("soak: {passed} passed, {} failed", n - passed);
     if passed != n {
         bail!("soak: {} of {n} boots failed", n - passed);

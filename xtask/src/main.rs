@@ -15,6 +15,7 @@ mod overlay;
 mod series;
 mod setup;
 mod sh;
+mod smp;
 mod stock;
 mod test;
 mod uapi;
@@ -91,7 +92,8 @@ enum Cmd {
         /// Number of L2 boots.
         #[arg(default_value_t = 20)]
         n: usize,
-        /// The scenario to repeat.
+        /// The scenario to repeat; several, comma-separated, run in turn
+        /// (N rounds).
         #[arg(long, default_value = "protected")]
         scenario: String,
     },
@@ -224,12 +226,14 @@ fn run(cli: Cli) -> Result<()> {
             bench::run(&ctx, &k, &vmm, runs, &out)
         }
         Cmd::Soak { n, scenario } => {
-            if !e2e::all()
-                .iter()
-                .chain(&e2e::by_name_only())
-                .any(|s| s.name == scenario)
-            {
-                anyhow::bail!("no scenario named {scenario} on our L1 (see `scenarios --list`)");
+            for name in scenario.split(',') {
+                if !e2e::all()
+                    .iter()
+                    .chain(&e2e::by_name_only())
+                    .any(|s| s.name == name)
+                {
+                    anyhow::bail!("no scenario named {name} on our L1 (see `scenarios --list`)");
+                }
             }
             let tools = setup::run(&ctx)?;
             let k = kernel::build(&ctx, &tools)?;
