@@ -12,6 +12,7 @@ mod kernel;
 mod ktap;
 mod nested;
 mod overlay;
+mod qemu;
 mod series;
 mod setup;
 mod sh;

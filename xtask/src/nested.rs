@@ -450,14 +450,14 @@ const QEMU_FIRMWARE: [&str; 4] = [
     "kvmvapic.bin",
 ];
 
-/// Puts the QEMU that boots L1 (setup's choice), its libraries and the
-/// firmware it loads into the initramfs under /qemu, for control runs.
+/// Puts Debian's QEMU (setup's choice), its libraries and the firmware it
+/// loads into the initramfs under /qemu, for control runs.
 fn add_qemu(
     ctx: &Ctx,
     i: &mut Initramfs,
     dirs: &mut std::collections::BTreeSet<String>,
 ) -> Result<()> {
-    let q = Qemu::find(&ctx.cache);
+    let q = Qemu::debian(&ctx.cache);
     let bin = if q.bin.is_absolute() {
         q.bin.clone()
     } else {
