@@ -115,7 +115,12 @@ pub fn build(ctx: &Ctx) -> Result<PathBuf> {
         .with_context(|| format!("apt-get source left no .dsc in {}", debs.display()))?;
     let src = d.join("src");
     let _ = std::fs::remove_dir_all(&src);
-    sh::output(Command::new("dpkg-source").arg("-x").arg(&dsc).arg(&src))?;
+    sh::output(
+        Command::new("dpkg-source")
+            .args(["--no-copy", "-x"])
+            .arg(&dsc)
+            .arg(&src),
+    )?;
     for p in &patches {
         println!(
             "setup: qemu: applying {}",
@@ -203,9 +208,11 @@ pub fn build(ctx: &Ctx) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&root);
     std::fs::rename(&partial, &root)?;
     std::fs::write(&stamp_file, stamp(pinned, &patches)?)?;
-    // The tree and the objects are 0.5 GB; only the binary is kept.
-    let _ = std::fs::remove_dir_all(&src);
-    let _ = std::fs::remove_dir_all(&build);
+    // The source package, the tree and the objects are 0.5 GB; only the
+    // binary is kept.
+    for d in [&debs, &src, &build] {
+        let _ = std::fs::remove_dir_all(d);
+    }
     println!(
         "setup: qemu {version} with {} patch(es) built in {}s: {}",
         patches.len(),

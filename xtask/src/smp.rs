@@ -8,8 +8,9 @@
 //! cross-CPU waits. A lost L1 timer interrupt freezes all of L1: the stall
 //! report (boot.rs) ends that L1 boot and names the spin.
 //!
-//! `cargo xtask soak N --scenario smp2,smp4,smp2-qemu,smp4-qemu` runs N
-//! rounds of them in one L1 boot (qemu/README.md has the figures).
+//! `cargo xtask test` runs each once; `cargo xtask soak N --scenario
+//! smp2,smp4,smp2-qemu,smp4-qemu` runs N rounds of them in one L1 boot
+//! (qemu/README.md has the figures).
 
 use crate::e2e::{kv, row, scenario, Row, Scenario};
 use crate::nested::{self, L2Outcome};
