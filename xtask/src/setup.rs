@@ -38,6 +38,7 @@ fn packages(llvm: &str) -> Vec<String> {
         "libglib2.0-dev",
         "libpixman-1-dev",
         "libfdt-dev",
+        "zlib1g-dev",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -96,7 +97,7 @@ pub fn run(ctx: &Ctx) -> Result<Tools> {
     let rust_lib_src = rust_src(ctx, &apt)?;
     let bindgen = bindgen(ctx)?;
     kexec_tools(&ctx.cache)?;
-    crate::qemu::build(ctx)?;
+    let l0 = crate::qemu::build(ctx)?;
     let tools = Tools {
         pristine,
         kver,
@@ -107,12 +108,13 @@ pub fn run(ctx: &Ctx) -> Result<Tools> {
     };
     rust_available(ctx, &tools)?;
     println!(
-        "setup: ok: linux {}, rustc {}, rust-src {}, bindgen {}, LLVM {} (cache {})",
+        "setup: ok: linux {}, rustc {}, rust-src {}, bindgen {}, LLVM {}, L0 QEMU with qemu/patches {} (cache {})",
         tools.kver,
         ctx.pins.rustc,
         ctx.pins.rust_src,
         ctx.pins.bindgen,
         ctx.pins.llvm,
+        l0.join("usr/bin/qemu-system-x86_64").display(),
         ctx.cache.display()
     );
     Ok(tools)
