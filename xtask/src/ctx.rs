@@ -26,6 +26,9 @@ pub struct Pins {
     pub rustc: String,
     pub bindgen: String,
     pub llvm: String,
+    /// Debian suite and version of the QEMU source package (crate::qemu).
+    pub qemu_suite: String,
+    pub qemu_source: String,
 }
 
 impl Ctx {
@@ -70,6 +73,8 @@ impl Pins {
             rustc: get("rustc")?,
             bindgen: get("bindgen")?,
             llvm: get("llvm")?,
+            qemu_suite: get("qemu_suite")?,
+            qemu_source: get("qemu_source")?,
         })
     }
 }

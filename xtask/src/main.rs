@@ -13,10 +13,12 @@ mod kernel;
 mod ktap;
 mod nested;
 mod overlay;
+mod qemu;
 mod selftests;
 mod series;
 mod setup;
 mod sh;
+mod smp;
 mod stock;
 mod test;
 mod uapi;
@@ -93,7 +95,8 @@ enum Cmd {
         /// Number of L2 boots.
         #[arg(default_value_t = 20)]
         n: usize,
-        /// The scenario to repeat.
+        /// The scenario to repeat; several, comma-separated, run in turn
+        /// (N rounds).
         #[arg(long, default_value = "protected")]
         scenario: String,
     },
@@ -231,15 +234,17 @@ fn run(cli: Cli) -> Result<()> {
             bench::run(&ctx, &k, &vmm, runs, &out)
         }
         Cmd::Soak { n, scenario } => {
-            if !e2e::all()
-                .iter()
-                .chain(&e2e::by_name_only())
-                .any(|s| s.name == scenario)
-            {
-                anyhow::bail!("no scenario named {scenario} on our L1 (see `scenarios --list`)");
-            }
-            if scenario == selftests::RUN {
-                anyhow::bail!("{scenario} is no L2 boot to repeat: `cargo xtask scenarios {scenario}` runs it");
+            for name in scenario.split(',') {
+                if !e2e::all()
+                    .iter()
+                    .chain(&e2e::by_name_only())
+                    .any(|s| s.name == name)
+                {
+                    anyhow::bail!("no scenario named {name} on our L1 (see `scenarios --list`)");
+                }
+                if name == selftests::RUN {
+                    anyhow::bail!("{name} is no L2 boot to repeat: `cargo xtask scenarios {name}` runs it");
+                }
             }
             let tools = setup::run(&ctx)?;
             let k = kernel::build(&ctx, &tools)?;

@@ -54,11 +54,21 @@ pub struct L2Run {
     /// Seconds before the VMM stops the guest (`--timeout`).
     pub timeout: u64,
     /// Boot the guest under QEMU/KVM inside L1 instead of our VMM (a
-    /// control: same guest, same L1, another VMM; `vmm_args` unused).
+    /// control: same guest, same L1, another VMM; of `vmm_args` only
+    /// `--cpus N` is used, as `-smp N`).
     pub qemu: bool,
 }
 
 impl L2Run {
+    /// `-smp` of a QEMU run: the `--cpus` of `vmm_args`, else 1.
+    pub fn qemu_cpus(&self) -> u32 {
+        self.vmm_args
+            .windows(2)
+            .find(|w| w[0] == "--cpus")
+            .and_then(|w| w[1].parse().ok())
+            .unwrap_or(1)
+    }
+
     /// Size of the run's disk: the benchmarks (`kpm.bench`, `kpm.pressure`)
     /// use a 64 MiB area from 16 MiB on; everyone else the image as it is.
     pub fn disk_mib(&self) -> Option<u64> {
@@ -262,7 +272,7 @@ pub fn l1_script(runs: &[L2Run], kvm_test: bool) -> String {
                 "echo 'kpm-l1: begin {n}'\n\
                  cp /l2/disk.img /tmp/{n}.img\n\
                  timeout {} /qemu/qemu-system-x86_64 -L /qemu/share -enable-kvm -cpu qemu64 \\\n  \
-                 -m 512M -smp 1 -nodefaults -vga none -display none -monitor none -no-reboot \\\n  \
+                 -m 512M -smp {} -nodefaults -vga none -display none -monitor none -no-reboot \\\n  \
                  -serial stdio -kernel /l2/bzImage -initrd /l2/initrd.cpio -append {} \\\n  \
                  -drive file=/tmp/{n}.img,if=virtio,format=raw </dev/null\n\
                  echo \"kpm-l1: exit {n} $?\"\n\
@@ -270,6 +280,7 @@ pub fn l1_script(runs: &[L2Run], kvm_test: bool) -> String {
                  rm -f /tmp/{n}.img\n\
                  echo 'kpm-l1: end {n}'\n",
                 r.timeout,
+                r.qemu_cpus(),
                 shell_quote(&r.cmdline),
             ));
             continue;
@@ -480,14 +491,14 @@ const QEMU_FIRMWARE: [&str; 4] = [
     "kvmvapic.bin",
 ];
 
-/// Puts the QEMU that boots L1 (setup's choice), its libraries and the
-/// firmware it loads into the initramfs under /qemu, for control runs.
+/// Puts Debian's QEMU (setup's choice), its libraries and the firmware it
+/// loads into the initramfs under /qemu, for control runs.
 fn add_qemu(
     ctx: &Ctx,
     i: &mut Initramfs,
     dirs: &mut std::collections::BTreeSet<String>,
 ) -> Result<()> {
-    let q = Qemu::find(&ctx.cache);
+    let q = Qemu::debian(&ctx.cache);
     let bin = if q.bin.is_absolute() {
         q.bin.clone()
     } else {

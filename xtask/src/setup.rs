@@ -32,6 +32,16 @@ fn packages(llvm: &str) -> Vec<String> {
         // libc.a: mainline's KVM selftests are linked static for L1's
         // busybox initramfs (selftests.rs).
         "libc6-dev",
+        // Building the patched QEMU (crate::qemu) from Debian's source.
+        "dpkg-dev",
+        "pkg-config",
+        "python3",
+        "ninja-build",
+        "meson",
+        "libglib2.0-dev",
+        "libpixman-1-dev",
+        "libfdt-dev",
+        "zlib1g-dev",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -90,6 +100,7 @@ pub fn run(ctx: &Ctx) -> Result<Tools> {
     let rust_lib_src = rust_src(ctx, &apt)?;
     let bindgen = bindgen(ctx)?;
     kexec_tools(&ctx.cache)?;
+    let l0 = crate::qemu::build(ctx)?;
     let tools = Tools {
         pristine,
         kver,
@@ -100,12 +111,13 @@ pub fn run(ctx: &Ctx) -> Result<Tools> {
     };
     rust_available(ctx, &tools)?;
     println!(
-        "setup: ok: linux {}, rustc {}, rust-src {}, bindgen {}, LLVM {} (cache {})",
+        "setup: ok: linux {}, rustc {}, rust-src {}, bindgen {}, LLVM {}, L0 QEMU with qemu/patches {} (cache {})",
         tools.kver,
         ctx.pins.rustc,
         ctx.pins.rust_src,
         ctx.pins.bindgen,
         ctx.pins.llvm,
+        l0.join("usr/bin/qemu-system-x86_64").display(),
         ctx.cache.display()
     );
     Ok(tools)
@@ -233,8 +245,12 @@ const QEMU_DATA: &str = "usr/share/qemu";
 /// Firmware of other packages (seabios, ipxe-qemu) it loads.
 const FIRMWARE_DIRS: [&str; 2] = ["usr/share/seabios", "usr/lib/ipxe"];
 
-/// The QEMU that boots the guests: the system's, or the private copy that
-/// setup unpacked when the system's could not be installed.
+/// Environment variable naming another `qemu-system-x86_64` to boot the
+/// guests with, or `debian` for Debian's unpatched one (the control of
+/// qemu/patches).
+pub const QEMU_ENV: &str = "KVM_PROTMEM_QEMU";
+
+/// A QEMU binary and the firmware directory it is started with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Qemu {
     /// `qemu-system-x86_64`.
@@ -248,8 +264,33 @@ impl Qemu {
         cache.join("qemu")
     }
 
-    /// The private copy under `cache` if setup made one, else the system's.
+    /// The QEMU that boots the guests: the binary [`QEMU_ENV`] names
+    /// (`debian`: Debian's) if set, else the patched build
+    /// (crate::qemu) if setup made it, else Debian's.
     pub fn find(cache: &Path) -> Qemu {
+        let debian = Qemu::debian(cache);
+        let patched = crate::qemu::root(cache).join(QEMU_BIN);
+        match std::env::var_os(QEMU_ENV) {
+            Some(v) if v == "debian" => debian,
+            Some(bin) if !bin.is_empty() => Qemu {
+                bin: bin.into(),
+                data: Some(
+                    debian
+                        .data
+                        .unwrap_or_else(|| Path::new("/").join(QEMU_DATA)),
+                ),
+            },
+            _ if patched.is_file() => Qemu {
+                bin: patched,
+                data: None,
+            },
+            _ => debian,
+        }
+    }
+
+    /// Debian's QEMU: the private copy under `cache` if setup made one,
+    /// else the system's.
+    pub fn debian(cache: &Path) -> Qemu {
         let root = Qemu::private_root(cache);
         if root.join(QEMU_BIN).is_file() {
             Qemu {
@@ -464,30 +505,34 @@ fn check_rustc(ctx: &Ctx) -> Result<()> {
     }
 }
 
-/// An apt state of our own, used only to download from the pinned suite.
-struct PrivateApt {
+/// An apt state of our own, used only to download from a pinned suite.
+pub(crate) struct PrivateApt {
     dir: PathBuf,
     updated: std::cell::Cell<bool>,
 }
 
 impl PrivateApt {
     fn new(ctx: &Ctx) -> Result<Self> {
-        let dir = ctx.cache.join("apt");
-        for d in ["lists/partial", "cache/archives/partial"] {
-            std::fs::create_dir_all(dir.join(d))?;
-        }
         let list = format!(
             "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian {} main\n",
             ctx.pins.suite
         );
+        PrivateApt::at(&ctx.cache.join("apt"), &list)
+    }
+
+    /// The apt state in `dir`, reading the sources `list`.
+    pub(crate) fn at(dir: &Path, list: &str) -> Result<Self> {
+        for d in ["lists/partial", "cache/archives/partial"] {
+            std::fs::create_dir_all(dir.join(d))?;
+        }
         sh::write_if_changed(&dir.join("sources.list"), list.as_bytes())?;
         Ok(PrivateApt {
-            dir,
+            dir: dir.to_path_buf(),
             updated: false.into(),
         })
     }
 
-    fn opts(&self) -> Vec<String> {
+    pub(crate) fn opts(&self) -> Vec<String> {
         let d = self.dir.display();
         vec![
             format!("-oDir::Etc::SourceList={d}/sources.list"),
@@ -513,7 +558,7 @@ impl PrivateApt {
     }
 
     /// Versions of `pkg` the suite offers, newest first.
-    fn versions(&self, pkg: &str) -> Result<Vec<String>> {
+    pub(crate) fn versions(&self, pkg: &str) -> Result<Vec<String>> {
         self.update()?;
         let out = sh::output(
             Command::new("apt-cache")
@@ -727,18 +772,29 @@ mod tests {
     }
 
     #[test]
-    fn qemu_is_the_systems_unless_a_private_copy_exists() {
+    fn debian_qemu_is_the_systems_unless_a_private_copy_exists() {
         let cache = std::env::temp_dir().join(format!("xtask-qemu-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&cache);
-        assert_eq!(Qemu::find(&cache).bin, PathBuf::from("qemu-system-x86_64"));
+        assert_eq!(
+            Qemu::debian(&cache).bin,
+            PathBuf::from("qemu-system-x86_64")
+        );
         let bin = Qemu::private_root(&cache).join(QEMU_BIN);
         std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
         std::fs::write(&bin, b"").unwrap();
-        let q = Qemu::find(&cache);
+        let q = Qemu::debian(&cache);
         let args: Vec<_> = q.command().get_args().map(|a| a.to_owned()).collect();
         assert_eq!(q.bin, bin);
         assert_eq!(args[0], "-L");
         assert!(args[1].to_string_lossy().ends_with("qemu/usr/share/qemu"));
+        // The patched build, once made, boots the guests.
+        let patched = crate::qemu::root(&cache).join(QEMU_BIN);
+        if std::env::var_os(QEMU_ENV).is_none() {
+            assert_eq!(Qemu::find(&cache), q);
+            std::fs::create_dir_all(patched.parent().unwrap()).unwrap();
+            std::fs::write(&patched, b"").unwrap();
+            assert_eq!(Qemu::find(&cache).bin, patched);
+        }
         std::fs::remove_dir_all(&cache).unwrap();
     }
 
