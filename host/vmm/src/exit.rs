@@ -25,13 +25,13 @@ use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockW
 use serde::Serialize;
 use vm_superio::Trigger;
 
+use crate::devices::probe::{Probe, PROBE_BASE, PROBE_SIZE};
+use crate::devices::serial::{PanicState, SerialPort, COM1_BASE, COM1_LEN};
+use crate::devices::virtio::blk::Block;
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::{slot_addr, MmioTransport, MMIO_SIZE};
 use crate::hypercalls::HypercallHandler;
-use crate::probe::{Probe, PROBE_BASE, PROBE_SIZE};
 use crate::protection::{Protection, ProtectionError};
-use crate::serial::{PanicState, SerialPort, COM1_BASE, COM1_LEN};
-use crate::virtio::blk::Block;
-use crate::virtio::rng::Rng;
-use crate::virtio::{slot_addr, MmioTransport, MMIO_SIZE};
 
 /// i8042 data port.
 const I8042_DATA: u16 = 0x60;
@@ -629,10 +629,10 @@ impl<T: Trigger + Clone, W: Write> Machine<T, W> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::devices::probe::{REG_ALLOWED, REG_MAGIC};
+    use crate::devices::serial::tests::CountingIrq;
+    use crate::devices::virtio::tests::r;
     use crate::hypercalls::{FailKnobs, KVM_HC_MAP_GPA_RANGE};
-    use crate::probe::{REG_ALLOWED, REG_MAGIC};
-    use crate::serial::tests::CountingIrq;
-    use crate::virtio::tests::r;
     use hypercall::{KVM_ENOSYS, KVM_EPERM, KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE};
     use std::io::Cursor;
     use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_MAGIC_VALUE};
@@ -846,7 +846,7 @@ pub(crate) mod tests {
             addr: PROBE_BASE + REG_MAGIC,
             data: &mut v,
         });
-        assert_eq!(u64::from_le_bytes(v) as u32, crate::probe::MAGIC);
+        assert_eq!(u64::from_le_bytes(v) as u32, crate::devices::probe::MAGIC);
         let mut none = [0xffu8; 4];
         m.handle_exit(Exit::MmioRead {
             addr: 0xd000_5000,
@@ -946,7 +946,7 @@ pub(crate) mod tests {
 
     #[test]
     fn reset_puts_devices_and_protection_back_to_power_on() {
-        use crate::virtio::tests::{activate, Rings};
+        use crate::devices::virtio::tests::{activate, Rings};
         use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_STATUS};
         let m = machine(true);
         *locked(&m.boots) = Boots::new(1);

@@ -8,7 +8,7 @@
 //! and raises the interrupt through the device's irqfd.
 //!
 //! Guest memory is reached through the protection lock, one descriptor
-//! chain at a time ([`crate::virtio::MemoryGuard`]). That defines what
+//! chain at a time ([`crate::devices::virtio::MemoryGuard`]). That defines what
 //! happens when the guest UNSHAREs a buffer while a request that touches it
 //! is in flight: the UNSHARE (which takes the lock for writing) waits until
 //! the chain being processed is done, and every access after it sees the

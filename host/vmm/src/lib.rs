@@ -15,6 +15,7 @@
 pub mod boot;
 pub mod cli;
 pub mod cpuid;
+pub mod devices;
 pub mod diag;
 pub mod exit;
 pub mod gmem;
@@ -24,10 +25,7 @@ pub mod hypercalls;
 pub mod iothread;
 pub mod kick;
 pub mod mptable;
-pub mod probe;
 pub mod protection;
 pub mod ram;
-pub mod serial;
 pub mod stats;
-pub mod virtio;
 pub mod vmm;

@@ -48,12 +48,12 @@ use serde::Serialize;
 use vm_superio::Trigger;
 
 use crate::cli::{BlkIo, ProtectMode};
+use crate::devices::virtio::blk::BlockStats;
+use crate::devices::virtio::rng::RngStats;
+use crate::devices::virtio::TransportStats;
 use crate::exit::{locked, ExitCounts, Machine, ResetRecord, StopReason};
 use crate::gmem::GmemStats;
 use crate::hypercalls::{EnableRecord, ResultCounts};
-use crate::virtio::blk::BlockStats;
-use crate::virtio::rng::RngStats;
-use crate::virtio::TransportStats;
 
 /// Errors writing the stats file.
 #[derive(Debug, thiserror::Error)]
@@ -289,9 +289,9 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::serial::tests::CountingIrq;
     use crate::exit::tests::machine;
     use crate::exit::{Action, Boots, Exit};
-    use crate::serial::tests::CountingIrq;
     use hypercall::{KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE};
     use serde_json::json;
 

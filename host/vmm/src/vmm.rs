@@ -50,6 +50,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::boot::{self, BootError};
 use crate::cli::{BlkIo, Cli, ProtectMode};
 use crate::cpuid::{self, CpuidConfig};
+use crate::devices::serial::{SerialPort, COM1_IRQ};
+use crate::devices::virtio::blk::{Block, BlockError};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::rng::{RngError, URANDOM};
+use crate::devices::virtio::{slot_addr, slot_irq, MmioTransport};
 use crate::diag;
 use crate::exit::{
     locked, Action, Boots, EntropySource, Exit, Machine, StopReason, BLK_SLOT, RNG_SLOT,
@@ -63,12 +68,7 @@ use crate::kick::{self, KickError, VcpuThreads};
 use crate::mptable::{self, MptableError};
 use crate::protection::{Protection, ProtectionError};
 use crate::ram::{self, GuestRam, RamError};
-use crate::serial::{SerialPort, COM1_IRQ};
 use crate::stats::Stats;
-use crate::virtio::blk::{Block, BlockError};
-use crate::virtio::rng::Rng;
-use crate::virtio::rng::{RngError, URANDOM};
-use crate::virtio::{slot_addr, slot_irq, MmioTransport};
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
 
 /// Three pages below 4 GiB that KVM needs for the TSS on Intel (harmless on
@@ -834,7 +834,7 @@ fn wait_for_end(
 
 /// The hang-report line of a virtio device, unless its lock or the
 /// protection lock stays taken for [`REPORT_LOCK_WAIT`].
-fn device_line<D: crate::virtio::VirtioDevice>(
+fn device_line<D: crate::devices::virtio::VirtioDevice>(
     dev: &std::sync::Mutex<MmioTransport<D, IrqEvent>>,
     prot: &std::sync::RwLock<Protection>,
 ) -> Option<String> {

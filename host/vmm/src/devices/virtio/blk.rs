@@ -266,11 +266,11 @@ pub fn header_bytes(kind: u32, sector: u64) -> [u8; HEADER_SIZE as usize] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::serial::tests::CountingIrq;
+    use crate::devices::virtio::tests::{activate, kick, Rings};
+    use crate::devices::virtio::MmioTransport;
     use crate::protection::{Access, Protection};
     use crate::ram::GuestRam;
-    use crate::serial::tests::CountingIrq;
-    use crate::virtio::tests::{activate, kick, Rings};
-    use crate::virtio::MmioTransport;
     use hypercall::GpaRange;
     use proptest::prelude::*;
     use std::io::{Read, Seek, SeekFrom, Write};

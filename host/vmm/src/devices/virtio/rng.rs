@@ -109,11 +109,11 @@ impl<R: Read> VirtioDevice for Rng<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::serial::tests::CountingIrq;
+    use crate::devices::virtio::tests::{activate, kick, Rings};
+    use crate::devices::virtio::MmioTransport;
     use crate::protection::Protection;
     use crate::ram::GuestRam;
-    use crate::serial::tests::CountingIrq;
-    use crate::virtio::tests::{activate, kick, Rings};
-    use crate::virtio::MmioTransport;
     use hypercall::GpaRange;
     use std::io::Cursor;
     use vm_memory::GuestAddress;

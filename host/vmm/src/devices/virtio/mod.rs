@@ -499,7 +499,7 @@ pub(crate) mod tests {
     //! programs a transport the way Linux's virtio_mmio does.
 
     use super::*;
-    use crate::serial::tests::CountingIrq;
+    use crate::devices::serial::tests::CountingIrq;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use vm_memory::{Bytes, GuestMemoryBackend};
 
