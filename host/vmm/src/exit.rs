@@ -18,18 +18,15 @@
 //! every vCPU, calls [`Machine::settle`] and [`Machine::reset`], and boots
 //! again.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::Serialize;
 use vm_superio::Trigger;
 
-use crate::devices::probe::{Probe, PROBE_BASE, PROBE_SIZE};
+use crate::devices::bus::MmioBus;
 use crate::devices::serial::{PanicState, SerialPort, COM1_BASE, COM1_LEN};
-use crate::devices::virtio::blk::Block;
-use crate::devices::virtio::rng::Rng;
-use crate::devices::virtio::{slot_addr, MmioTransport, MMIO_SIZE};
 use crate::hypercalls::HypercallHandler;
 use crate::protection::{Protection, ProtectionError};
 
@@ -45,10 +42,6 @@ const CMOS_DATA: u16 = 0x71;
 /// `KVM_SYSTEM_EVENT_SHUTDOWN` / `KVM_SYSTEM_EVENT_RESET`.
 const SYSTEM_EVENT_SHUTDOWN: u32 = kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN;
 const SYSTEM_EVENT_RESET: u32 = kvm_bindings::KVM_SYSTEM_EVENT_RESET;
-/// virtio-mmio slot of the block device.
-pub const BLK_SLOT: u32 = 0;
-/// virtio-mmio slot of the entropy device.
-pub const RNG_SLOT: u32 = 1;
 
 /// One vCPU exit, as the dispatcher sees it.
 #[derive(Debug)]
@@ -280,35 +273,29 @@ impl ExitCounters {
     }
 }
 
-/// Entropy source type of the rng device.
-pub type EntropySource = Box<dyn Read + Send>;
-
 /// Locks `m`; a thread that panicked while holding it does not stop the
 /// others (device state stays consistent per register access).
-pub fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub fn locked<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// All device state of the VM, raising interrupts through `T` and writing
-/// the console to `W`, shared by the vCPU threads and the block I/O thread.
+/// the console to `W`, shared by the vCPU threads and the device event
+/// loop.
 ///
 /// Each device has its own lock, so exits to different devices run in
 /// parallel. Lock order, outermost first: `boots`, `hypercalls`, then a
-/// device (`serial`, `blk`, `rng`, `probe`), then `prot`. Device
+/// device (`serial`, one device of the bus), then `prot`. Device
 /// emulation holds `prot` for reading while it touches guest memory;
 /// ENABLE, SHARE and UNSHARE hold it for writing, so a conversion waits
 /// for the accesses in flight and no access starts until it is done.
 pub struct Machine<T: Trigger, W: Write> {
     /// COM1.
     pub serial: Mutex<SerialPort<T, W>>,
-    /// virtio-blk in slot 0.
-    pub blk: Option<Mutex<MmioTransport<Block, T>>>,
-    /// virtio-rng in slot 1.
-    pub rng: Option<Mutex<MmioTransport<Rng<EntropySource>, T>>>,
-    /// The probe device.
-    pub probe: Mutex<Probe>,
-    /// The checked device view of RAM.
-    pub prot: RwLock<Protection>,
+    /// The MMIO devices (virtio transports, the probe).
+    pub bus: MmioBus,
+    /// The checked device view of RAM; devices hold clones of the handle.
+    pub prot: Arc<RwLock<Protection>>,
     /// Protected-memory hypercalls.
     pub hypercalls: Mutex<HypercallHandler>,
     /// Exit counters.
@@ -317,26 +304,20 @@ pub struct Machine<T: Trigger, W: Write> {
     pub boots: Mutex<Boots>,
 }
 
-fn in_window(addr: u64, base: u64, size: u64) -> Option<u64> {
-    addr.checked_sub(base).filter(|off| *off < size)
-}
-
 impl<T: Trigger, W: Write> Machine<T, W> {
-    /// Builds the machine from its parts, every lock free.
+    /// Builds the machine from its parts, every lock free. `prot` is the
+    /// handle the devices of `bus` were given.
     pub fn new(
         serial: SerialPort<T, W>,
-        blk: Option<MmioTransport<Block, T>>,
-        rng: Option<MmioTransport<Rng<EntropySource>, T>>,
-        prot: Protection,
+        bus: MmioBus,
+        prot: Arc<RwLock<Protection>>,
         hypercalls: HypercallHandler,
         boots: Boots,
     ) -> Self {
         Machine {
             serial: Mutex::new(serial),
-            blk: blk.map(Mutex::new),
-            rng: rng.map(Mutex::new),
-            probe: Mutex::default(),
-            prot: RwLock::new(prot),
+            bus,
+            prot,
             hypercalls: Mutex::new(hypercalls),
             exits: ExitCounters::default(),
             boots: Mutex::new(boots),
@@ -531,46 +512,20 @@ impl<T: Trigger, W: Write> Machine<T, W> {
     }
 
     fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        if let (Some(off), Some(blk)) = (
-            in_window(addr, slot_addr(BLK_SLOT.into()), MMIO_SIZE),
-            self.blk.as_ref(),
-        ) {
-            return locked(blk).read(off, data);
+        if !self.bus.read(addr, data) {
+            bump(&self.exits.mmio_unhandled);
+            data.fill(0);
         }
-        if let (Some(off), Some(rng)) = (
-            in_window(addr, slot_addr(RNG_SLOT.into()), MMIO_SIZE),
-            self.rng.as_ref(),
-        ) {
-            return locked(rng).read(off, data);
-        }
-        if let Some(off) = in_window(addr, PROBE_BASE, PROBE_SIZE) {
-            return locked(&self.probe).read(off, data, &self.prot());
-        }
-        bump(&self.exits.mmio_unhandled);
-        data.fill(0);
     }
 
     fn mmio_write(&self, addr: u64, data: &[u8]) -> Action {
-        let res = if let (Some(off), Some(blk)) = (
-            in_window(addr, slot_addr(BLK_SLOT.into()), MMIO_SIZE),
-            self.blk.as_ref(),
-        ) {
-            locked(blk).write(off, data, &self.prot)
-        } else if let (Some(off), Some(rng)) = (
-            in_window(addr, slot_addr(RNG_SLOT.into()), MMIO_SIZE),
-            self.rng.as_ref(),
-        ) {
-            locked(rng).write(off, data, &self.prot)
-        } else if let Some(off) = in_window(addr, PROBE_BASE, PROBE_SIZE) {
-            locked(&self.probe).write(off, data);
-            Ok(())
-        } else {
-            bump(&self.exits.mmio_unhandled);
-            Ok(())
-        };
-        match res {
-            Ok(()) => Action::Continue,
-            Err(e) => Action::Stop(StopReason::Error(e.to_string())),
+        match self.bus.write(addr, data) {
+            None => {
+                bump(&self.exits.mmio_unhandled);
+                Action::Continue
+            }
+            Some(Ok(())) => Action::Continue,
+            Some(Err(e)) => Action::Stop(StopReason::Error(e.to_string())),
         }
     }
 }
@@ -602,55 +557,82 @@ impl<T: Trigger + Clone, W: Write> Machine<T, W> {
         boots.current += 1;
         boots.reboots_left = boots.reboots_left.saturating_sub(1);
         locked(&self.serial).reset();
-        if let Some(blk) = self.blk.as_ref() {
-            locked(blk).reset();
-        }
-        if let Some(rng) = self.rng.as_ref() {
-            locked(rng).reset();
-        }
-        *locked(&self.probe) = Probe::default();
+        self.bus.reset();
         hypercalls.start_boot(boots.current);
         self.prot_mut().reset()
     }
 
     /// Stops device activity on guest memory before a reboot clears RAM:
     /// the virtio transports go back to reset, so a notification still
-    /// pending for the I/O thread finds no queue to process.
+    /// pending for the event loop finds no queue to process.
     pub fn quiesce(&self) {
-        if let Some(blk) = self.blk.as_ref() {
-            locked(blk).reset();
-        }
-        if let Some(rng) = self.rng.as_ref() {
-            locked(rng).reset();
-        }
+        self.bus.quiesce();
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::devices::probe::{REG_ALLOWED, REG_MAGIC};
+    use crate::devices::probe::{ProbeDevice, PROBE_BASE, PROBE_SIZE, REG_ALLOWED, REG_MAGIC};
     use crate::devices::serial::tests::CountingIrq;
+    use crate::devices::virtio::blk::Block;
+    use crate::devices::virtio::rng::{EntropySource, Rng};
     use crate::devices::virtio::tests::r;
+    use crate::devices::virtio::{slot_addr, MmioTransport, MMIO_SIZE};
     use crate::hypercalls::{FailKnobs, KVM_HC_MAP_GPA_RANGE};
     use hypercall::{KVM_ENOSYS, KVM_EPERM, KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE};
     use std::io::Cursor;
     use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_MAGIC_VALUE};
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-    pub(crate) fn machine(with_devices: bool) -> Machine<CountingIrq, Vec<u8>> {
+    type Prot = Arc<RwLock<Protection>>;
+    pub(crate) type TestMachine = Machine<CountingIrq, Vec<u8>>;
+    pub(crate) type BlkT = Arc<Mutex<MmioTransport<Block, CountingIrq, Prot>>>;
+    pub(crate) type RngT = Arc<Mutex<MmioTransport<Rng<EntropySource>, CountingIrq, Prot>>>;
+
+    /// A machine with 1 MiB of RAM and, `with_devices`, virtio-blk (an
+    /// empty disk) in slot 0, virtio-rng in slot 1 and the probe, as the
+    /// VMM registers them; the transports, for tests to drive directly.
+    pub(crate) fn machine_with(with_devices: bool) -> (TestMachine, Option<(BlkT, RngT)>) {
         let view = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let file = std::fs::File::open("/dev/null").unwrap();
-        let source: EntropySource = Box::new(Cursor::new(vec![7u8; 64]));
-        Machine::new(
+        let prot = Arc::new(RwLock::new(Protection::new(view)));
+        let mut bus = MmioBus::new();
+        let devices = with_devices.then(|| {
+            let file = std::fs::File::open("/dev/null").unwrap();
+            let source: EntropySource = Box::new(Cursor::new(vec![7u8; 64]));
+            let irq = CountingIrq::default;
+            let blk = Arc::new(Mutex::new(MmioTransport::new(
+                Block::from_file(file, 0),
+                irq(),
+                prot.clone(),
+            )));
+            let rng = Arc::new(Mutex::new(MmioTransport::new(
+                Rng::new(source),
+                irq(),
+                prot.clone(),
+            )));
+            bus.insert(slot_addr(0), MMIO_SIZE, blk.clone()).unwrap();
+            bus.insert(slot_addr(1), MMIO_SIZE, rng.clone()).unwrap();
+            bus.insert(
+                PROBE_BASE,
+                PROBE_SIZE,
+                Arc::new(Mutex::new(ProbeDevice::new(prot.clone()))),
+            )
+            .unwrap();
+            (blk, rng)
+        });
+        let m = Machine::new(
             SerialPort::new(CountingIrq::default(), Vec::new()),
-            with_devices
-                .then(|| MmioTransport::new(Block::from_file(file, 0), CountingIrq::default())),
-            with_devices.then(|| MmioTransport::new(Rng::new(source), CountingIrq::default())),
-            Protection::new(view),
+            bus,
+            prot,
             HypercallHandler::new(FailKnobs::default()),
             Boots::new(0),
-        )
+        );
+        (m, devices)
+    }
+
+    pub(crate) fn machine(with_devices: bool) -> Machine<CountingIrq, Vec<u8>> {
+        machine_with(with_devices).0
     }
 
     fn out(m: &Machine<CountingIrq, Vec<u8>>, port: u16, s: &[u8]) -> Action {
@@ -815,17 +797,15 @@ pub(crate) mod tests {
 
     #[test]
     fn mmio_routes_to_devices_and_probe() {
-        let m = machine(true);
+        let (m, devices) = machine_with(true);
+        let (blk, _) = devices.unwrap();
         let mut magic = [0u8; 4];
         m.handle_exit(Exit::MmioRead {
             addr: 0xd000_0000 + u64::from(VIRTIO_MMIO_MAGIC_VALUE),
             data: &mut magic,
         });
         assert_eq!(&magic, b"virt");
-        assert_eq!(
-            r(&mut locked(m.blk.as_ref().unwrap()), VIRTIO_MMIO_DEVICE_ID),
-            2
-        );
+        assert_eq!(r(&mut locked(&blk), VIRTIO_MMIO_DEVICE_ID), 2);
         let mut id = [0u8; 4];
         m.handle_exit(Exit::MmioRead {
             addr: 0xd000_1000 + u64::from(VIRTIO_MMIO_DEVICE_ID),
@@ -948,19 +928,11 @@ pub(crate) mod tests {
     fn reset_puts_devices_and_protection_back_to_power_on() {
         use crate::devices::virtio::tests::{activate, Rings};
         use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_STATUS};
-        let m = machine(true);
+        let (m, devices) = machine_with(true);
+        let (blk, rng) = devices.unwrap();
         *locked(&m.boots) = Boots::new(1);
-        let guest = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        activate(
-            &mut locked(m.blk.as_ref().unwrap()),
-            &guest,
-            &Rings::new(0x1000, 16),
-        );
-        activate(
-            &mut locked(m.rng.as_ref().unwrap()),
-            &guest,
-            &Rings::new(0x4000, 16),
-        );
+        activate(&mut locked(&blk), &Rings::new(0x1000, 16));
+        activate(&mut locked(&rng), &Rings::new(0x4000, 16));
         out(&m, 0x3f9, &[0x02]); // IER
         m.handle_exit(Exit::MmioWrite {
             addr: PROBE_BASE,
@@ -971,12 +943,9 @@ pub(crate) mod tests {
         let exits = m.exits.snapshot();
 
         m.reset(&StopReason::Shutdown).unwrap();
-        let blk_status = r(&mut locked(m.blk.as_ref().unwrap()), VIRTIO_MMIO_STATUS);
-        let rng_status = r(&mut locked(m.rng.as_ref().unwrap()), VIRTIO_MMIO_STATUS);
-        let blk_ready = r(
-            &mut locked(m.blk.as_ref().unwrap()),
-            VIRTIO_MMIO_QUEUE_READY,
-        );
+        let blk_status = r(&mut locked(&blk), VIRTIO_MMIO_STATUS);
+        let rng_status = r(&mut locked(&rng), VIRTIO_MMIO_STATUS);
+        let blk_ready = r(&mut locked(&blk), VIRTIO_MMIO_QUEUE_READY);
         assert_eq!([blk_status, rng_status, blk_ready], [0; 3]);
         let mut ier = [0xffu8];
         m.handle_exit(Exit::IoIn {

@@ -22,7 +22,6 @@ pub mod gmem;
 pub mod gmem_kvm;
 pub mod hostile;
 pub mod hypercalls;
-pub mod iothread;
 pub mod kick;
 pub mod mptable;
 pub mod protection;
