@@ -18,7 +18,6 @@
 //! every vCPU, calls [`Machine::settle`] and [`Machine::reset`], and boots
 //! again.
 
-use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -26,7 +25,7 @@ use serde::Serialize;
 use vm_superio::Trigger;
 
 use crate::devices::bus::MmioBus;
-use crate::devices::serial::{PanicState, SerialPort, COM1_BASE, COM1_LEN};
+use crate::devices::serial::{PanicState, PanicWatch, SerialPort, COM1_BASE, COM1_LEN};
 use crate::hypercalls::HypercallHandler;
 use crate::protection::{Protection, ProtectionError};
 
@@ -279,9 +278,8 @@ pub fn locked<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// All device state of the VM, raising interrupts through `T` and writing
-/// the console to `W`, shared by the vCPU threads and the device event
-/// loop.
+/// All device state of the VM, raising interrupts through `T`, shared by
+/// the vCPU threads and the device event loop.
 ///
 /// Each device has its own lock, so exits to different devices run in
 /// parallel. Lock order, outermost first: `boots`, `hypercalls`, then a
@@ -289,9 +287,11 @@ pub fn locked<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// emulation holds `prot` for reading while it touches guest memory;
 /// ENABLE, SHARE and UNSHARE hold it for writing, so a conversion waits
 /// for the accesses in flight and no access starts until it is done.
-pub struct Machine<T: Trigger, W: Write> {
+pub struct Machine<T: Trigger> {
     /// COM1.
-    pub serial: Mutex<SerialPort<T, W>>,
+    pub serial: Mutex<SerialPort<T>>,
+    /// The console's panic state, read without the serial lock.
+    panic: PanicWatch,
     /// The MMIO devices (virtio transports, the probe).
     pub bus: MmioBus,
     /// The checked device view of RAM; devices hold clones of the handle.
@@ -304,17 +304,18 @@ pub struct Machine<T: Trigger, W: Write> {
     pub boots: Mutex<Boots>,
 }
 
-impl<T: Trigger, W: Write> Machine<T, W> {
+impl<T: Trigger> Machine<T> {
     /// Builds the machine from its parts, every lock free. `prot` is the
     /// handle the devices of `bus` were given.
     pub fn new(
-        serial: SerialPort<T, W>,
+        serial: SerialPort<T>,
         bus: MmioBus,
         prot: Arc<RwLock<Protection>>,
         hypercalls: HypercallHandler,
         boots: Boots,
     ) -> Self {
         Machine {
+            panic: serial.console().panic_watch(),
             serial: Mutex::new(serial),
             bus,
             prot,
@@ -471,7 +472,7 @@ impl<T: Trigger, W: Write> Machine<T, W> {
 
     /// Whether the console saw a kernel panic.
     pub fn panicking(&self) -> bool {
-        locked(&self.serial).console().panic_state() != PanicState::None
+        self.panic.state() != PanicState::None
     }
 
     /// One element of an `in`.
@@ -530,7 +531,7 @@ impl<T: Trigger, W: Write> Machine<T, W> {
     }
 }
 
-impl<T: Trigger + Clone, W: Write> Machine<T, W> {
+impl<T: Trigger + Clone> Machine<T> {
     /// Machine reset for a reboot after `reason`: records the boot that
     /// ended, counts the reboot, and puts every device back to its power-on
     /// state: UART registers, virtio transports (status 0, queues
@@ -574,7 +575,7 @@ impl<T: Trigger + Clone, W: Write> Machine<T, W> {
 pub(crate) mod tests {
     use super::*;
     use crate::devices::probe::{ProbeDevice, PROBE_BASE, PROBE_SIZE, REG_ALLOWED, REG_MAGIC};
-    use crate::devices::serial::tests::CountingIrq;
+    use crate::devices::serial::tests::{Captured, CountingIrq};
     use crate::devices::virtio::blk::Block;
     use crate::devices::virtio::rng::{EntropySource, Rng};
     use crate::devices::virtio::tests::r;
@@ -586,7 +587,7 @@ pub(crate) mod tests {
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     type Prot = Arc<RwLock<Protection>>;
-    pub(crate) type TestMachine = Machine<CountingIrq, Vec<u8>>;
+    pub(crate) type TestMachine = Machine<CountingIrq>;
     pub(crate) type BlkT = Arc<Mutex<MmioTransport<Block, CountingIrq, Prot>>>;
     pub(crate) type RngT = Arc<Mutex<MmioTransport<Rng<EntropySource>, CountingIrq, Prot>>>;
 
@@ -621,21 +622,35 @@ pub(crate) mod tests {
             .unwrap();
             (blk, rng)
         });
+        let (sink, out) = Captured::sink();
         let m = Machine::new(
-            SerialPort::new(CountingIrq::default(), Vec::new()),
+            SerialPort::new(CountingIrq::default(), sink),
             bus,
             prot,
             HypercallHandler::new(FailKnobs::default()),
             Boots::new(0),
         );
+        OUTPUT.with(|o| *o.borrow_mut() = Some(out));
         (m, devices)
     }
 
-    pub(crate) fn machine(with_devices: bool) -> Machine<CountingIrq, Vec<u8>> {
+    thread_local! {
+        /// The console output of the last machine this test thread built.
+        static OUTPUT: std::cell::RefCell<Option<Captured>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// What the console of `m` (the last machine built on this thread) wrote.
+    pub(crate) fn console_output(m: &TestMachine) -> Vec<u8> {
+        let out = OUTPUT.with(|o| o.borrow().clone()).unwrap();
+        out.after(locked(&m.serial).console().sink())
+    }
+
+    pub(crate) fn machine(with_devices: bool) -> TestMachine {
         machine_with(with_devices).0
     }
 
-    fn out(m: &Machine<CountingIrq, Vec<u8>>, port: u16, s: &[u8]) -> Action {
+    fn out(m: &Machine<CountingIrq>, port: u16, s: &[u8]) -> Action {
         let mut last = Action::Continue;
         for b in s {
             last = m.handle_exit(Exit::IoOut {
@@ -647,7 +662,7 @@ pub(crate) mod tests {
         last
     }
 
-    fn hypercall(m: &Machine<CountingIrq, Vec<u8>>, nr: u64, a: [u64; 3]) -> u64 {
+    fn hypercall(m: &Machine<CountingIrq>, nr: u64, a: [u64; 3]) -> u64 {
         let mut ret = 0xdead;
         let args = [a[0], a[1], a[2], 0, 0, 0];
         assert_eq!(
@@ -666,7 +681,7 @@ pub(crate) mod tests {
     fn console_output_and_reset() {
         let m = machine(false);
         assert_eq!(out(&m, 0x3f8, b"hello\n"), Action::Continue);
-        assert_eq!(locked(&m.serial).console().output().as_slice(), b"hello\n");
+        assert_eq!(console_output(&m), b"hello\n");
         assert_eq!(m.exits.snapshot().io_out, 6);
         let mut status = [0xaau8];
         m.handle_exit(Exit::IoIn {
@@ -696,6 +711,35 @@ pub(crate) mod tests {
         assert_eq!(StopReason::Reset.exit_code(), 0);
     }
 
+    /// A console whose stdout nobody reads: the vCPU's exits to COM1
+    /// return at once and the panic is seen without the serial lock.
+    #[test]
+    fn a_stalled_console_blocks_no_vcpu() {
+        use crate::devices::serial::tests::Stalled;
+        use crate::devices::serial::ConsoleSink;
+        let (_release, stalled) = std::sync::mpsc::channel();
+        let sink = ConsoleSink::with_capacity(Stalled(stalled, Captured::default()), 4096).unwrap();
+        let m = Machine::new(
+            SerialPort::new(CountingIrq::default(), sink.clone()),
+            MmioBus::new(),
+            machine(false).prot.clone(),
+            HypercallHandler::new(FailKnobs::default()),
+            Boots::new(0),
+        );
+        let start = std::time::Instant::now();
+        for _ in 0..200 {
+            assert_eq!(out(&m, 0x3f8, &[b'z'; 80]), Action::Continue);
+            out(&m, 0x3f8, b"\n");
+        }
+        out(&m, 0x3f8, b"Kernel panic - not syncing: stalled stdout\n");
+        assert!(m.panicking());
+        let a = out(&m, 0x3f8, b"---[ end Kernel panic - not syncing: x ]---\n");
+        assert_eq!(a, Action::Stop(StopReason::Panic));
+        assert!(!sink.flush(std::time::Duration::from_millis(50)));
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        assert!(sink.dropped() > 0);
+    }
+
     #[test]
     fn rep_port_io_handles_every_element() {
         let m = machine(false);
@@ -706,7 +750,7 @@ pub(crate) mod tests {
             data: b"rep\n",
         });
         assert_eq!(a, Action::Continue);
-        assert_eq!(locked(&m.serial).console().output().as_slice(), b"rep\n");
+        assert_eq!(console_output(&m), b"rep\n");
         // `rep insw` from an unknown port: every element all-ones.
         let mut words = [0u8; 8];
         m.handle_exit(Exit::IoIn {

@@ -28,7 +28,7 @@
 //!              "rng": {"transport": {...}, "requests": {...}}},
 //!   "exits": {"io_in": 0, "io_out": 0, "mmio_read": 0, "mmio_write": 0,
 //!             "hypercall": 0, "mmio_unhandled": 0},
-//!   "console_bytes": 0
+//!   "console_bytes": 0, "console_dropped": 0
 //! }
 //! ```
 //!
@@ -149,6 +149,9 @@ pub struct Stats {
     pub exits: ExitCounts,
     /// Bytes the guest wrote to the console.
     pub console_bytes: u64,
+    /// Console bytes dropped because the output did not keep up (a
+    /// stalled stdout).
+    pub console_dropped: u64,
     /// `--hostile`: every attempt of the compromised VMM, in order.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hostile: Option<Vec<crate::hostile::Attempt>>,
@@ -171,15 +174,18 @@ impl Stats {
     }
 
     /// Collects the counters of `m` after it stopped for `reason`.
-    pub fn collect<T: Trigger, W: Write>(
-        m: &Machine<T, W>,
+    pub fn collect<T: Trigger>(
+        m: &Machine<T>,
         reason: &StopReason,
         protect: Option<ProtectMode>,
         blk_io: Option<BlkIo>,
     ) -> Self {
         let (boots, hypercalls) = (locked(&m.boots), locked(&m.hypercalls));
         let virtio = m.bus.stats().into_iter().collect();
-        let console_bytes = locked(&m.serial).console().bytes();
+        let (console_bytes, console_dropped) = {
+            let s = locked(&m.serial);
+            (s.console().bytes(), s.console().sink().dropped())
+        };
         let prot = m.prot();
         let a = prot.stats();
         Stats {
@@ -210,6 +216,7 @@ impl Stats {
             virtio,
             exits: m.exits.snapshot(),
             console_bytes,
+            console_dropped,
             gmem: prot.gmem_stats(),
             blk_io: blk_io.map(BlkIo::name),
             ..Self::stopped(reason, protect)
@@ -259,7 +266,6 @@ impl Stats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::serial::tests::CountingIrq;
     use crate::exit::tests::machine;
     use crate::exit::{Action, Boots, Exit};
     use hypercall::{KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE};
@@ -317,7 +323,7 @@ mod tests {
         assert!(err.to_string().contains("/nonexistent/dir/stats.json"));
     }
 
-    type TestMachine = Machine<CountingIrq, Vec<u8>>;
+    type TestMachine = crate::exit::tests::TestMachine;
 
     fn hypercall(m: &TestMachine, nr: u64, gpa: u64, npages: u64) {
         let mut ret = 0;

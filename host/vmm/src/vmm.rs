@@ -53,7 +53,7 @@ use crate::cpuid::{self, CpuidConfig};
 use crate::devices::bus::{BusError, MmioBus};
 use crate::devices::event_loop::{EventLoop, EventLoopError};
 use crate::devices::probe::{ProbeDevice, PROBE_BASE, PROBE_SIZE};
-use crate::devices::serial::{SerialPort, COM1_IRQ};
+use crate::devices::serial::{ConsoleSink, SerialPort, COM1_IRQ};
 use crate::devices::virtio::blk::{Block, BlockError};
 use crate::devices::virtio::rng::{EntropySource, Rng, RngError, URANDOM};
 use crate::devices::virtio::{
@@ -78,6 +78,8 @@ const TSS_ADDRESS: usize = 0xfffb_d000;
 const PANIC_GRACE: Duration = Duration::from_secs(5);
 /// How often the main thread checks the timeout and panic grace.
 const TICK: Duration = Duration::from_millis(100);
+/// How long the exit waits for the console's writer to catch up.
+const CONSOLE_FLUSH_WAIT: Duration = Duration::from_secs(2);
 /// How long the vCPU threads of a rebooting VM may take to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -118,6 +120,9 @@ pub enum VmmError {
         /// The OS error.
         err: io::Error,
     },
+    /// Starting the console's writer thread failed.
+    #[error("starting the console writer thread: {0}")]
+    Console(io::Error),
     /// Starting the device event loop failed.
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
@@ -221,7 +226,7 @@ impl Trigger for IrqEvent {
 }
 
 /// The machine as the vCPU threads and the I/O thread share it.
-type SharedMachine = Arc<Machine<IrqEvent, Box<dyn Write + Send>>>;
+type SharedMachine = Arc<Machine<IrqEvent>>;
 
 /// How the run ended.
 pub struct Outcome {
@@ -555,7 +560,7 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
         }
         None => None,
     };
-    let console: Box<dyn Write + Send> = match &cli.serial_log {
+    let out: Box<dyn Write + Send> = match &cli.serial_log {
         Some(p) => Box::new(File::create(p).map_err(|err| VmmError::Open {
             what: "serial log",
             path: p.display().to_string(),
@@ -563,6 +568,7 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
         })?),
         None => Box::new(io::stdout()),
     };
+    let console = ConsoleSink::spawn(out).map_err(VmmError::Console)?;
 
     let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
     let supported = kvm
@@ -715,8 +721,14 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
             Err(e) => break StopReason::Error(e.to_string()),
         }
     };
-    if let Err(e) = locked(&machine.serial).flush() {
-        eprintln!("protmem-vmm: flushing the console: {e}");
+    // The console's writer may be stuck on a stalled stdout: wait for it
+    // a little, never for good.
+    let sink = locked(&machine.serial).console().sink().clone();
+    if !sink.flush(CONSOLE_FLUSH_WAIT) {
+        eprintln!(
+            "protmem-vmm: the console output did not take the last {} bytes within {CONSOLE_FLUSH_WAIT:?}",
+            sink.backlog()
+        );
     }
     let blk_io = cli.disk.as_ref().map(|_| cli.blk_io);
     let mut stats = Stats::collect(&machine, &reason, cli.protect, blk_io);
