@@ -26,7 +26,8 @@ use vm_superio::Trigger;
 
 use crate::devices::bus::MmioBus;
 use crate::devices::serial::{PanicState, PanicWatch, SerialPort, COM1_BASE, COM1_LEN};
-use crate::hypercalls::HypercallHandler;
+use crate::gmem::GmemError;
+use crate::hypercalls::{HypercallError, HypercallHandler};
 use crate::protection::{Protection, ProtectionError};
 
 /// i8042 data port.
@@ -390,6 +391,13 @@ impl<T: Trigger> Machine<T> {
                         *ret = value;
                         Action::Continue
                     }
+                    // A stop (reboot, --timeout) interrupted ENABLE's
+                    // populate: this thread leaves at its stop check,
+                    // before it could enter the guest again, and the stop
+                    // decides how the boot ends.
+                    Err(HypercallError::Enable(ProtectionError::Gmem(
+                        GmemError::Interrupted { .. },
+                    ))) => Action::Continue,
                     Err(e) => Action::Stop(StopReason::Error(e.to_string())),
                 }
             }
@@ -815,6 +823,69 @@ pub(crate) mod tests {
         );
         assert_eq!(m.prot().shared_pages(), 1);
         assert_eq!(m.exits.snapshot().hypercall, 4);
+    }
+
+    /// A guest_memfd side whose populate fails with `error`.
+    struct FailingPopulate(fn() -> GmemError);
+
+    impl crate::gmem::PrivateMemory for FailingPopulate {
+        fn populate(&mut self, _gpa: u64, _len: u64) -> Result<(), GmemError> {
+            Err((self.0)())
+        }
+    }
+
+    #[test]
+    fn an_enable_interrupted_by_a_stop_is_no_error_of_its_own() {
+        use std::io::{Seek, Write as _};
+        let cases: [(fn() -> GmemError, bool); 2] = [
+            (
+                || GmemError::Interrupted {
+                    at: 0x1000,
+                    left: 0x2000,
+                },
+                true,
+            ),
+            (
+                || GmemError::Kvm {
+                    op: "KVM_SW_PROTECTED_POPULATE",
+                    start: 0,
+                    end: 0x1000,
+                    err: std::io::Error::from_raw_os_error(libc::EFAULT),
+                },
+                false,
+            ),
+        ];
+        for (error, continues) in cases {
+            let m = machine(false);
+            // A shared backing with data, so that ENABLE has something to
+            // populate.
+            let path = std::env::temp_dir()
+                .join(format!("protmem-exit-{}-{continues}", std::process::id()));
+            let mut shared = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .unwrap();
+            std::fs::remove_file(&path).unwrap();
+            shared.seek(std::io::SeekFrom::Start(0x1000)).unwrap();
+            shared.write_all(&[1u8; 0x1000]).unwrap();
+            shared.set_len(0x10_0000).unwrap();
+            let g = crate::gmem::Gmem::new(Box::new(FailingPopulate(error)), shared);
+            m.prot_mut().attach_gmem(g);
+            let mut ret = 0x77;
+            let a = m.handle_exit(Exit::Hypercall {
+                nr: KVM_HC_ENABLE_MEM_PROTECTED,
+                args: [0; 6],
+                applied: true,
+                ret: &mut ret,
+            });
+            if continues {
+                assert_eq!(a, Action::Continue, "the stop ends the thread");
+            } else {
+                assert!(matches!(a, Action::Stop(StopReason::Error(_))), "{a:?}");
+            }
+        }
     }
 
     #[test]

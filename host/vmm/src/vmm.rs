@@ -975,6 +975,7 @@ fn vcpu_loop(
     // SAFETY: it lies in this vCPU's kvm_run mapping, mapped as long as
     // `vcpu`; `_kick` is a local, disarmed (dropped) before `vcpu`.
     let _kick = unsafe { kick::Armed::new(immediate_exit) };
+    kick::set_thread_stop_flag(stop.clone());
     while !stop.load(Ordering::SeqCst) {
         let action = match vcpu.run() {
             Ok(exit) => {
