@@ -28,7 +28,7 @@ use crate::devices::bus::MmioBus;
 use crate::devices::serial::{PanicState, PanicWatch, SerialPort, COM1_BASE, COM1_LEN};
 use crate::gmem::GmemError;
 use crate::hypercalls::{HypercallError, HypercallHandler};
-use crate::protection::{Protection, ProtectionError};
+use crate::protection::{Access, Protection, ProtectionError};
 
 /// i8042 data port.
 const I8042_DATA: u16 = 0x60;
@@ -119,6 +119,72 @@ pub enum Exit<'a> {
     },
     /// Anything else, described.
     Other(String),
+}
+
+/// Most `KVM_EXIT_MEMORY_FAULT`s in a row a vCPU may re-enter from.
+pub const MAX_FAULT_STREAK: u32 = 64;
+
+/// What a vCPU's exit handling keeps between its exits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuExitState {
+    /// `KVM_EXIT_MEMORY_FAULT`s since the vCPU's last other exit.
+    pub fault_streak: u32,
+}
+
+/// What to do with a `KVM_EXIT_MEMORY_FAULT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FaultAction {
+    /// Enter the guest again: the fault lost a race with a conversion.
+    /// `seen`: the VMM's map already shows the conversion.
+    Retry {
+        /// The access disagrees with the VMM's map.
+        seen: bool,
+    },
+    /// Stop the VM, for this reason.
+    Stop(String),
+}
+
+/// Decides on a `KVM_EXIT_MEMORY_FAULT` of an access that was private
+/// (`access_private`, the exit's `KVM_MEMORY_EXIT_FLAG_PRIVATE`) to a
+/// range that the VMM's own shared map says is private (`Some(true)`),
+/// shared (`Some(false)`), or not RAM (`None`), the `streak`-th of the
+/// vCPU in a row.
+///
+/// In a software-protected VM whose memory KVM owns (`kvm_owned`),
+/// KVM takes an access's private bit from the page's attribute when the
+/// fault starts and checks it again once it has a consistent view; if
+/// another vCPU's SHARE or UNSHARE changed the attribute in between, KVM
+/// exits with the old value. It happens to a vCPU touching a page another
+/// converts, e.g. `load_unaligned_zeropad()` reading across into the next
+/// page. Entering again faults afresh with the attribute as it is now.
+/// The VMM cannot read attributes (KVM owns them), only compare the
+/// access with its map, which follows each conversion once KVM reported
+/// it: if they differ, the map already shows the conversion that raced;
+/// if they agree, the conversion's exit is still on its way on the other
+/// vCPU, or the VMM refused it and KVM undid it. Both are retried, at
+/// most [`MAX_FAULT_STREAK`] times in a row, so that a fault that does not
+/// go away (no race at all) stops the VM instead of spinning. A VM whose
+/// attributes KVM does not own has no private memory to race with.
+pub fn memory_fault_action(
+    kvm_owned: bool,
+    access_private: bool,
+    map_private: Option<bool>,
+    streak: u32,
+) -> FaultAction {
+    if !kvm_owned {
+        return FaultAction::Stop("the VM has no KVM-owned private memory".into());
+    }
+    let Some(map_private) = map_private else {
+        return FaultAction::Stop("the range is not guest RAM".into());
+    };
+    if streak > MAX_FAULT_STREAK {
+        return FaultAction::Stop(format!(
+            "{streak} memory faults in a row on this vCPU: not a race with a conversion"
+        ));
+    }
+    FaultAction::Retry {
+        seen: map_private != access_private,
+    }
 }
 
 /// Why the VM stopped.
@@ -237,8 +303,13 @@ pub struct ExitCounts {
     pub hypercall: u64,
     /// MMIO accesses that hit no device.
     pub mmio_unhandled: u64,
-    /// `KVM_EXIT_MEMORY_FAULT` exits (each stops the VM).
+    /// `KVM_EXIT_MEMORY_FAULT` exits: the conversion race (re-entered)
+    /// or a fault that stopped the VM.
     pub memory_fault: u64,
+    /// Re-entered: the VMM's map already showed the conversion that raced.
+    pub memory_fault_after_conversion: u64,
+    /// Re-entered: the VMM's map did not show a conversion (yet).
+    pub memory_fault_before_conversion: u64,
 }
 
 /// [`ExitCounts`] as the vCPU threads bump them, each without a lock.
@@ -251,6 +322,8 @@ pub struct ExitCounters {
     hypercall: AtomicU64,
     mmio_unhandled: AtomicU64,
     memory_fault: AtomicU64,
+    memory_fault_after_conversion: AtomicU64,
+    memory_fault_before_conversion: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -269,6 +342,8 @@ impl ExitCounters {
             hypercall: get(&self.hypercall),
             mmio_unhandled: get(&self.mmio_unhandled),
             memory_fault: get(&self.memory_fault),
+            memory_fault_after_conversion: get(&self.memory_fault_after_conversion),
+            memory_fault_before_conversion: get(&self.memory_fault_before_conversion),
         }
     }
 }
@@ -336,8 +411,18 @@ impl<T: Trigger> Machine<T> {
         self.prot.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Handles one exit.
+    /// Handles one exit of a vCPU that keeps no state of its own (tests,
+    /// one-off exits): see [`Machine::handle_vcpu_exit`].
     pub fn handle_exit(&self, exit: Exit<'_>) -> Action {
+        self.handle_vcpu_exit(&mut VcpuExitState::default(), exit)
+    }
+
+    /// Handles one exit of the vCPU whose exit state is `vcpu`.
+    pub fn handle_vcpu_exit(&self, vcpu: &mut VcpuExitState, exit: Exit<'_>) -> Action {
+        if let Exit::MemoryFault { flags, gpa, size } = exit {
+            return self.memory_fault(vcpu, flags, gpa, size);
+        }
+        vcpu.fault_streak = 0;
         match exit {
             Exit::IoIn { port, size, data } => {
                 bump(&self.exits.io_in);
@@ -416,20 +501,40 @@ impl<T: Trigger> Machine<T> {
             Exit::InternalError => {
                 Action::Stop(StopReason::Error("KVM_EXIT_INTERNAL_ERROR".to_string()))
             }
-            Exit::MemoryFault { flags, gpa, size } => {
-                bump(&self.exits.memory_fault);
-                let kind = if flags & u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE) != 0 {
-                    "private"
-                } else {
-                    "shared"
-                };
-                Action::Stop(StopReason::Error(format!(
-                    "KVM_EXIT_MEMORY_FAULT: KVM could not map a {kind} guest access to GPAs \
-                     {gpa:#x}..{:#x} (flags {flags:#x})",
-                    gpa.saturating_add(size)
-                )))
-            }
+            Exit::MemoryFault { .. } => unreachable!("handled above"),
             Exit::Other(what) => Action::Stop(StopReason::Error(format!("unhandled exit {what}"))),
+        }
+    }
+
+    /// `KVM_EXIT_MEMORY_FAULT` on vCPU `vcpu`: see [`memory_fault_action`].
+    fn memory_fault(&self, vcpu: &mut VcpuExitState, flags: u64, gpa: u64, size: u64) -> Action {
+        bump(&self.exits.memory_fault);
+        let access_private = flags & u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE) != 0;
+        let (kvm_owned, access) = {
+            let prot = self.prot();
+            (prot.gmem_stats().is_some(), prot.classify(gpa, size.max(1)))
+        };
+        let map = match access {
+            Access::NotRam => None,
+            Access::Allowed => Some(false),
+            Access::Private => Some(true),
+        };
+        vcpu.fault_streak += 1;
+        match memory_fault_action(kvm_owned, access_private, map, vcpu.fault_streak) {
+            FaultAction::Retry { seen } => {
+                bump(if seen {
+                    &self.exits.memory_fault_after_conversion
+                } else {
+                    &self.exits.memory_fault_before_conversion
+                });
+                Action::Continue
+            }
+            FaultAction::Stop(why) => Action::Stop(StopReason::Error(format!(
+                "KVM_EXIT_MEMORY_FAULT: KVM could not map a {} guest access to GPAs \
+                 {gpa:#x}..{:#x} (flags {flags:#x}): {why}",
+                if access_private { "private" } else { "shared" },
+                gpa.saturating_add(size)
+            ))),
         }
     }
 
@@ -592,7 +697,7 @@ pub(crate) mod tests {
     use hypercall::{KVM_ENOSYS, KVM_EPERM, KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE};
     use std::io::Cursor;
     use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_MAGIC_VALUE};
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
     type Prot = Arc<RwLock<Protection>>;
     pub(crate) type TestMachine = Machine<CountingIrq>;
@@ -831,6 +936,148 @@ pub(crate) mod tests {
     impl crate::gmem::PrivateMemory for FailingPopulate {
         fn populate(&mut self, _gpa: u64, _len: u64) -> Result<(), GmemError> {
             Err((self.0)())
+        }
+    }
+
+    #[test]
+    fn memory_faults_are_retried_only_as_a_race_and_only_so_often() {
+        use FaultAction::{Retry, Stop};
+        // The access disagrees with the map: the map shows the conversion.
+        assert_eq!(
+            memory_fault_action(true, false, Some(true), 1),
+            Retry { seen: true }
+        );
+        assert_eq!(
+            memory_fault_action(true, true, Some(false), 1),
+            Retry { seen: true }
+        );
+        // They agree: the conversion's exit is on its way, or was undone.
+        assert_eq!(
+            memory_fault_action(true, true, Some(true), 1),
+            Retry { seen: false }
+        );
+        assert_eq!(
+            memory_fault_action(true, false, Some(false), MAX_FAULT_STREAK),
+            Retry { seen: false }
+        );
+        for (owned, map, streak) in [
+            (false, Some(true), 1),
+            (true, None, 1),
+            (true, Some(true), MAX_FAULT_STREAK + 1),
+        ] {
+            assert!(
+                matches!(memory_fault_action(owned, false, map, streak), Stop(_)),
+                "{owned} {map:?} {streak}"
+            );
+        }
+    }
+
+    /// KVM's side of ENABLE, for a machine in gmem mode: nothing to do.
+    struct NoPopulate;
+
+    impl crate::gmem::PrivateMemory for NoPopulate {
+        fn populate(&mut self, _gpa: u64, _len: u64) -> Result<(), GmemError> {
+            Ok(())
+        }
+    }
+
+    /// A machine whose private memory KVM owns (a guest_memfd side is
+    /// attached), after the guest's ENABLE and a SHARE of page 5.
+    fn gmem_machine() -> TestMachine {
+        let m = machine(false);
+        let memfd = crate::ram::GuestRam::new(0x10_0000).unwrap();
+        let (_kvm, dev) = memfd.into_views();
+        let file = dev
+            .iter()
+            .next()
+            .unwrap()
+            .file_offset()
+            .unwrap()
+            .file()
+            .try_clone()
+            .unwrap();
+        m.prot_mut()
+            .attach_gmem(crate::gmem::Gmem::new(Box::new(NoPopulate), file));
+        for (nr, gpa) in [(KVM_HC_ENABLE_MEM_PROTECTED, 0), (KVM_HC_MEM_SHARE, 0x5000)] {
+            let mut ret = 0x55;
+            let a = m.handle_exit(Exit::Hypercall {
+                nr,
+                args: [gpa, 1, 0, 0, 0, 0],
+                applied: true,
+                ret: &mut ret,
+            });
+            assert_eq!((a, ret), (Action::Continue, 0));
+        }
+        m
+    }
+
+    fn fault(m: &TestMachine, vcpu: &mut VcpuExitState, private: bool, gpa: u64) -> Action {
+        let flags = if private {
+            u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE)
+        } else {
+            0
+        };
+        m.handle_vcpu_exit(
+            vcpu,
+            Exit::MemoryFault {
+                flags,
+                gpa,
+                size: 0x1000,
+            },
+        )
+    }
+
+    #[test]
+    fn a_vcpu_that_lost_the_race_with_a_conversion_enters_again() {
+        let m = gmem_machine();
+        let mut v = VcpuExitState::default();
+        // A private access to page 5, which the other vCPU just shared;
+        // a shared access to page 6, which is private.
+        assert_eq!(fault(&m, &mut v, true, 0x5000), Action::Continue);
+        assert_eq!(fault(&m, &mut v, false, 0x6000), Action::Continue);
+        // A shared access to page 5: its UNSHARE's exit is still coming.
+        assert_eq!(fault(&m, &mut v, false, 0x5000), Action::Continue);
+        let e = m.exits.snapshot();
+        assert_eq!(
+            (
+                e.memory_fault,
+                e.memory_fault_after_conversion,
+                e.memory_fault_before_conversion
+            ),
+            (3, 2, 1)
+        );
+        // Any other exit ends the streak; the streak is per vCPU.
+        m.handle_vcpu_exit(&mut v, Exit::Hlt);
+        assert_eq!(v.fault_streak, 0);
+        let mut other = VcpuExitState::default();
+        for i in 1..=MAX_FAULT_STREAK {
+            assert_eq!(fault(&m, &mut v, true, 0x5000), Action::Continue, "{i}");
+        }
+        assert_eq!(fault(&m, &mut other, true, 0x5000), Action::Continue);
+        match fault(&m, &mut v, true, 0x5000) {
+            Action::Stop(StopReason::Error(e)) => {
+                assert!(e.contains("65 memory faults in a row"), "{e}")
+            }
+            a => panic!("{a:?}"),
+        }
+        // Not RAM: no race can explain it.
+        match fault(&m, &mut other, false, 0x10_0000) {
+            Action::Stop(StopReason::Error(e)) => assert!(e.contains("not guest RAM"), "{e}"),
+            a => panic!("{a:?}"),
+        }
+    }
+
+    #[test]
+    fn a_memory_fault_without_kvm_owned_memory_stops_the_vm() {
+        let m = machine(false);
+        match fault(&m, &mut VcpuExitState::default(), true, 0x5000) {
+            Action::Stop(StopReason::Error(e)) => {
+                assert!(
+                    e.starts_with("KVM_EXIT_MEMORY_FAULT: KVM could not map a private"),
+                    "{e}"
+                )
+            }
+            a => panic!("{a:?}"),
         }
     }
 

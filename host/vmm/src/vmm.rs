@@ -60,7 +60,7 @@ use crate::devices::virtio::{
     slot_addr, slot_irq, MmioTransport, Notify, VirtioDevice, VirtioError, MMIO_SIZE,
 };
 use crate::diag;
-use crate::exit::{locked, Action, Boots, Exit, Machine, StopReason};
+use crate::exit::{locked, Action, Boots, Exit, Machine, StopReason, VcpuExitState};
 use crate::gmem::Gmem;
 use crate::gmem_kvm::{self, HostError, KvmPrivate};
 use crate::hostile::{Hostile, HostileError};
@@ -976,6 +976,7 @@ fn vcpu_loop(
     // `vcpu`; `_kick` is a local, disarmed (dropped) before `vcpu`.
     let _kick = unsafe { kick::Armed::new(immediate_exit) };
     kick::set_thread_stop_flag(stop.clone());
+    let mut exits = VcpuExitState::default();
     while !stop.load(Ordering::SeqCst) {
         let action = match vcpu.run() {
             Ok(exit) => {
@@ -986,7 +987,7 @@ fn vcpu_loop(
                 // SAFETY: as above; this read aliases nothing borrowed.
                 let io_size =
                     unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read_volatile() };
-                machine.handle_exit(convert(exit, usize::from(io_size)))
+                machine.handle_vcpu_exit(&mut exits, convert(exit, usize::from(io_size)))
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // A kick or another signal: disarm, then check `stop`.
