@@ -26,6 +26,7 @@
 //! `used_event` index).
 
 pub mod blk;
+pub mod net;
 pub mod rng;
 
 use std::os::fd::RawFd;
@@ -603,10 +604,13 @@ impl<G: MemoryGuard> QueueCtx<'_, G> {
                     self.used |= 1 << index;
                 }
                 Step::Empty if quiet => {
-                    match mem.with(|m| queue.enable_notification(m)) {
-                        // More arrived while notifications were off.
-                        Ok(true) => quiet = mem.with(|m| queue.disable_notification(m).is_ok()),
-                        _ => break,
+                    // One more look with notifications on: what arrived
+                    // meanwhile is served now, anything later notifies.
+                    // Never more than once: a ring whose index makes no
+                    // sense would otherwise keep this thread here.
+                    quiet = false;
+                    if !mem.with(|m| queue.enable_notification(m)).unwrap_or(false) {
+                        break;
                     }
                 }
                 Step::Empty => break,
@@ -919,45 +923,66 @@ pub(crate) mod tests {
         t: &mut MmioTransport<D, T, G>,
         rings: &Rings,
     ) {
+        activate_queues(t, &[rings], !0);
+    }
+
+    /// Negotiates the offered features that are in `want`, sets queue `i`
+    /// up on `rings[i]` and sets DRIVER_OK.
+    pub(crate) fn activate_queues<D: VirtioDevice, T: Trigger, G: MemoryGuard>(
+        t: &mut MmioTransport<D, T, G>,
+        rings: &[&Rings],
+        want: u64,
+    ) {
         w(t, VIRTIO_MMIO_STATUS, 0);
         w(t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
         let s = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
         w(t, VIRTIO_MMIO_STATUS, s);
         for sel in 0..2 {
             w(t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, sel);
-            let f = r(t, VIRTIO_MMIO_DEVICE_FEATURES);
+            let f = r(t, VIRTIO_MMIO_DEVICE_FEATURES) & (want >> (32 * sel)) as u32;
             w(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel);
             w(t, VIRTIO_MMIO_DRIVER_FEATURES, f);
         }
         w(t, VIRTIO_MMIO_STATUS, s | VIRTIO_CONFIG_S_FEATURES_OK);
         assert_ne!(r(t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
-        w(t, VIRTIO_MMIO_QUEUE_SEL, 0);
-        assert_eq!(r(t, VIRTIO_MMIO_QUEUE_READY), 0);
-        assert!(r(t, VIRTIO_MMIO_QUEUE_NUM_MAX) >= u32::from(rings.size));
-        w(t, VIRTIO_MMIO_QUEUE_NUM, u32::from(rings.size));
-        for (lo, hi, a) in [
-            (
-                VIRTIO_MMIO_QUEUE_DESC_LOW,
-                VIRTIO_MMIO_QUEUE_DESC_HIGH,
-                rings.desc,
-            ),
-            (
-                VIRTIO_MMIO_QUEUE_AVAIL_LOW,
-                VIRTIO_MMIO_QUEUE_AVAIL_HIGH,
-                rings.avail,
-            ),
-            (
-                VIRTIO_MMIO_QUEUE_USED_LOW,
-                VIRTIO_MMIO_QUEUE_USED_HIGH,
-                rings.used,
-            ),
-        ] {
-            w(t, lo, a as u32);
-            w(t, hi, (a >> 32) as u32);
+        for (i, rings) in rings.iter().enumerate() {
+            w(t, VIRTIO_MMIO_QUEUE_SEL, i as u32);
+            assert_eq!(r(t, VIRTIO_MMIO_QUEUE_READY), 0);
+            assert!(r(t, VIRTIO_MMIO_QUEUE_NUM_MAX) >= u32::from(rings.size));
+            w(t, VIRTIO_MMIO_QUEUE_NUM, u32::from(rings.size));
+            for (lo, hi, a) in [
+                (
+                    VIRTIO_MMIO_QUEUE_DESC_LOW,
+                    VIRTIO_MMIO_QUEUE_DESC_HIGH,
+                    rings.desc,
+                ),
+                (
+                    VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+                    VIRTIO_MMIO_QUEUE_AVAIL_HIGH,
+                    rings.avail,
+                ),
+                (
+                    VIRTIO_MMIO_QUEUE_USED_LOW,
+                    VIRTIO_MMIO_QUEUE_USED_HIGH,
+                    rings.used,
+                ),
+            ] {
+                w(t, lo, a as u32);
+                w(t, hi, (a >> 32) as u32);
+            }
+            w(t, VIRTIO_MMIO_QUEUE_READY, 1);
         }
-        w(t, VIRTIO_MMIO_QUEUE_READY, 1);
+        w(t, VIRTIO_MMIO_QUEUE_SEL, 0);
         let s = s | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK;
         w(t, VIRTIO_MMIO_STATUS, s);
+    }
+
+    /// Writes QueueNotify for queue `q`.
+    pub(crate) fn kick_queue<D: VirtioDevice, T: Trigger, G: MemoryGuard>(
+        t: &mut MmioTransport<D, T, G>,
+        q: u32,
+    ) {
+        w(t, VIRTIO_MMIO_QUEUE_NOTIFY, q);
     }
 
     /// Writes QueueNotify for queue 0.
@@ -1384,5 +1409,21 @@ pub(crate) mod tests {
         rings.add_chain(&m, &[(0x8000, 4, true)]);
         kick(&mut t);
         assert_eq!(irq.count(), 3);
+    }
+
+    /// A driver that publishes an available index the ring cannot hold
+    /// (more than its size ahead) gets nothing served, and the device
+    /// returns instead of looking again and again.
+    #[test]
+    fn an_available_index_that_makes_no_sense_does_not_hold_the_device() {
+        let m = mem();
+        let mut t = MmioTransport::new(Echo::default(), CountingIrq::default(), m.clone());
+        let rings = Rings::new(0x1000, 16);
+        activate(&mut t, &rings);
+        m.write_obj(0x8000u16, GuestAddress(rings.avail + 2))
+            .unwrap();
+        kick(&mut t);
+        assert_eq!(rings.used_idx(&m), 0);
+        assert_eq!(t.stats().chains, 0);
     }
 }
