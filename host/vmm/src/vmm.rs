@@ -55,6 +55,8 @@ use crate::devices::event_loop::{EventLoop, EventLoopError};
 use crate::devices::probe::{ProbeDevice, PROBE_BASE, PROBE_SIZE};
 use crate::devices::serial::{ConsoleSink, SerialPort, COM1_IRQ};
 use crate::devices::virtio::blk::{Block, BlockError};
+use crate::devices::virtio::net::tap::{Tap, TapError};
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::{EntropySource, Rng, RngError, URANDOM};
 use crate::devices::virtio::{
     slot_addr, slot_irq, MmioTransport, Notify, VirtioDevice, VirtioError, MMIO_SIZE,
@@ -161,6 +163,9 @@ pub enum VmmError {
     /// Entropy source.
     #[error(transparent)]
     Rng(#[from] RngError),
+    /// Network backend.
+    #[error(transparent)]
+    Tap(#[from] TapError),
     /// Rewinding the kernel or initrd to load it again for a reboot failed.
     #[error("rewinding {what} {path} to load it for boot {boot}: {err}")]
     Rewind {
@@ -533,6 +538,10 @@ fn register_devices(cli: &Cli, prot: &Arc<RwLock<Protection>>) -> Result<Devices
         let f = File::open(URANDOM).map_err(|err| RngError::Open { path: URANDOM, err })?;
         let rng = Rng::new(Box::new(f) as EntropySource);
         d.add_virtio(1, rng, Notify::IoEventFd, prot)?;
+    }
+    if let Some(net) = &cli.net {
+        let tap = Tap::open(&net.tap)?;
+        d.add_virtio(2, Net::new(tap, net.mac), Notify::IoEventFd, prot)?;
     }
     let probe = ProbeDevice::new(prot.clone());
     d.bus
