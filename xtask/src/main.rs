@@ -11,6 +11,7 @@ mod initramfs;
 mod kernel;
 mod ktap;
 mod nested;
+mod net;
 mod overlay;
 mod selftests;
 mod series;
