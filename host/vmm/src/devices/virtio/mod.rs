@@ -210,7 +210,7 @@ pub struct MmioTransport<D, T, G> {
 impl<D: VirtioDevice, T: Trigger, G: MemoryGuard> MmioTransport<D, T, G> {
     /// Wraps `device`, raising `irq` on used buffers and reaching guest
     /// memory through `mem` once the driver activated it. Notifications
-    /// exit to the VMM (see [`MmioTransport::with_ioeventfds`]).
+    /// exit to the VMM (see [`MmioTransport::with_notify`]).
     pub fn new(device: D, irq: T, mem: G) -> Self {
         let queues = device
             .queue_max_sizes()
