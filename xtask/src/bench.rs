@@ -79,6 +79,29 @@ const PRESSURE: [Config; 2] = [
     },
 ];
 
+/// The network: TCP each way and HTTP requests through virtio-net, whose
+/// TAP L1 sets up (`xtask/src/net.rs`); 16 MiB each way.
+const NET: [Config; 3] = [
+    Config {
+        label: "unprotected",
+        slug: "net-unprot",
+        vmm_args: &["--net", "tap=kpmtap0"],
+        cmdline: "kpm.net kpm.netbench kpm.netmib=16",
+    },
+    Config {
+        label: "view",
+        slug: "net-view",
+        vmm_args: &["--protect=view", "--net", "tap=kpmtap0"],
+        cmdline: "kpm.net kpm.netbench kpm.netmib=16",
+    },
+    Config {
+        label: "gmem",
+        slug: "net-gmem",
+        vmm_args: &["--protect=gmem", "--net", "tap=kpmtap0"],
+        cmdline: "kpm.net kpm.netbench kpm.netmib=16",
+    },
+];
+
 /// Conversion sizes the guest measures (pages), with their names.
 const CONVERT_SIZES: [(u64, &str); 3] = [(1, "4 KiB"), (512, "2 MiB"), (16384, "64 MiB")];
 
@@ -98,17 +121,21 @@ fn l2run(c: &Config, r: usize) -> L2Run {
 /// `bytes B t0 T0 t1 T1` (/init's timed dd, /proc/uptime seconds):
 /// bytes and seconds.
 pub fn parse_timed(line: &str) -> Option<(u64, f64)> {
-    let w: Vec<&str> = line.split_whitespace().collect();
-    let field = |k: &str| {
-        w.iter()
-            .position(|x| *x == k)
-            .and_then(|i| w.get(i + 1))
-            .copied()
-    };
-    let bytes = field("bytes")?.parse().ok()?;
-    let t0: f64 = field("t0")?.parse().ok()?;
-    let t1: f64 = field("t1")?.parse().ok()?;
-    Some((bytes, t1 - t0))
+    let bytes = word_after(line, "bytes")?.parse().ok()?;
+    Some((bytes, parse_secs(line)?))
+}
+
+/// The seconds between `t0 T0` and `t1 T1` of a line.
+pub fn parse_secs(line: &str) -> Option<f64> {
+    let t0: f64 = word_after(line, "t0")?.parse().ok()?;
+    let t1: f64 = word_after(line, "t1")?.parse().ok()?;
+    Some(t1 - t0)
+}
+
+fn word_after<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let mut w = line.split_whitespace();
+    w.by_ref().find(|x| *x == key)?;
+    w.next()
 }
 
 /// `key value key value ...` into a map (the `bench_convert` line).
@@ -147,6 +174,16 @@ struct Run {
     transient_slabs: Option<f64>,
     buffer_full: Option<f64>,
     runtime_shares: Option<f64>,
+    /// Network: download and upload MiB/s, HTTP requests/s (guest clock).
+    net_down: Option<f64>,
+    net_up: Option<f64>,
+    net_rr: Option<f64>,
+    /// MiB virtio-net moved to and from guest memory (bounced when
+    /// protected).
+    net_mib: Option<f64>,
+    /// Bounce-pool slabs used with the receive ring posted, and at peak.
+    net_pool_posted: Option<f64>,
+    net_pool_peak: Option<f64>,
 }
 
 fn measure(o: &L2Outcome) -> Result<Run> {
@@ -222,6 +259,22 @@ fn measure(o: &L2Outcome) -> Result<Run> {
     r.buffer_full = kv(o, "pressure-done").and_then(|s| s.split_whitespace().next()?.parse().ok());
     if let (Some(end), Some(start)) = (crate::e2e::debugfs(o, "shares"), boot_shares) {
         r.runtime_shares = Some(end.saturating_sub(start) as f64);
+    }
+    if kv(o, "net-if").is_some() {
+        let rate = |key: &str| kv(o, key).and_then(crate::net::transfer).and_then(|t| t.2);
+        r.net_down = rate("net-down");
+        r.net_up = rate("net-up");
+        // `requests N t0 T0 t1 T1`
+        r.net_rr = kv(o, "net-rr").and_then(|l| {
+            let n: f64 = l.split_whitespace().nth(1)?.parse().ok()?;
+            parse_secs(l).filter(|s| *s > 0.0).map(|s| n / s)
+        });
+        let moved =
+            num(&v, "virtio.net.requests.rx_bytes") + num(&v, "virtio.net.requests.tx_bytes");
+        r.net_mib = (moved > 0).then(|| moved as f64 / (1 << 20) as f64);
+        let p = crate::net::pool(o);
+        r.net_pool_posted = p.posted.map(|x| x as f64);
+        r.net_pool_peak = p.peak.map(|x| x as f64);
     }
     Ok(r)
 }
@@ -345,7 +398,7 @@ pub fn run(ctx: &Ctx, k: &Kernel, vmm: &Path, runs: usize, out: &Path) -> Result
         qemu: false,
     };
     for r in 0..runs {
-        for c in MAIN.iter().chain(&PRESSURE) {
+        for c in MAIN.iter().chain(&PRESSURE).chain(&NET) {
             l2.push(l2run(c, r));
         }
         for (_, slug, args) in crate::bench_boot::CONFIGS {
@@ -362,6 +415,7 @@ pub fn run(ctx: &Ctx, k: &Kernel, vmm: &Path, runs: usize, out: &Path) -> Result
     for (c, r) in MAIN
         .iter()
         .chain(&PRESSURE)
+        .chain(&NET)
         .flat_map(|c| (0..runs).map(move |r| (c, r)))
     {
         let name = format!("b-{}-{r}", c.slug);
@@ -394,17 +448,27 @@ pub fn run(ctx: &Ctx, k: &Kernel, vmm: &Path, runs: usize, out: &Path) -> Result
         }
         boots.push((label, v));
     }
-    let mut md = report(ctx, runs, &main, &pressure, started.elapsed().as_secs_f64());
+    let net = series(&NET);
+    let mut md = report(
+        ctx,
+        runs,
+        &main,
+        &pressure,
+        &net,
+        started.elapsed().as_secs_f64(),
+    );
     md.push_str(&crate::bench_boot::section(&boots));
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("BENCHMARKS.md"), &md)?;
     plot_throughput(&main, &out.join("bench-throughput.svg"))?;
     plot_conversion(&main, &out.join("bench-conversion.svg"))?;
+    plot_network(&net, &out.join("bench-network.svg"))?;
     if let Some(c) = &claim {
         c.record(&[
             "BENCHMARKS.md".into(),
             "bench-throughput.svg".into(),
             "bench-conversion.svg".into(),
+            "bench-network.svg".into(),
         ])?;
     }
     println!("{md}");
@@ -412,7 +476,7 @@ pub fn run(ctx: &Ctx, k: &Kernel, vmm: &Path, runs: usize, out: &Path) -> Result
         "bench: wrote {} and its plots",
         out.join("BENCHMARKS.md").display()
     );
-    let gaps = missing(&main, &pressure);
+    let gaps = missing(&main, &pressure, &net);
     if !gaps.is_empty() {
         bail!(
             "the benchmark report has gaps (a run measured less than it should):\n  {}",
@@ -424,7 +488,7 @@ pub fn run(ctx: &Ctx, k: &Kernel, vmm: &Path, runs: usize, out: &Path) -> Result
 
 /// Figures some run lacks: every run must measure everything its
 /// configuration can (the protected ones: conversions and the pool).
-fn missing(main: &[Series<'_>], pressure: &[Series<'_>]) -> Vec<String> {
+fn missing(main: &[Series<'_>], pressure: &[Series<'_>], net: &[Series<'_>]) -> Vec<String> {
     let mut gaps = Vec::new();
     for (i, s) in main.iter().enumerate() {
         let protected = i > 0;
@@ -467,6 +531,23 @@ fn missing(main: &[Series<'_>], pressure: &[Series<'_>]) -> Vec<String> {
             }
         }
     }
+    for (i, s) in net.iter().enumerate() {
+        for (n, r) in s.runs.iter().enumerate() {
+            let protected = i > 0;
+            if r.net_down.is_none()
+                || r.net_up.is_none()
+                || r.net_rr.is_none()
+                || r.net_mib.is_none()
+                || (protected && (r.net_pool_posted.is_none() || r.net_pool_peak.is_none()))
+            {
+                gaps.push(format!(
+                    "network, {} run {}: no network figures",
+                    s.label,
+                    n + 1
+                ));
+            }
+        }
+    }
     gaps
 }
 
@@ -475,6 +556,7 @@ fn report(
     runs: usize,
     main: &[Series<'_>],
     pressure: &[Series<'_>],
+    net: &[Series<'_>],
     secs: f64,
 ) -> String {
     let mut m = String::new();
@@ -744,7 +826,145 @@ fn report(
         "\nGoal: `swiotlb buffer is full` never occurs: {} ({full:.0} in all runs).",
         if full == 0.0 { "met" } else { "not met" }
     );
+    network_section(&mut m, net);
     m
+}
+
+/// Section 6: TCP and HTTP through virtio-net, unprotected, view, gmem.
+fn network_section(m: &mut String, net: &[Series<'_>]) {
+    let _ = writeln!(m, "\n## 6. Network: virtio-net through the bounce pool\n");
+    let _ = writeln!(
+        m,
+        "The guest's eth0 is the VMM's virtio-net on a TAP in L1 (`--net tap=kpmtap0`, \
+         10.0.2.1/24, `xtask/src/net.rs`): it downloads 16 MiB of random data from L1's \
+         busybox `httpd` with `wget`, uploads 16 MiB of random data to L1 with `nc` (both \
+         checked by checksum on both sides), then makes 50 sequential HTTP requests for a \
+         4 KiB page; timed by /init with /proc/uptime (guest clock, 1/100 s). virtio-net \
+         offers checksum and TSO offloads both ways, mergeable receive buffers and event \
+         indices; in the protected configurations every frame is bounced through the \
+         guest's shared swiotlb pool, the receive ring's 256 buffers included."
+    );
+    table(
+        m,
+        "TCP, L1 -> guest (wget):",
+        "MiB/s",
+        net,
+        |r| r.net_down,
+        2,
+    );
+    table(m, "TCP, guest -> L1 (nc):", "MiB/s", net, |r| r.net_up, 2);
+    table(
+        m,
+        "HTTP requests, sequential:",
+        "req/s",
+        net,
+        |r| r.net_rr,
+        1,
+    );
+    table(
+        m,
+        "Bytes virtio-net moved to and from guest memory (bounced when protected):",
+        "MiB",
+        net,
+        |r| r.net_mib,
+        1,
+    );
+    table(
+        m,
+        "Bounce-pool slabs (2 KiB) in use with the receive ring posted, before any traffic:",
+        "slabs",
+        &net[1..],
+        |r| r.net_pool_posted,
+        0,
+    );
+    table(
+        m,
+        "Bounce-pool high water after the traffic:",
+        "slabs",
+        &net[1..],
+        |r| r.net_pool_peak,
+        0,
+    );
+    let ratio = |s: &Series<'_>, f: fn(&Run) -> Option<f64>| {
+        Some(median_of(s, f)? / median_of(&net[0], f)?)
+    };
+    let text = |x: Option<f64>| x.map_or("no figures".to_string(), |x| format!("{x:.2}"));
+    let _ = writeln!(
+        m,
+        "\nRatios to unprotected (medians): download view {}, gmem {}; upload view {}, \
+         gmem {}; requests view {}, gmem {}.\n\n![network](bench-network.svg)",
+        text(ratio(&net[1], |r| r.net_down)),
+        text(ratio(&net[2], |r| r.net_down)),
+        text(ratio(&net[1], |r| r.net_up)),
+        text(ratio(&net[2], |r| r.net_up)),
+        text(ratio(&net[1], |r| r.net_rr)),
+        text(ratio(&net[2], |r| r.net_rr)),
+    );
+}
+
+/// Network figures by configuration: medians of download, upload (MiB/s)
+/// and requests (req/s / 10, to share the axis), grouped by mode.
+fn plot_network(net: &[Series<'_>], path: &PathBuf) -> Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    type Pick = fn(&Run) -> Option<f64>;
+    let metrics: [(&str, Pick, RGBColor); 3] = [
+        ("TCP L1 -> guest (MiB/s)", |r| r.net_down, BLUE),
+        ("TCP guest -> L1 (MiB/s)", |r| r.net_up, RED),
+        (
+            "HTTP requests (req/s / 10)",
+            |r| r.net_rr.map(|x| x / 10.0),
+            GREEN,
+        ),
+    ];
+    let max = net
+        .iter()
+        .flat_map(|s| metrics.iter().filter_map(move |(_, f, _)| median_of(s, *f)))
+        .fold(1.0f64, f64::max)
+        * 1.2;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "virtio-net through the bounce pool (medians)",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(50)
+        .build_cartesian_2d(-0.5f64..(net.len() as f64 - 0.5), 0f64..max)?;
+    chart
+        .configure_mesh()
+        .x_labels(net.len())
+        .x_label_formatter(&|x| {
+            net.get(x.round() as usize)
+                .map(|s| s.label.to_string())
+                .unwrap_or_default()
+        })
+        .disable_x_mesh()
+        .y_desc("MiB/s, req/s / 10")
+        .draw()?;
+    for (k, (label, f, color)) in metrics.iter().enumerate() {
+        let bars: Vec<(f64, f64)> = net
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| median_of(s, *f).map(|v| (i as f64 - 0.3 + 0.2 * k as f64, v)))
+            .collect();
+        let color = *color;
+        chart
+            .draw_series(bars.iter().map(move |&(x, v)| {
+                Rectangle::new([(x - 0.09, 0.0), (x + 0.09, v)], color.filled())
+            }))?
+            .label(*label)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()?;
+    root.present()?;
+    Ok(())
 }
 
 fn goal_text(v: Option<f64>, ok: impl Fn(f64) -> bool) -> String {
@@ -912,7 +1132,7 @@ mod tests {
             label: "unprotected",
             runs: vec![full.clone()],
         }];
-        assert!(missing(&main, &[]).is_empty());
+        assert!(missing(&main, &[], &[]).is_empty());
         // A protected configuration must also have its conversions.
         let prot = [
             Series {
@@ -924,7 +1144,7 @@ mod tests {
                 runs: vec![full],
             },
         ];
-        let gaps = missing(&prot, &[]);
+        let gaps = missing(&prot, &[], &[]);
         assert_eq!(gaps.len(), 1, "{gaps:?}");
         assert!(gaps[0].starts_with("gmem run 1: no boot SHARE calls, 4 KiB conversion"));
     }
@@ -955,6 +1175,37 @@ mod tests {
         assert_eq!(r.io[&("read", 65536)], 32.0);
         let unfinished = L2Outcome { exit: Some(2), ..o };
         assert!(measure(&unfinished).is_err());
+    }
+
+    #[test]
+    fn network_figures_are_read_from_the_console_and_stats() {
+        let o = L2Outcome {
+            name: "b-net-gmem-0".into(),
+            exit: Some(0),
+            console: "kpm-init: net-if 06:00:0a:00:02:02 mtu 1500\n\
+                      kpm-init: net-pool-posted used 300 hiwater 310 nslabs 32768\n\
+                      kpm-init: net-down sha ab bytes 16777216 t0 10.00 t1 18.00\n\
+                      kpm-init: net-up sha cd bytes 16777216 t0 20.00 t1 24.00 reply 16777216\n\
+                      kpm-init: net-rr requests 50 t0 30.00 t1 35.00\n\
+                      kpm-init: net-pool-after used 300 hiwater 900 nslabs 32768 transient 0\n\
+                      kpm-init: done\n"
+                .into(),
+            stats: Some(
+                r#"{"virtio":{"net":{"requests":{"rx_bytes":16777216,"tx_bytes":16777216}}}}"#
+                    .into(),
+            ),
+            ..L2Outcome::default()
+        };
+        let r = measure(&o).unwrap();
+        assert_eq!(
+            (r.net_down, r.net_up, r.net_rr),
+            (Some(2.0), Some(4.0), Some(10.0))
+        );
+        assert_eq!(r.net_mib, Some(32.0));
+        assert_eq!(
+            (r.net_pool_posted, r.net_pool_peak),
+            (Some(300.0), Some(900.0))
+        );
     }
 
     #[test]

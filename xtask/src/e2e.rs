@@ -282,6 +282,7 @@ pub fn all() -> Vec<Scenario> {
     ];
     all.extend(crate::hostile::scenarios());
     all.extend(crate::smp::scenarios());
+    all.extend(crate::net::scenarios());
     all
 }
 
@@ -383,7 +384,7 @@ pub(crate) fn debugfs(o: &L2Outcome, name: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn booted(o: &L2Outcome) -> Row {
+pub(crate) fn booted(o: &L2Outcome) -> Row {
     let up = dmesg_has(o, "kpm-init: done");
     row(
         "guest reached userspace and reset cleanly",

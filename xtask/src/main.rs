@@ -12,6 +12,7 @@ mod initramfs;
 mod kernel;
 mod ktap;
 mod nested;
+mod net;
 mod overlay;
 mod qemu;
 mod selftests;
@@ -243,7 +244,9 @@ fn run(cli: Cli) -> Result<()> {
                     anyhow::bail!("no scenario named {name} on our L1 (see `scenarios --list`)");
                 }
                 if name == selftests::RUN {
-                    anyhow::bail!("{name} is no L2 boot to repeat: `cargo xtask scenarios {name}` runs it");
+                    anyhow::bail!(
+                        "{name} is no L2 boot to repeat: `cargo xtask scenarios {name}` runs it"
+                    );
                 }
             }
             let tools = setup::run(&ctx)?;

@@ -293,10 +293,12 @@ pub fn l1_script(runs: &[L2Run], kvm_test: bool) -> String {
             "echo 'kpm-l1: begin {n}'\n\
              cp /l2/disk.img /tmp/{n}.img\n\
              {grow}\
+             {net_up}\
              /vmm/protmem-vmm --kernel /l2/bzImage --initrd /l2/{initrd} --disk /tmp/{n}.img --rng \\\n  \
              --stats-json /tmp/{n}.json --timeout {} --cmdline {} {}{hostile_args}{bg}\n\
              {scan}\
              echo \"kpm-l1: exit {n} $?\"\n\
+             {net_down}\
              echo \"kpm-l1: stats {n} $(tr -d '\\n' < /tmp/{n}.json 2>/dev/null)\"\n\
              echo \"kpm-l1: disk-copy {n} $(dd if=/tmp/{n}.img bs=4096 skip=256 count=256 2>/dev/null | sha256sum)\"\n\
              rm -f /tmp/{n}.img\n\
@@ -309,6 +311,8 @@ pub fn l1_script(runs: &[L2Run], kvm_test: bool) -> String {
             } else {
                 "initrd.cpio"
             },
+            net_up = crate::net::l1_up(r),
+            net_down = crate::net::l1_down(r),
         ));
     }
     s

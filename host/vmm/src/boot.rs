@@ -152,7 +152,12 @@ pub fn build_cmdline(base: &str, virtio: &[(u64, u32)]) -> Result<Cmdline, BootE
     }
     for &(addr, irq) in virtio {
         cmdline
-            .add_virtio_mmio_device(crate::virtio::MMIO_SIZE, GuestAddress(addr), irq, None)
+            .add_virtio_mmio_device(
+                crate::devices::virtio::MMIO_SIZE,
+                GuestAddress(addr),
+                irq,
+                None,
+            )
             .map_err(|e| err(e.to_string()))?;
     }
     Ok(cmdline)

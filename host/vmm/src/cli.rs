@@ -23,6 +23,42 @@ pub enum CliError {
     Mem(String),
 }
 
+/// The network device's backend and address (`--net tap=NAME[,mac=MAC]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The TAP interface.
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+}
+
+/// Parses `--net`: `tap=NAME`, then optionally `,mac=aa:bb:cc:dd:ee:ff`.
+pub fn parse_net(s: &str) -> Result<NetConfig, String> {
+    let mut tap = None;
+    let mut mac = crate::devices::virtio::net::DEFAULT_MAC;
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
+            Some(("mac", m)) => {
+                let bytes: Vec<u8> = m
+                    .split(':')
+                    .map(|b| u8::from_str_radix(b, 16))
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| format!("mac={m}: expected six hex bytes, aa:bb:cc:dd:ee:ff"))?;
+                mac = bytes
+                    .try_into()
+                    .map_err(|_| format!("mac={m}: expected six hex bytes, aa:bb:cc:dd:ee:ff"))?;
+                if mac[0] & 1 != 0 {
+                    return Err(format!("mac={m}: a multicast address"));
+                }
+            }
+            _ => return Err(format!("{part:?}: expected tap=NAME or mac=MAC")),
+        }
+    }
+    let tap = tap.ok_or("expected tap=NAME")?;
+    Ok(NetConfig { tap, mac })
+}
+
 /// Parses `--mem`: a number of MiB, or a number with an `M` or `G` suffix.
 pub fn parse_mem(s: &str) -> Result<u64, CliError> {
     let err = || CliError::Mem(s.to_string());
@@ -116,6 +152,11 @@ pub struct Cli {
     /// Add a virtio-rng device fed from /dev/urandom (slot 1: 0xd0001000, IRQ 6).
     #[arg(long)]
     pub rng: bool,
+    /// Add a virtio-net device (slot 2: 0xd0002000, IRQ 7) on TAP interface
+    /// NAME, which must exist or be creatable by this process; the guest
+    /// gets MAC address MAC (default 06:00:0a:00:02:02).
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    pub net: Option<NetConfig>,
     /// Offer protected memory (CPUID 0x40000001 EAX bit 18) and enforce the
     /// ENABLE/SHARE/UNSHARE hypercalls; needs a host kernel with the KVM
     /// protected-memory patches. `gmem` (the default): private pages live
@@ -281,6 +322,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"4G\""), "{e}");
+    }
+
+    #[test]
+    fn net_option() {
+        let net = |a: &str| parse(&["--kernel", "bz", "--net", a]).map(|c| c.net.unwrap());
+        let n = net("tap=kpm0").unwrap();
+        assert_eq!(
+            (n.tap.as_str(), n.mac),
+            ("kpm0", crate::devices::virtio::net::DEFAULT_MAC)
+        );
+        let n = net("tap=t1,mac=02:00:00:00:00:0a").unwrap();
+        assert_eq!(n.mac, [2, 0, 0, 0, 0, 10]);
+        for bad in [
+            "",
+            "tap=",
+            "kpm0",
+            "tap=a,mac=1:2:3",
+            "tap=a,mac=01:00:00:00:00:00",
+            "tap=a,x=1",
+        ] {
+            assert!(net(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse(&["--kernel", "bz"]).unwrap().net.is_none());
     }
 
     #[test]

@@ -18,20 +18,17 @@
 //! every vCPU, calls [`Machine::settle`] and [`Machine::reset`], and boots
 //! again.
 
-use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::Serialize;
 use vm_superio::Trigger;
 
-use crate::hypercalls::HypercallHandler;
-use crate::probe::{Probe, PROBE_BASE, PROBE_SIZE};
-use crate::protection::{Protection, ProtectionError};
-use crate::serial::{PanicState, SerialPort, COM1_BASE, COM1_LEN};
-use crate::virtio::blk::Block;
-use crate::virtio::rng::Rng;
-use crate::virtio::{slot_addr, MmioTransport, MMIO_SIZE};
+use crate::devices::bus::MmioBus;
+use crate::devices::serial::{PanicState, PanicWatch, SerialPort, COM1_BASE, COM1_LEN};
+use crate::gmem::GmemError;
+use crate::hypercalls::{HypercallError, HypercallHandler};
+use crate::protection::{Access, Protection, ProtectionError};
 
 /// i8042 data port.
 const I8042_DATA: u16 = 0x60;
@@ -45,10 +42,6 @@ const CMOS_DATA: u16 = 0x71;
 /// `KVM_SYSTEM_EVENT_SHUTDOWN` / `KVM_SYSTEM_EVENT_RESET`.
 const SYSTEM_EVENT_SHUTDOWN: u32 = kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN;
 const SYSTEM_EVENT_RESET: u32 = kvm_bindings::KVM_SYSTEM_EVENT_RESET;
-/// virtio-mmio slot of the block device.
-pub const BLK_SLOT: u32 = 0;
-/// virtio-mmio slot of the entropy device.
-pub const RNG_SLOT: u32 = 1;
 
 /// One vCPU exit, as the dispatcher sees it.
 #[derive(Debug)]
@@ -126,6 +119,72 @@ pub enum Exit<'a> {
     },
     /// Anything else, described.
     Other(String),
+}
+
+/// Most `KVM_EXIT_MEMORY_FAULT`s in a row a vCPU may re-enter from.
+pub const MAX_FAULT_STREAK: u32 = 64;
+
+/// What a vCPU's exit handling keeps between its exits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuExitState {
+    /// `KVM_EXIT_MEMORY_FAULT`s since the vCPU's last other exit.
+    pub fault_streak: u32,
+}
+
+/// What to do with a `KVM_EXIT_MEMORY_FAULT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FaultAction {
+    /// Enter the guest again: the fault lost a race with a conversion.
+    /// `seen`: the VMM's map already shows the conversion.
+    Retry {
+        /// The access disagrees with the VMM's map.
+        seen: bool,
+    },
+    /// Stop the VM, for this reason.
+    Stop(String),
+}
+
+/// Decides on a `KVM_EXIT_MEMORY_FAULT` of an access that was private
+/// (`access_private`, the exit's `KVM_MEMORY_EXIT_FLAG_PRIVATE`) to a
+/// range that the VMM's own shared map says is private (`Some(true)`),
+/// shared (`Some(false)`), or not RAM (`None`), the `streak`-th of the
+/// vCPU in a row.
+///
+/// In a software-protected VM whose memory KVM owns (`kvm_owned`),
+/// KVM takes an access's private bit from the page's attribute when the
+/// fault starts and checks it again once it has a consistent view; if
+/// another vCPU's SHARE or UNSHARE changed the attribute in between, KVM
+/// exits with the old value. It happens to a vCPU touching a page another
+/// converts, e.g. `load_unaligned_zeropad()` reading across into the next
+/// page. Entering again faults afresh with the attribute as it is now.
+/// The VMM cannot read attributes (KVM owns them), only compare the
+/// access with its map, which follows each conversion once KVM reported
+/// it: if they differ, the map already shows the conversion that raced;
+/// if they agree, the conversion's exit is still on its way on the other
+/// vCPU, or the VMM refused it and KVM undid it. Both are retried, at
+/// most [`MAX_FAULT_STREAK`] times in a row, so that a fault that does not
+/// go away (no race at all) stops the VM instead of spinning. A VM whose
+/// attributes KVM does not own has no private memory to race with.
+pub fn memory_fault_action(
+    kvm_owned: bool,
+    access_private: bool,
+    map_private: Option<bool>,
+    streak: u32,
+) -> FaultAction {
+    if !kvm_owned {
+        return FaultAction::Stop("the VM has no KVM-owned private memory".into());
+    }
+    let Some(map_private) = map_private else {
+        return FaultAction::Stop("the range is not guest RAM".into());
+    };
+    if streak > MAX_FAULT_STREAK {
+        return FaultAction::Stop(format!(
+            "{streak} memory faults in a row on this vCPU: not a race with a conversion"
+        ));
+    }
+    FaultAction::Retry {
+        seen: map_private != access_private,
+    }
 }
 
 /// Why the VM stopped.
@@ -244,8 +303,13 @@ pub struct ExitCounts {
     pub hypercall: u64,
     /// MMIO accesses that hit no device.
     pub mmio_unhandled: u64,
-    /// `KVM_EXIT_MEMORY_FAULT` exits (each stops the VM).
+    /// `KVM_EXIT_MEMORY_FAULT` exits: the conversion race (re-entered)
+    /// or a fault that stopped the VM.
     pub memory_fault: u64,
+    /// Re-entered: the VMM's map already showed the conversion that raced.
+    pub memory_fault_after_conversion: u64,
+    /// Re-entered: the VMM's map did not show a conversion (yet).
+    pub memory_fault_before_conversion: u64,
 }
 
 /// [`ExitCounts`] as the vCPU threads bump them, each without a lock.
@@ -258,6 +322,8 @@ pub struct ExitCounters {
     hypercall: AtomicU64,
     mmio_unhandled: AtomicU64,
     memory_fault: AtomicU64,
+    memory_fault_after_conversion: AtomicU64,
+    memory_fault_before_conversion: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -276,39 +342,36 @@ impl ExitCounters {
             hypercall: get(&self.hypercall),
             mmio_unhandled: get(&self.mmio_unhandled),
             memory_fault: get(&self.memory_fault),
+            memory_fault_after_conversion: get(&self.memory_fault_after_conversion),
+            memory_fault_before_conversion: get(&self.memory_fault_before_conversion),
         }
     }
 }
 
-/// Entropy source type of the rng device.
-pub type EntropySource = Box<dyn Read + Send>;
-
 /// Locks `m`; a thread that panicked while holding it does not stop the
 /// others (device state stays consistent per register access).
-pub fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub fn locked<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// All device state of the VM, raising interrupts through `T` and writing
-/// the console to `W`, shared by the vCPU threads and the block I/O thread.
+/// All device state of the VM, raising interrupts through `T`, shared by
+/// the vCPU threads and the device event loop.
 ///
 /// Each device has its own lock, so exits to different devices run in
 /// parallel. Lock order, outermost first: `boots`, `hypercalls`, then a
-/// device (`serial`, `blk`, `rng`, `probe`), then `prot`. Device
+/// device (`serial`, one device of the bus), then `prot`. Device
 /// emulation holds `prot` for reading while it touches guest memory;
 /// ENABLE, SHARE and UNSHARE hold it for writing, so a conversion waits
 /// for the accesses in flight and no access starts until it is done.
-pub struct Machine<T: Trigger, W: Write> {
+pub struct Machine<T: Trigger> {
     /// COM1.
-    pub serial: Mutex<SerialPort<T, W>>,
-    /// virtio-blk in slot 0.
-    pub blk: Option<Mutex<MmioTransport<Block, T>>>,
-    /// virtio-rng in slot 1.
-    pub rng: Option<Mutex<MmioTransport<Rng<EntropySource>, T>>>,
-    /// The probe device.
-    pub probe: Mutex<Probe>,
-    /// The checked device view of RAM.
-    pub prot: RwLock<Protection>,
+    pub serial: Mutex<SerialPort<T>>,
+    /// The console's panic state, read without the serial lock.
+    panic: PanicWatch,
+    /// The MMIO devices (virtio transports, the probe).
+    pub bus: MmioBus,
+    /// The checked device view of RAM; devices hold clones of the handle.
+    pub prot: Arc<RwLock<Protection>>,
     /// Protected-memory hypercalls.
     pub hypercalls: Mutex<HypercallHandler>,
     /// Exit counters.
@@ -317,26 +380,21 @@ pub struct Machine<T: Trigger, W: Write> {
     pub boots: Mutex<Boots>,
 }
 
-fn in_window(addr: u64, base: u64, size: u64) -> Option<u64> {
-    addr.checked_sub(base).filter(|off| *off < size)
-}
-
-impl<T: Trigger, W: Write> Machine<T, W> {
-    /// Builds the machine from its parts, every lock free.
+impl<T: Trigger> Machine<T> {
+    /// Builds the machine from its parts, every lock free. `prot` is the
+    /// handle the devices of `bus` were given.
     pub fn new(
-        serial: SerialPort<T, W>,
-        blk: Option<MmioTransport<Block, T>>,
-        rng: Option<MmioTransport<Rng<EntropySource>, T>>,
-        prot: Protection,
+        serial: SerialPort<T>,
+        bus: MmioBus,
+        prot: Arc<RwLock<Protection>>,
         hypercalls: HypercallHandler,
         boots: Boots,
     ) -> Self {
         Machine {
+            panic: serial.console().panic_watch(),
             serial: Mutex::new(serial),
-            blk: blk.map(Mutex::new),
-            rng: rng.map(Mutex::new),
-            probe: Mutex::default(),
-            prot: RwLock::new(prot),
+            bus,
+            prot,
             hypercalls: Mutex::new(hypercalls),
             exits: ExitCounters::default(),
             boots: Mutex::new(boots),
@@ -353,8 +411,18 @@ impl<T: Trigger, W: Write> Machine<T, W> {
         self.prot.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Handles one exit.
+    /// Handles one exit of a vCPU that keeps no state of its own (tests,
+    /// one-off exits): see [`Machine::handle_vcpu_exit`].
     pub fn handle_exit(&self, exit: Exit<'_>) -> Action {
+        self.handle_vcpu_exit(&mut VcpuExitState::default(), exit)
+    }
+
+    /// Handles one exit of the vCPU whose exit state is `vcpu`.
+    pub fn handle_vcpu_exit(&self, vcpu: &mut VcpuExitState, exit: Exit<'_>) -> Action {
+        if let Exit::MemoryFault { flags, gpa, size } = exit {
+            return self.memory_fault(vcpu, flags, gpa, size);
+        }
+        vcpu.fault_streak = 0;
         match exit {
             Exit::IoIn { port, size, data } => {
                 bump(&self.exits.io_in);
@@ -408,6 +476,13 @@ impl<T: Trigger, W: Write> Machine<T, W> {
                         *ret = value;
                         Action::Continue
                     }
+                    // A stop (reboot, --timeout) interrupted ENABLE's
+                    // populate: this thread leaves at its stop check,
+                    // before it could enter the guest again, and the stop
+                    // decides how the boot ends.
+                    Err(HypercallError::Enable(ProtectionError::Gmem(
+                        GmemError::Interrupted { .. },
+                    ))) => Action::Continue,
                     Err(e) => Action::Stop(StopReason::Error(e.to_string())),
                 }
             }
@@ -426,20 +501,40 @@ impl<T: Trigger, W: Write> Machine<T, W> {
             Exit::InternalError => {
                 Action::Stop(StopReason::Error("KVM_EXIT_INTERNAL_ERROR".to_string()))
             }
-            Exit::MemoryFault { flags, gpa, size } => {
-                bump(&self.exits.memory_fault);
-                let kind = if flags & u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE) != 0 {
-                    "private"
-                } else {
-                    "shared"
-                };
-                Action::Stop(StopReason::Error(format!(
-                    "KVM_EXIT_MEMORY_FAULT: KVM could not map a {kind} guest access to GPAs \
-                     {gpa:#x}..{:#x} (flags {flags:#x})",
-                    gpa.saturating_add(size)
-                )))
-            }
+            Exit::MemoryFault { .. } => unreachable!("handled above"),
             Exit::Other(what) => Action::Stop(StopReason::Error(format!("unhandled exit {what}"))),
+        }
+    }
+
+    /// `KVM_EXIT_MEMORY_FAULT` on vCPU `vcpu`: see [`memory_fault_action`].
+    fn memory_fault(&self, vcpu: &mut VcpuExitState, flags: u64, gpa: u64, size: u64) -> Action {
+        bump(&self.exits.memory_fault);
+        let access_private = flags & u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE) != 0;
+        let (kvm_owned, access) = {
+            let prot = self.prot();
+            (prot.gmem_stats().is_some(), prot.classify(gpa, size.max(1)))
+        };
+        let map = match access {
+            Access::NotRam => None,
+            Access::Allowed => Some(false),
+            Access::Private => Some(true),
+        };
+        vcpu.fault_streak += 1;
+        match memory_fault_action(kvm_owned, access_private, map, vcpu.fault_streak) {
+            FaultAction::Retry { seen } => {
+                bump(if seen {
+                    &self.exits.memory_fault_after_conversion
+                } else {
+                    &self.exits.memory_fault_before_conversion
+                });
+                Action::Continue
+            }
+            FaultAction::Stop(why) => Action::Stop(StopReason::Error(format!(
+                "KVM_EXIT_MEMORY_FAULT: KVM could not map a {} guest access to GPAs \
+                 {gpa:#x}..{:#x} (flags {flags:#x}): {why}",
+                if access_private { "private" } else { "shared" },
+                gpa.saturating_add(size)
+            ))),
         }
     }
 
@@ -490,7 +585,7 @@ impl<T: Trigger, W: Write> Machine<T, W> {
 
     /// Whether the console saw a kernel panic.
     pub fn panicking(&self) -> bool {
-        locked(&self.serial).console().panic_state() != PanicState::None
+        self.panic.state() != PanicState::None
     }
 
     /// One element of an `in`.
@@ -531,51 +626,25 @@ impl<T: Trigger, W: Write> Machine<T, W> {
     }
 
     fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        if let (Some(off), Some(blk)) = (
-            in_window(addr, slot_addr(BLK_SLOT.into()), MMIO_SIZE),
-            self.blk.as_ref(),
-        ) {
-            return locked(blk).read(off, data);
+        if !self.bus.read(addr, data) {
+            bump(&self.exits.mmio_unhandled);
+            data.fill(0);
         }
-        if let (Some(off), Some(rng)) = (
-            in_window(addr, slot_addr(RNG_SLOT.into()), MMIO_SIZE),
-            self.rng.as_ref(),
-        ) {
-            return locked(rng).read(off, data);
-        }
-        if let Some(off) = in_window(addr, PROBE_BASE, PROBE_SIZE) {
-            return locked(&self.probe).read(off, data, &self.prot());
-        }
-        bump(&self.exits.mmio_unhandled);
-        data.fill(0);
     }
 
     fn mmio_write(&self, addr: u64, data: &[u8]) -> Action {
-        let res = if let (Some(off), Some(blk)) = (
-            in_window(addr, slot_addr(BLK_SLOT.into()), MMIO_SIZE),
-            self.blk.as_ref(),
-        ) {
-            locked(blk).write(off, data, &self.prot)
-        } else if let (Some(off), Some(rng)) = (
-            in_window(addr, slot_addr(RNG_SLOT.into()), MMIO_SIZE),
-            self.rng.as_ref(),
-        ) {
-            locked(rng).write(off, data, &self.prot)
-        } else if let Some(off) = in_window(addr, PROBE_BASE, PROBE_SIZE) {
-            locked(&self.probe).write(off, data);
-            Ok(())
-        } else {
-            bump(&self.exits.mmio_unhandled);
-            Ok(())
-        };
-        match res {
-            Ok(()) => Action::Continue,
-            Err(e) => Action::Stop(StopReason::Error(e.to_string())),
+        match self.bus.write(addr, data) {
+            None => {
+                bump(&self.exits.mmio_unhandled);
+                Action::Continue
+            }
+            Some(Ok(())) => Action::Continue,
+            Some(Err(e)) => Action::Stop(StopReason::Error(e.to_string())),
         }
     }
 }
 
-impl<T: Trigger + Clone, W: Write> Machine<T, W> {
+impl<T: Trigger + Clone> Machine<T> {
     /// Machine reset for a reboot after `reason`: records the boot that
     /// ended, counts the reboot, and puts every device back to its power-on
     /// state: UART registers, virtio transports (status 0, queues
@@ -602,58 +671,99 @@ impl<T: Trigger + Clone, W: Write> Machine<T, W> {
         boots.current += 1;
         boots.reboots_left = boots.reboots_left.saturating_sub(1);
         locked(&self.serial).reset();
-        if let Some(blk) = self.blk.as_ref() {
-            locked(blk).reset();
-        }
-        if let Some(rng) = self.rng.as_ref() {
-            locked(rng).reset();
-        }
-        *locked(&self.probe) = Probe::default();
+        self.bus.reset();
         hypercalls.start_boot(boots.current);
         self.prot_mut().reset()
     }
 
     /// Stops device activity on guest memory before a reboot clears RAM:
     /// the virtio transports go back to reset, so a notification still
-    /// pending for the I/O thread finds no queue to process.
+    /// pending for the event loop finds no queue to process.
     pub fn quiesce(&self) {
-        if let Some(blk) = self.blk.as_ref() {
-            locked(blk).reset();
-        }
-        if let Some(rng) = self.rng.as_ref() {
-            locked(rng).reset();
-        }
+        self.bus.quiesce();
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::devices::probe::{ProbeDevice, PROBE_BASE, PROBE_SIZE, REG_ALLOWED, REG_MAGIC};
+    use crate::devices::serial::tests::{Captured, CountingIrq};
+    use crate::devices::virtio::blk::Block;
+    use crate::devices::virtio::rng::{EntropySource, Rng};
+    use crate::devices::virtio::tests::r;
+    use crate::devices::virtio::{slot_addr, MmioTransport, MMIO_SIZE};
     use crate::hypercalls::{FailKnobs, KVM_HC_MAP_GPA_RANGE};
-    use crate::probe::{REG_ALLOWED, REG_MAGIC};
-    use crate::serial::tests::CountingIrq;
-    use crate::virtio::tests::r;
     use hypercall::{KVM_ENOSYS, KVM_EPERM, KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE};
     use std::io::Cursor;
     use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_MAGIC_VALUE};
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-    pub(crate) fn machine(with_devices: bool) -> Machine<CountingIrq, Vec<u8>> {
+    type Prot = Arc<RwLock<Protection>>;
+    pub(crate) type TestMachine = Machine<CountingIrq>;
+    pub(crate) type BlkT = Arc<Mutex<MmioTransport<Block, CountingIrq, Prot>>>;
+    pub(crate) type RngT = Arc<Mutex<MmioTransport<Rng<EntropySource>, CountingIrq, Prot>>>;
+
+    /// A machine with 1 MiB of RAM and, `with_devices`, virtio-blk (an
+    /// empty disk) in slot 0, virtio-rng in slot 1 and the probe, as the
+    /// VMM registers them; the transports, for tests to drive directly.
+    pub(crate) fn machine_with(with_devices: bool) -> (TestMachine, Option<(BlkT, RngT)>) {
         let view = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let file = std::fs::File::open("/dev/null").unwrap();
-        let source: EntropySource = Box::new(Cursor::new(vec![7u8; 64]));
-        Machine::new(
-            SerialPort::new(CountingIrq::default(), Vec::new()),
-            with_devices
-                .then(|| MmioTransport::new(Block::from_file(file, 0), CountingIrq::default())),
-            with_devices.then(|| MmioTransport::new(Rng::new(source), CountingIrq::default())),
-            Protection::new(view),
+        let prot = Arc::new(RwLock::new(Protection::new(view)));
+        let mut bus = MmioBus::new();
+        let devices = with_devices.then(|| {
+            let file = std::fs::File::open("/dev/null").unwrap();
+            let source: EntropySource = Box::new(Cursor::new(vec![7u8; 64]));
+            let irq = CountingIrq::default;
+            let blk = Arc::new(Mutex::new(MmioTransport::new(
+                Block::from_file(file, 0),
+                irq(),
+                prot.clone(),
+            )));
+            let rng = Arc::new(Mutex::new(MmioTransport::new(
+                Rng::new(source),
+                irq(),
+                prot.clone(),
+            )));
+            bus.insert(slot_addr(0), MMIO_SIZE, blk.clone()).unwrap();
+            bus.insert(slot_addr(1), MMIO_SIZE, rng.clone()).unwrap();
+            bus.insert(
+                PROBE_BASE,
+                PROBE_SIZE,
+                Arc::new(Mutex::new(ProbeDevice::new(prot.clone()))),
+            )
+            .unwrap();
+            (blk, rng)
+        });
+        let (sink, out) = Captured::sink();
+        let m = Machine::new(
+            SerialPort::new(CountingIrq::default(), sink),
+            bus,
+            prot,
             HypercallHandler::new(FailKnobs::default()),
             Boots::new(0),
-        )
+        );
+        OUTPUT.with(|o| *o.borrow_mut() = Some(out));
+        (m, devices)
     }
 
-    fn out(m: &Machine<CountingIrq, Vec<u8>>, port: u16, s: &[u8]) -> Action {
+    thread_local! {
+        /// The console output of the last machine this test thread built.
+        static OUTPUT: std::cell::RefCell<Option<Captured>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// What the console of `m` (the last machine built on this thread) wrote.
+    pub(crate) fn console_output(m: &TestMachine) -> Vec<u8> {
+        let out = OUTPUT.with(|o| o.borrow().clone()).unwrap();
+        out.after(locked(&m.serial).console().sink())
+    }
+
+    pub(crate) fn machine(with_devices: bool) -> TestMachine {
+        machine_with(with_devices).0
+    }
+
+    fn out(m: &Machine<CountingIrq>, port: u16, s: &[u8]) -> Action {
         let mut last = Action::Continue;
         for b in s {
             last = m.handle_exit(Exit::IoOut {
@@ -665,7 +775,7 @@ pub(crate) mod tests {
         last
     }
 
-    fn hypercall(m: &Machine<CountingIrq, Vec<u8>>, nr: u64, a: [u64; 3]) -> u64 {
+    fn hypercall(m: &Machine<CountingIrq>, nr: u64, a: [u64; 3]) -> u64 {
         let mut ret = 0xdead;
         let args = [a[0], a[1], a[2], 0, 0, 0];
         assert_eq!(
@@ -684,7 +794,7 @@ pub(crate) mod tests {
     fn console_output_and_reset() {
         let m = machine(false);
         assert_eq!(out(&m, 0x3f8, b"hello\n"), Action::Continue);
-        assert_eq!(locked(&m.serial).console().output().as_slice(), b"hello\n");
+        assert_eq!(console_output(&m), b"hello\n");
         assert_eq!(m.exits.snapshot().io_out, 6);
         let mut status = [0xaau8];
         m.handle_exit(Exit::IoIn {
@@ -714,6 +824,35 @@ pub(crate) mod tests {
         assert_eq!(StopReason::Reset.exit_code(), 0);
     }
 
+    /// A console whose stdout nobody reads: the vCPU's exits to COM1
+    /// return at once and the panic is seen without the serial lock.
+    #[test]
+    fn a_stalled_console_blocks_no_vcpu() {
+        use crate::devices::serial::tests::Stalled;
+        use crate::devices::serial::ConsoleSink;
+        let (_release, stalled) = std::sync::mpsc::channel();
+        let sink = ConsoleSink::with_capacity(Stalled(stalled, Captured::default()), 4096).unwrap();
+        let m = Machine::new(
+            SerialPort::new(CountingIrq::default(), sink.clone()),
+            MmioBus::new(),
+            machine(false).prot.clone(),
+            HypercallHandler::new(FailKnobs::default()),
+            Boots::new(0),
+        );
+        let start = std::time::Instant::now();
+        for _ in 0..200 {
+            assert_eq!(out(&m, 0x3f8, &[b'z'; 80]), Action::Continue);
+            out(&m, 0x3f8, b"\n");
+        }
+        out(&m, 0x3f8, b"Kernel panic - not syncing: stalled stdout\n");
+        assert!(m.panicking());
+        let a = out(&m, 0x3f8, b"---[ end Kernel panic - not syncing: x ]---\n");
+        assert_eq!(a, Action::Stop(StopReason::Panic));
+        assert!(!sink.flush(std::time::Duration::from_millis(50)));
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        assert!(sink.dropped() > 0);
+    }
+
     #[test]
     fn rep_port_io_handles_every_element() {
         let m = machine(false);
@@ -724,7 +863,7 @@ pub(crate) mod tests {
             data: b"rep\n",
         });
         assert_eq!(a, Action::Continue);
-        assert_eq!(locked(&m.serial).console().output().as_slice(), b"rep\n");
+        assert_eq!(console_output(&m), b"rep\n");
         // `rep insw` from an unknown port: every element all-ones.
         let mut words = [0u8; 8];
         m.handle_exit(Exit::IoIn {
@@ -791,6 +930,211 @@ pub(crate) mod tests {
         assert_eq!(m.exits.snapshot().hypercall, 4);
     }
 
+    /// A guest_memfd side whose populate fails with `error`.
+    struct FailingPopulate(fn() -> GmemError);
+
+    impl crate::gmem::PrivateMemory for FailingPopulate {
+        fn populate(&mut self, _gpa: u64, _len: u64) -> Result<(), GmemError> {
+            Err((self.0)())
+        }
+    }
+
+    #[test]
+    fn memory_faults_are_retried_only_as_a_race_and_only_so_often() {
+        use FaultAction::{Retry, Stop};
+        // The access disagrees with the map: the map shows the conversion.
+        assert_eq!(
+            memory_fault_action(true, false, Some(true), 1),
+            Retry { seen: true }
+        );
+        assert_eq!(
+            memory_fault_action(true, true, Some(false), 1),
+            Retry { seen: true }
+        );
+        // They agree: the conversion's exit is on its way, or was undone.
+        assert_eq!(
+            memory_fault_action(true, true, Some(true), 1),
+            Retry { seen: false }
+        );
+        assert_eq!(
+            memory_fault_action(true, false, Some(false), MAX_FAULT_STREAK),
+            Retry { seen: false }
+        );
+        for (owned, map, streak) in [
+            (false, Some(true), 1),
+            (true, None, 1),
+            (true, Some(true), MAX_FAULT_STREAK + 1),
+        ] {
+            assert!(
+                matches!(memory_fault_action(owned, false, map, streak), Stop(_)),
+                "{owned} {map:?} {streak}"
+            );
+        }
+    }
+
+    /// KVM's side of ENABLE, for a machine in gmem mode: nothing to do.
+    struct NoPopulate;
+
+    impl crate::gmem::PrivateMemory for NoPopulate {
+        fn populate(&mut self, _gpa: u64, _len: u64) -> Result<(), GmemError> {
+            Ok(())
+        }
+    }
+
+    /// A machine whose private memory KVM owns (a guest_memfd side is
+    /// attached), after the guest's ENABLE and a SHARE of page 5.
+    fn gmem_machine() -> TestMachine {
+        let m = machine(false);
+        let memfd = crate::ram::GuestRam::new(0x10_0000).unwrap();
+        let (_kvm, dev) = memfd.into_views();
+        let file = dev
+            .iter()
+            .next()
+            .unwrap()
+            .file_offset()
+            .unwrap()
+            .file()
+            .try_clone()
+            .unwrap();
+        m.prot_mut()
+            .attach_gmem(crate::gmem::Gmem::new(Box::new(NoPopulate), file));
+        for (nr, gpa) in [(KVM_HC_ENABLE_MEM_PROTECTED, 0), (KVM_HC_MEM_SHARE, 0x5000)] {
+            let mut ret = 0x55;
+            let a = m.handle_exit(Exit::Hypercall {
+                nr,
+                args: [gpa, 1, 0, 0, 0, 0],
+                applied: true,
+                ret: &mut ret,
+            });
+            assert_eq!((a, ret), (Action::Continue, 0));
+        }
+        m
+    }
+
+    fn fault(m: &TestMachine, vcpu: &mut VcpuExitState, private: bool, gpa: u64) -> Action {
+        let flags = if private {
+            u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE)
+        } else {
+            0
+        };
+        m.handle_vcpu_exit(
+            vcpu,
+            Exit::MemoryFault {
+                flags,
+                gpa,
+                size: 0x1000,
+            },
+        )
+    }
+
+    #[test]
+    fn a_vcpu_that_lost_the_race_with_a_conversion_enters_again() {
+        let m = gmem_machine();
+        let mut v = VcpuExitState::default();
+        // A private access to page 5, which the other vCPU just shared;
+        // a shared access to page 6, which is private.
+        assert_eq!(fault(&m, &mut v, true, 0x5000), Action::Continue);
+        assert_eq!(fault(&m, &mut v, false, 0x6000), Action::Continue);
+        // A shared access to page 5: its UNSHARE's exit is still coming.
+        assert_eq!(fault(&m, &mut v, false, 0x5000), Action::Continue);
+        let e = m.exits.snapshot();
+        assert_eq!(
+            (
+                e.memory_fault,
+                e.memory_fault_after_conversion,
+                e.memory_fault_before_conversion
+            ),
+            (3, 2, 1)
+        );
+        // Any other exit ends the streak; the streak is per vCPU.
+        m.handle_vcpu_exit(&mut v, Exit::Hlt);
+        assert_eq!(v.fault_streak, 0);
+        let mut other = VcpuExitState::default();
+        for i in 1..=MAX_FAULT_STREAK {
+            assert_eq!(fault(&m, &mut v, true, 0x5000), Action::Continue, "{i}");
+        }
+        assert_eq!(fault(&m, &mut other, true, 0x5000), Action::Continue);
+        match fault(&m, &mut v, true, 0x5000) {
+            Action::Stop(StopReason::Error(e)) => {
+                assert!(e.contains("65 memory faults in a row"), "{e}")
+            }
+            a => panic!("{a:?}"),
+        }
+        // Not RAM: no race can explain it.
+        match fault(&m, &mut other, false, 0x10_0000) {
+            Action::Stop(StopReason::Error(e)) => assert!(e.contains("not guest RAM"), "{e}"),
+            a => panic!("{a:?}"),
+        }
+    }
+
+    #[test]
+    fn a_memory_fault_without_kvm_owned_memory_stops_the_vm() {
+        let m = machine(false);
+        match fault(&m, &mut VcpuExitState::default(), true, 0x5000) {
+            Action::Stop(StopReason::Error(e)) => {
+                assert!(
+                    e.starts_with("KVM_EXIT_MEMORY_FAULT: KVM could not map a private"),
+                    "{e}"
+                )
+            }
+            a => panic!("{a:?}"),
+        }
+    }
+
+    #[test]
+    fn an_enable_interrupted_by_a_stop_is_no_error_of_its_own() {
+        use std::io::{Seek, Write as _};
+        let cases: [(fn() -> GmemError, bool); 2] = [
+            (
+                || GmemError::Interrupted {
+                    at: 0x1000,
+                    left: 0x2000,
+                },
+                true,
+            ),
+            (
+                || GmemError::Kvm {
+                    op: "KVM_SW_PROTECTED_POPULATE",
+                    start: 0,
+                    end: 0x1000,
+                    err: std::io::Error::from_raw_os_error(libc::EFAULT),
+                },
+                false,
+            ),
+        ];
+        for (error, continues) in cases {
+            let m = machine(false);
+            // A shared backing with data, so that ENABLE has something to
+            // populate.
+            let path = std::env::temp_dir()
+                .join(format!("protmem-exit-{}-{continues}", std::process::id()));
+            let mut shared = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .unwrap();
+            std::fs::remove_file(&path).unwrap();
+            shared.seek(std::io::SeekFrom::Start(0x1000)).unwrap();
+            shared.write_all(&[1u8; 0x1000]).unwrap();
+            shared.set_len(0x10_0000).unwrap();
+            let g = crate::gmem::Gmem::new(Box::new(FailingPopulate(error)), shared);
+            m.prot_mut().attach_gmem(g);
+            let mut ret = 0x77;
+            let a = m.handle_exit(Exit::Hypercall {
+                nr: KVM_HC_ENABLE_MEM_PROTECTED,
+                args: [0; 6],
+                applied: true,
+                ret: &mut ret,
+            });
+            if continues {
+                assert_eq!(a, Action::Continue, "the stop ends the thread");
+            } else {
+                assert!(matches!(a, Action::Stop(StopReason::Error(_))), "{a:?}");
+            }
+        }
+    }
+
     #[test]
     fn a_conversion_kvm_applied_without_guest_memfd_stops_the_vm() {
         // Without --protect=gmem KVM must not apply conversions itself,
@@ -815,17 +1159,15 @@ pub(crate) mod tests {
 
     #[test]
     fn mmio_routes_to_devices_and_probe() {
-        let m = machine(true);
+        let (m, devices) = machine_with(true);
+        let (blk, _) = devices.unwrap();
         let mut magic = [0u8; 4];
         m.handle_exit(Exit::MmioRead {
             addr: 0xd000_0000 + u64::from(VIRTIO_MMIO_MAGIC_VALUE),
             data: &mut magic,
         });
         assert_eq!(&magic, b"virt");
-        assert_eq!(
-            r(&mut locked(m.blk.as_ref().unwrap()), VIRTIO_MMIO_DEVICE_ID),
-            2
-        );
+        assert_eq!(r(&mut locked(&blk), VIRTIO_MMIO_DEVICE_ID), 2);
         let mut id = [0u8; 4];
         m.handle_exit(Exit::MmioRead {
             addr: 0xd000_1000 + u64::from(VIRTIO_MMIO_DEVICE_ID),
@@ -846,7 +1188,7 @@ pub(crate) mod tests {
             addr: PROBE_BASE + REG_MAGIC,
             data: &mut v,
         });
-        assert_eq!(u64::from_le_bytes(v) as u32, crate::probe::MAGIC);
+        assert_eq!(u64::from_le_bytes(v) as u32, crate::devices::probe::MAGIC);
         let mut none = [0xffu8; 4];
         m.handle_exit(Exit::MmioRead {
             addr: 0xd000_5000,
@@ -946,21 +1288,13 @@ pub(crate) mod tests {
 
     #[test]
     fn reset_puts_devices_and_protection_back_to_power_on() {
-        use crate::virtio::tests::{activate, Rings};
+        use crate::devices::virtio::tests::{activate, Rings};
         use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_STATUS};
-        let m = machine(true);
+        let (m, devices) = machine_with(true);
+        let (blk, rng) = devices.unwrap();
         *locked(&m.boots) = Boots::new(1);
-        let guest = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        activate(
-            &mut locked(m.blk.as_ref().unwrap()),
-            &guest,
-            &Rings::new(0x1000, 16),
-        );
-        activate(
-            &mut locked(m.rng.as_ref().unwrap()),
-            &guest,
-            &Rings::new(0x4000, 16),
-        );
+        activate(&mut locked(&blk), &Rings::new(0x1000, 16));
+        activate(&mut locked(&rng), &Rings::new(0x4000, 16));
         out(&m, 0x3f9, &[0x02]); // IER
         m.handle_exit(Exit::MmioWrite {
             addr: PROBE_BASE,
@@ -971,12 +1305,9 @@ pub(crate) mod tests {
         let exits = m.exits.snapshot();
 
         m.reset(&StopReason::Shutdown).unwrap();
-        let blk_status = r(&mut locked(m.blk.as_ref().unwrap()), VIRTIO_MMIO_STATUS);
-        let rng_status = r(&mut locked(m.rng.as_ref().unwrap()), VIRTIO_MMIO_STATUS);
-        let blk_ready = r(
-            &mut locked(m.blk.as_ref().unwrap()),
-            VIRTIO_MMIO_QUEUE_READY,
-        );
+        let blk_status = r(&mut locked(&blk), VIRTIO_MMIO_STATUS);
+        let rng_status = r(&mut locked(&rng), VIRTIO_MMIO_STATUS);
+        let blk_ready = r(&mut locked(&blk), VIRTIO_MMIO_QUEUE_READY);
         assert_eq!([blk_status, rng_status, blk_ready], [0; 3]);
         let mut ier = [0xffu8];
         m.handle_exit(Exit::IoIn {

@@ -47,6 +47,17 @@ pub enum GmemError {
         /// The OS error.
         err: io::Error,
     },
+    /// The VM is being stopped (a reboot, `--timeout`) while ENABLE was
+    /// populating: the rest was not copied, and the guest never runs again.
+    #[error(
+        "populating the guest_memfd was interrupted by a stop at GPA {at:#x}, {left:#x} bytes left"
+    )]
+    Interrupted {
+        /// First GPA not populated.
+        at: u64,
+        /// Bytes not populated.
+        left: u64,
+    },
     /// Walking or punching the shared memfd failed.
     #[error("{op} of the shared memfd at {start:#x}..{end:#x} failed: {err}")]
     Shared {

@@ -21,6 +21,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 
 use crate::gmem::{GmemError, PrivateMemory};
+use crate::kick;
 
 /// `KVM_CAP_SW_PROTECTED_POPULATE` (include/uapi/linux/kvm.h, our patch).
 pub const KVM_CAP_SW_PROTECTED_POPULATE: u32 = 250;
@@ -202,23 +203,50 @@ impl PrivateMemory for KvmPrivate {
             source: self.shared_host + gpa,
             ..Default::default()
         };
-        // KVM advances `arg` as it copies; a signal (a vCPU kick) only
-        // interrupts it, so go on until it is done or fails.
-        while arg.size > 0 {
-            // SAFETY: the ioctl reads and writes exactly one
-            // `KvmSwProtectedPopulate`, which `arg` is; KVM reads the
-            // source pages through GUP, from the shared mapping we own.
-            let rc = unsafe { ioctl_with_mut_ref(&*self.vm, KVM_SW_PROTECTED_POPULATE, &mut arg) };
-            if rc == 0 {
-                break;
-            }
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EINTR) {
-                return Err(kvm_err("KVM_SW_PROTECTED_POPULATE", arg.gpa, arg.size, err));
-            }
-        }
-        Ok(())
+        let vm = self.vm.clone();
+        populate_until_done(
+            &mut arg,
+            |a| {
+                // SAFETY: the ioctl reads and writes exactly one
+                // `KvmSwProtectedPopulate`, which `a` is; KVM reads the
+                // source pages through GUP, from the shared mapping we own.
+                let rc = unsafe { ioctl_with_mut_ref(&*vm, KVM_SW_PROTECTED_POPULATE, a) };
+                if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            },
+            kick::stopping,
+        )
     }
+}
+
+/// Calls `populate` until KVM has copied all of `arg`. KVM advances `arg`
+/// as it copies, and a signal interrupts it (`EINTR`): a vCPU kick that
+/// only looks at the vCPU goes on where KVM stopped, one that stops the
+/// VM (`stopping`) ends it with [`GmemError::Interrupted`], so a reboot or
+/// `--timeout` does not wait for the rest of RAM.
+pub fn populate_until_done(
+    arg: &mut KvmSwProtectedPopulate,
+    mut populate: impl FnMut(&mut KvmSwProtectedPopulate) -> io::Result<()>,
+    stopping: impl Fn() -> bool,
+) -> Result<(), GmemError> {
+    while arg.size > 0 {
+        match populate(arg) {
+            Ok(()) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {
+                if stopping() {
+                    return Err(GmemError::Interrupted {
+                        at: arg.gpa,
+                        left: arg.size,
+                    });
+                }
+            }
+            Err(e) => return Err(kvm_err("KVM_SW_PROTECTED_POPULATE", arg.gpa, arg.size, e)),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -232,6 +260,59 @@ mod tests {
         vmm_sys_util::ioctl_iowr_nr!(POPULATE, KVMIO, 0xd6, KvmSwProtectedPopulate);
         assert_eq!(KVM_SW_PROTECTED_POPULATE, POPULATE());
         assert_eq!(KVM_SW_PROTECTED_POPULATE, 0xc040_aed6);
+    }
+
+    /// A populate that KVM interrupts after each page, and a stop that
+    /// comes after `stop_after` interruptions.
+    fn interrupted(stop_after: usize) -> (Result<(), GmemError>, KvmSwProtectedPopulate, usize) {
+        let mut arg = KvmSwProtectedPopulate {
+            gpa: 0x10_0000,
+            size: 8 * 0x1000,
+            source: 0x7f00_0000_0000,
+            ..Default::default()
+        };
+        let calls = std::cell::Cell::new(0);
+        let r = populate_until_done(
+            &mut arg,
+            |a| {
+                calls.set(calls.get() + 1);
+                a.gpa += 0x1000;
+                a.source += 0x1000;
+                a.size -= 0x1000;
+                if a.size == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::from_raw_os_error(libc::EINTR))
+                }
+            },
+            || calls.get() > stop_after,
+        );
+        (r, arg, calls.get())
+    }
+
+    #[test]
+    fn populate_goes_on_after_a_kick_and_gives_up_on_a_stop() {
+        let (r, arg, calls) = interrupted(usize::MAX);
+        assert!(r.is_ok());
+        assert_eq!((arg.size, calls), (0, 8), "every interruption resumed");
+        let (r, arg, calls) = interrupted(3);
+        match r {
+            Err(GmemError::Interrupted { at, left }) => {
+                assert_eq!((at, left), (0x10_4000, 4 * 0x1000));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!((arg.size, calls), (4 * 0x1000, 4), "no call after the stop");
+        let mut arg = KvmSwProtectedPopulate {
+            size: 0x1000,
+            ..Default::default()
+        };
+        let r = populate_until_done(
+            &mut arg,
+            |_| Err(io::Error::from_raw_os_error(libc::EPERM)),
+            || false,
+        );
+        assert!(matches!(r, Err(GmemError::Kvm { .. })), "{r:?}");
     }
 
     #[test]

@@ -87,6 +87,29 @@ extern "C" fn on_kick(_: c_int, _: *mut siginfo_t, _: *mut c_void) {
     });
 }
 
+thread_local! {
+    /// The stop flag of the VM this vCPU thread runs, for long operations
+    /// on the thread to check when a kick interrupts them.
+    static STOP: std::cell::RefCell<Option<Arc<AtomicBool>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Makes `stop` the calling thread's stop flag ([`stopping`]).
+pub fn set_thread_stop_flag(stop: Arc<AtomicBool>) {
+    STOP.with(|s| *s.borrow_mut() = Some(stop));
+}
+
+/// Whether the VM of the calling vCPU thread is being stopped: a
+/// system call interrupted by a kick (`EINTR`) must then give up rather
+/// than start again. False on threads without a stop flag.
+pub fn stopping() -> bool {
+    STOP.with(|s| {
+        s.borrow()
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::SeqCst))
+    })
+}
+
 /// The signal used to kick vCPU threads (`SIGRTMIN`, as Firecracker).
 pub fn kick_signal() -> c_int {
     SIGRTMIN()
@@ -267,6 +290,32 @@ mod tests {
                 "thread {id}: handler set the byte"
             );
         }
+    }
+
+    #[test]
+    fn a_thread_sees_its_own_stop_flag() {
+        assert!(!stopping(), "no flag: not stopping");
+        let mut threads = VcpuThreads::new();
+        let flag = threads.stop_flag();
+        let (tx, rx) = mpsc::channel::<bool>();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        threads.push(
+            0,
+            thread::spawn(move || {
+                set_thread_stop_flag(flag);
+                tx.send(stopping()).unwrap();
+                while !stopping() {
+                    let _ = go_rx.recv_timeout(Duration::from_millis(5));
+                }
+                tx.send(stopping()).unwrap();
+            }),
+        );
+        assert!(!rx.recv().unwrap());
+        install().unwrap();
+        threads.stop(Duration::from_secs(5)).unwrap();
+        drop(go_tx);
+        assert!(rx.recv().unwrap());
+        assert!(!stopping(), "other threads unaffected");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Userspace VMM for KVM protected-memory Linux guests.
 //!
 //! Boots a bzImage with an initramfs on KVM, gives it a serial console,
-//! virtio-mmio block and entropy devices and a probe device, and, with
+//! virtio-mmio block, entropy and network devices on an MMIO bus
+//! ([`devices`]) and a probe device, and, with
 //! `--protect`, enforces the guest's protected-memory hypercalls: devices
 //! reach guest RAM only through [`protection::Protection`], which refuses
 //! private pages. The KVM-touching code is the thin shell in [`vmm`]; the
@@ -15,20 +16,17 @@
 pub mod boot;
 pub mod cli;
 pub mod cpuid;
+pub mod devices;
 pub mod diag;
 pub mod exit;
 pub mod gmem;
 pub mod gmem_kvm;
 pub mod hostile;
 pub mod hypercalls;
-pub mod iothread;
 pub mod kick;
 pub mod kvm_stats;
 pub mod mptable;
-pub mod probe;
 pub mod protection;
 pub mod ram;
-pub mod serial;
 pub mod stats;
-pub mod virtio;
 pub mod vmm;

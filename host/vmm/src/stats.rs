@@ -24,11 +24,11 @@
 //!   "bytes": {"read_from_guest": 0, "written_to_guest": 0},
 //!   "probe": {"allowed": 0, "denied": 0},
 //!   "mprotect_failures": 0,
-//!   "virtio": {"blk": {"transport": {...}, "requests": {...}} or null,
-//!              "rng": {"transport": {...}, "requests": {...}} or null},
+//!   "virtio": {"blk": {"transport": {...}, "requests": {...}},
+//!              "rng": {"transport": {...}, "requests": {...}}},
 //!   "exits": {"io_in": 0, "io_out": 0, "mmio_read": 0, "mmio_write": 0,
 //!             "hypercall": 0, "mmio_unhandled": 0},
-//!   "console_bytes": 0
+//!   "console_bytes": 0, "console_dropped": 0
 //! }
 //! ```
 //!
@@ -44,16 +44,16 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
+use serde_json::Value;
 use vm_superio::Trigger;
 
 use crate::cli::{BlkIo, ProtectMode};
 use crate::exit::{locked, ExitCounts, Machine, ResetRecord, StopReason};
 use crate::gmem::GmemStats;
 use crate::hypercalls::{EnableRecord, ResultCounts};
-use crate::virtio::blk::BlockStats;
-use crate::virtio::rng::RngStats;
-use crate::virtio::TransportStats;
 
 /// Errors writing the stats file.
 #[derive(Debug, thiserror::Error)]
@@ -95,24 +95,6 @@ pub struct ProbeCounts {
     pub allowed: u64,
     /// Found private or not RAM.
     pub denied: u64,
-}
-
-/// One virtio device's counters.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
-pub struct DeviceEntry<S> {
-    /// Transport counters.
-    pub transport: TransportStats,
-    /// Device counters.
-    pub requests: S,
-}
-
-/// Counters of the virtio devices present.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
-pub struct VirtioStats {
-    /// virtio-blk, if present.
-    pub blk: Option<DeviceEntry<BlockStats>>,
-    /// virtio-rng, if present.
-    pub rng: Option<DeviceEntry<RngStats>>,
 }
 
 /// Everything the stats file holds.
@@ -160,8 +142,9 @@ pub struct Stats {
     pub mprotect_failures: u64,
     /// SHARE/UNSHARE refused: too many runs of shared pages.
     pub run_limit_refusals: u64,
-    /// virtio devices.
-    pub virtio: VirtioStats,
+    /// virtio devices present, by key (`blk`, `rng`, `net`): each
+    /// `{"transport": {...}, "requests": {...}}`.
+    pub virtio: BTreeMap<&'static str, Value>,
     /// vCPU exits.
     pub exits: ExitCounts,
     /// Bytes the guest wrote to the console.
@@ -169,6 +152,9 @@ pub struct Stats {
     /// KVM's own counters of the VMs and vCPUs (`KVM_GET_STATS_FD`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kvm: Option<crate::kvm_stats::KvmCounters>,
+    /// Console bytes dropped because the output did not keep up (a
+    /// stalled stdout).
+    pub console_dropped: u64,
     /// `--hostile`: every attempt of the compromised VMM, in order.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hostile: Option<Vec<crate::hostile::Attempt>>,
@@ -191,28 +177,18 @@ impl Stats {
     }
 
     /// Collects the counters of `m` after it stopped for `reason`.
-    pub fn collect<T: Trigger, W: Write>(
-        m: &Machine<T, W>,
+    pub fn collect<T: Trigger>(
+        m: &Machine<T>,
         reason: &StopReason,
         protect: Option<ProtectMode>,
-        blk_io: BlkIo,
+        blk_io: Option<BlkIo>,
     ) -> Self {
         let (boots, hypercalls) = (locked(&m.boots), locked(&m.hypercalls));
-        let blk = m.blk.as_ref().map(|t| {
-            let t = locked(t);
-            DeviceEntry {
-                transport: t.stats(),
-                requests: t.device().stats(),
-            }
-        });
-        let rng = m.rng.as_ref().map(|t| {
-            let t = locked(t);
-            DeviceEntry {
-                transport: t.stats(),
-                requests: t.device().stats(),
-            }
-        });
-        let console_bytes = locked(&m.serial).console().bytes();
+        let virtio = m.bus.stats().into_iter().collect();
+        let (console_bytes, console_dropped) = {
+            let s = locked(&m.serial);
+            (s.console().bytes(), s.console().sink().dropped())
+        };
         let prot = m.prot();
         let a = prot.stats();
         Stats {
@@ -240,11 +216,12 @@ impl Stats {
             },
             mprotect_failures: a.mprotect_failures,
             run_limit_refusals: a.run_limit_refusals,
-            virtio: VirtioStats { blk, rng },
+            virtio,
             exits: m.exits.snapshot(),
             console_bytes,
+            console_dropped,
             gmem: prot.gmem_stats(),
-            blk_io: m.blk.as_ref().map(|_| blk_io.name()),
+            blk_io: blk_io.map(BlkIo::name),
             ..Self::stopped(reason, protect)
         }
     }
@@ -294,7 +271,6 @@ mod tests {
     use super::*;
     use crate::exit::tests::machine;
     use crate::exit::{Action, Boots, Exit};
-    use crate::serial::tests::CountingIrq;
     use hypercall::{KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE};
     use serde_json::json;
 
@@ -318,7 +294,7 @@ mod tests {
             &m,
             &StopReason::Reset,
             Some(ProtectMode::View),
-            BlkIo::Thread,
+            Some(BlkIo::Thread),
         );
         let v: serde_json::Value = serde_json::to_value(&s).unwrap();
         assert_eq!(v["hypercalls"]["13"]["0"], 1);
@@ -350,7 +326,7 @@ mod tests {
         assert!(err.to_string().contains("/nonexistent/dir/stats.json"));
     }
 
-    type TestMachine = Machine<CountingIrq, Vec<u8>>;
+    type TestMachine = crate::exit::tests::TestMachine;
 
     fn hypercall(m: &TestMachine, nr: u64, gpa: u64, npages: u64) {
         let mut ret = 0;
@@ -378,7 +354,7 @@ mod tests {
             &m,
             &StopReason::Reset,
             Some(ProtectMode::View),
-            BlkIo::Thread,
+            Some(BlkIo::Thread),
         );
         assert_eq!((s.boots, s.enables.len(), s.resets.len()), (1, 0, 0));
 
@@ -397,7 +373,7 @@ mod tests {
             &m,
             &StopReason::Reset,
             Some(ProtectMode::View),
-            BlkIo::Thread,
+            Some(BlkIo::Thread),
         );
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["boots"], 2);

@@ -33,7 +33,7 @@ use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -50,27 +50,29 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::boot::{self, BootError};
 use crate::cli::{BlkIo, Cli, ProtectMode};
 use crate::cpuid::{self, CpuidConfig};
-use crate::diag;
-use crate::exit::{
-    locked, Action, Boots, EntropySource, Exit, Machine, StopReason, BLK_SLOT, RNG_SLOT,
+use crate::devices::bus::{BusError, MmioBus};
+use crate::devices::event_loop::{EventLoop, EventLoopError};
+use crate::devices::probe::{ProbeDevice, PROBE_BASE, PROBE_SIZE};
+use crate::devices::serial::{ConsoleSink, SerialPort, COM1_IRQ};
+use crate::devices::virtio::blk::{Block, BlockError};
+use crate::devices::virtio::net::tap::{Tap, TapError};
+use crate::devices::virtio::net::Net;
+use crate::devices::virtio::rng::{EntropySource, Rng, RngError, URANDOM};
+use crate::devices::virtio::{
+    slot_addr, slot_irq, MmioTransport, Notify, VirtioDevice, VirtioError, MMIO_SIZE,
 };
+use crate::diag;
+use crate::exit::{locked, Action, Boots, Exit, Machine, StopReason, VcpuExitState};
 use crate::gmem::Gmem;
 use crate::gmem_kvm::{self, HostError, KvmPrivate};
 use crate::hostile::{Hostile, HostileError};
 use crate::hypercalls::{self, FailKnobs, HypercallError, HypercallHandler};
-use crate::iothread::IoThread;
 use crate::kick::{self, KickError, VcpuThreads};
 use crate::kvm_stats;
 use crate::mptable::{self, MptableError};
 use crate::protection::{Protection, ProtectionError};
 use crate::ram::{self, GuestRam, RamError};
-use crate::serial::{SerialPort, COM1_IRQ};
 use crate::stats::Stats;
-use crate::virtio::blk::{Block, BlockError};
-use crate::virtio::rng::Rng;
-use crate::virtio::rng::{RngError, URANDOM};
-use crate::virtio::{slot_addr, slot_irq, MmioTransport};
-use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
 
 /// Three pages below 4 GiB that KVM needs for the TSS on Intel (harmless on
 /// AMD); outside RAM and the MMIO windows used here.
@@ -79,6 +81,8 @@ const TSS_ADDRESS: usize = 0xfffb_d000;
 const PANIC_GRACE: Duration = Duration::from_secs(5);
 /// How often the main thread checks the timeout and panic grace.
 const TICK: Duration = Duration::from_millis(100);
+/// How long the exit waits for the console's writer to catch up.
+const CONSOLE_FLUSH_WAIT: Duration = Duration::from_secs(2);
 /// How long the vCPU threads of a rebooting VM may take to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -119,9 +123,18 @@ pub enum VmmError {
         /// The OS error.
         err: io::Error,
     },
-    /// Starting the block I/O thread failed.
+    /// Starting the console's writer thread failed.
+    #[error("starting the console writer thread: {0}")]
+    Console(io::Error),
+    /// Starting the device event loop failed.
     #[error(transparent)]
-    IoThread(#[from] crate::iothread::IoThreadError),
+    EventLoop(#[from] EventLoopError),
+    /// Placing a device on the bus failed.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// Setting up a virtio transport failed.
+    #[error(transparent)]
+    Virtio(#[from] VirtioError),
     /// Spawning a vCPU thread failed.
     #[error("spawning the thread of vCPU {id} failed: {err}")]
     Thread {
@@ -151,6 +164,9 @@ pub enum VmmError {
     /// Entropy source.
     #[error(transparent)]
     Rng(#[from] RngError),
+    /// Network backend.
+    #[error(transparent)]
+    Tap(#[from] TapError),
     /// Rewinding the kernel or initrd to load it again for a reboot failed.
     #[error("rewinding {what} {path} to load it for boot {boot}: {err}")]
     Rewind {
@@ -216,7 +232,7 @@ impl Trigger for IrqEvent {
 }
 
 /// The machine as the vCPU threads and the I/O thread share it.
-type SharedMachine = Arc<Machine<IrqEvent, Box<dyn Write + Send>>>;
+type SharedMachine = Arc<Machine<IrqEvent>>;
 
 /// How the run ended.
 pub struct Outcome {
@@ -238,8 +254,8 @@ struct Setup<'a> {
     cmdline: Cmdline,
     /// GSI and eventfd of each interrupt line.
     irqs: Vec<(u32, IrqEvent)>,
-    /// With `--blk-io=thread`: the ioeventfd of virtio-blk's QueueNotify.
-    blk_notify: Option<Arc<EventFd>>,
+    /// The queue notifications KVM signals on eventfds: (GPA, value, eventfd).
+    ioevents: Vec<(u64, u32, Arc<EventFd>)>,
     /// Whether the TSC-rate note went to stderr already (once per run).
     tsc_note_printed: std::cell::Cell<bool>,
 }
@@ -350,12 +366,13 @@ impl Setup<'_> {
             vm.register_irqfd(&evt.0, *gsi)
                 .map_err(kvm_err(format!("KVM_IRQFD for IRQ {gsi}")))?;
         }
-        if let Some(evt) = &self.blk_notify {
-            // The driver writes the queue index (u32) to QueueNotify; queue
-            // 0 is virtio-blk's only queue. Other values still exit.
-            let addr = slot_addr(BLK_SLOT.into()) + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY);
-            vm.register_ioevent(evt, &IoEventAddress::Mmio(addr), 0u32)
-                .map_err(kvm_err(format!("KVM_IOEVENTFD at {addr:#x}")))?;
+        for (addr, datamatch, evt) in &self.ioevents {
+            // The driver writes the queue index (u32) to QueueNotify; other
+            // values still exit.
+            vm.register_ioevent(evt, &IoEventAddress::Mmio(*addr), *datamatch)
+                .map_err(kvm_err(format!(
+                    "KVM_IOEVENTFD at {addr:#x} (value {datamatch})"
+                )))?;
         }
 
         let mut vcpus = Vec::new();
@@ -391,7 +408,7 @@ impl Setup<'_> {
         // destroys the VM and frees its guest_memfd (private pages).
         drop(machine.prot_mut().detach_gmem());
         drop(vm);
-        // The I/O thread may still hold a notification of the old guest:
+        // The event loop may still hold a notification of the old guest:
         // with the queues reset it finds nothing to do in RAM being cleared.
         machine.quiesce();
         ram::clear(self.ram)?;
@@ -476,6 +493,63 @@ struct NewVm {
     gmem_fd: Option<File>,
 }
 
+/// The devices of the machine, and what KVM and the kernel command line
+/// need to know of them.
+#[derive(Default)]
+struct Devices {
+    bus: MmioBus,
+    /// GSI and eventfd (registered as an irqfd) of each device's line.
+    irqs: Vec<(u32, IrqEvent)>,
+    /// `(window, IRQ)` of each virtio device, for `virtio_mmio.device=`.
+    virtio: Vec<(u64, u32)>,
+}
+
+impl Devices {
+    /// Puts virtio `device` in slot `slot` (its window and IRQ follow from
+    /// it), reaching guest memory through `prot`.
+    fn add_virtio<D: VirtioDevice + 'static>(
+        &mut self,
+        slot: u32,
+        device: D,
+        notify: Notify,
+        prot: &Arc<RwLock<Protection>>,
+    ) -> Result<(), VmmError> {
+        let (base, irq) = (slot_addr(slot.into()), slot_irq(slot));
+        let evt = IrqEvent::new(irq)?;
+        let t = MmioTransport::new(device, evt.clone(), prot.clone()).with_notify(notify)?;
+        self.bus.insert(base, MMIO_SIZE, Arc::new(Mutex::new(t)))?;
+        self.irqs.push((irq, evt));
+        self.virtio.push((base, irq));
+        Ok(())
+    }
+}
+
+/// The bus registration: every device of the machine, at its address.
+/// Devices that reach guest memory get `prot`, the checked device view.
+fn register_devices(cli: &Cli, prot: &Arc<RwLock<Protection>>) -> Result<Devices, VmmError> {
+    let mut d = Devices::default();
+    if let Some(path) = &cli.disk {
+        let notify = match cli.blk_io {
+            BlkIo::Thread => Notify::IoEventFd,
+            BlkIo::Vcpu => Notify::Vcpu,
+        };
+        d.add_virtio(0, Block::open(path)?, notify, prot)?;
+    }
+    if cli.rng {
+        let f = File::open(URANDOM).map_err(|err| RngError::Open { path: URANDOM, err })?;
+        let rng = Rng::new(Box::new(f) as EntropySource);
+        d.add_virtio(1, rng, Notify::IoEventFd, prot)?;
+    }
+    if let Some(net) = &cli.net {
+        let tap = Tap::open(&net.tap)?;
+        d.add_virtio(2, Net::new(tap, net.mac), Notify::IoEventFd, prot)?;
+    }
+    let probe = ProbeDevice::new(prot.clone());
+    d.bus
+        .insert(PROBE_BASE, PROBE_SIZE, Arc::new(Mutex::new(probe)))?;
+    Ok(d)
+}
+
 /// Builds the VM described by `cli`, runs it until it stops, and returns why.
 ///
 /// Errors before the first boot runs are returned; anything failing later
@@ -496,14 +570,7 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
         }
         None => None,
     };
-    let blk = cli.disk.as_deref().map(Block::open).transpose()?;
-    let rng = if cli.rng {
-        let f = File::open(URANDOM).map_err(|err| RngError::Open { path: URANDOM, err })?;
-        Some(Rng::new(Box::new(f) as EntropySource))
-    } else {
-        None
-    };
-    let console: Box<dyn Write + Send> = match &cli.serial_log {
+    let out: Box<dyn Write + Send> = match &cli.serial_log {
         Some(p) => Box::new(File::create(p).map_err(|err| VmmError::Open {
             what: "serial log",
             path: p.display().to_string(),
@@ -511,6 +578,7 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
         })?),
         None => Box::new(io::stdout()),
     };
+    let console = ConsoleSink::spawn(out).map_err(VmmError::Console)?;
 
     let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
     let supported = kvm
@@ -525,31 +593,23 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
     // leak it so that nothing can unmap it while a vCPU may still run.
     let kvm_view: &'static GuestMemoryMmap = Box::leak(Box::new(kvm_view));
 
-    let mut virtio = Vec::new();
+    // Devices reach RAM through the device view only (the checked
+    // accessor); with gmem, the private side is attached to it below.
+    let prot = Arc::new(RwLock::new(Protection::new(device_view)));
+    let devices = register_devices(cli, &prot)?;
+    let cmdline = boot::build_cmdline(&cli.cmdline, &devices.virtio)?;
     let serial_irq = IrqEvent::new(COM1_IRQ)?;
     let mut irqs = vec![(COM1_IRQ, serial_irq.clone())];
-    let mut device_irq = |slot: u32| -> Result<IrqEvent, VmmError> {
-        let (addr, irq) = (slot_addr(slot.into()), slot_irq(slot));
-        let evt = IrqEvent::new(irq)?;
-        virtio.push((addr, irq));
-        irqs.push((irq, evt.clone()));
-        Ok(evt)
-    };
-    let blk = match blk {
-        Some(b) => Some(MmioTransport::new(b, device_irq(BLK_SLOT)?)),
-        None => None,
-    };
-    let rng = match rng {
-        Some(r) => Some(MmioTransport::new(r, device_irq(RNG_SLOT)?)),
-        None => None,
-    };
-    let cmdline = boot::build_cmdline(&cli.cmdline, &virtio)?;
-    let blk_notify = match (&blk, cli.blk_io) {
-        (Some(_), BlkIo::Thread) => Some(Arc::new(
-            EventFd::new(EFD_NONBLOCK).map_err(|err| VmmError::EventFd { irq: 0, err })?,
-        )),
-        _ => None,
-    };
+    irqs.extend(devices.irqs.iter().cloned());
+    let ioevents = devices
+        .bus
+        .iter()
+        .flat_map(|e| {
+            let io = locked(&e.device).ioevents();
+            io.into_iter()
+                .map(|io| (e.base + io.offset, io.datamatch, io.evt))
+        })
+        .collect();
 
     let mut setup = Setup {
         cli,
@@ -560,7 +620,7 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
         initrd,
         cmdline,
         irqs,
-        blk_notify: blk_notify.clone(),
+        ioevents,
         tsc_note_printed: Default::default(),
     };
     let entry = setup.load(1)?;
@@ -571,9 +631,10 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
         gmem_fd,
     } = setup.create_vm(entry)?;
 
-    let mut prot = Protection::new(device_view);
     if let Some(g) = gmem {
-        prot.attach_gmem(g);
+        prot.write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .attach_gmem(g);
     }
     let hypercalls = HypercallHandler::new(FailKnobs {
         enable: cli.fail_enable,
@@ -601,20 +662,22 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
     )];
     let machine: SharedMachine = Arc::new(Machine::new(
         SerialPort::new(serial_irq, console),
-        blk,
-        rng,
+        devices.bus,
         prot,
         hypercalls,
         Boots::new(cli.reboots),
     ));
 
-    // One channel for the run: vCPU threads and the I/O thread report the
-    // action that ends a boot.
+    // One channel for the run: vCPU threads and the device event loop
+    // report the action that ends a boot.
     let (tx, rx) = mpsc::channel();
-    let _io_thread = match blk_notify {
-        Some(evt) => Some(start_blk_thread(&machine, evt, tx.clone())?),
-        None => None,
-    };
+    let events = tx.clone();
+    let _event_loop = EventLoop::spawn(&machine.bus, move |e| {
+        // The receiver only goes away when the VMM is exiting anyway.
+        let _ = events.send(Action::Stop(StopReason::Error(format!(
+            "device event loop: {e}"
+        ))));
+    })?;
     let start = Instant::now();
     let deadline = cli.timeout.map(|s| start + Duration::from_secs(s));
     let mut panic_since = None;
@@ -672,10 +735,17 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
             Err(e) => break StopReason::Error(e.to_string()),
         }
     };
-    if let Err(e) = locked(&machine.serial).flush() {
-        eprintln!("protmem-vmm: flushing the console: {e}");
+    // The console's writer may be stuck on a stalled stdout: wait for it
+    // a little, never for good.
+    let sink = locked(&machine.serial).console().sink().clone();
+    if !sink.flush(CONSOLE_FLUSH_WAIT) {
+        eprintln!(
+            "protmem-vmm: the console output did not take the last {} bytes within {CONSOLE_FLUSH_WAIT:?}",
+            sink.backlog()
+        );
     }
-    let mut stats = Stats::collect(&machine, &reason, cli.protect, cli.blk_io);
+    let blk_io = cli.disk.as_ref().map(|_| cli.blk_io);
+    let mut stats = Stats::collect(&machine, &reason, cli.protect, blk_io);
     kvm_counters.harvest();
     stats.kvm = kvm_counters.totals();
     stats.hostile = hostile.map(|h| h.attempts());
@@ -706,24 +776,10 @@ fn report_hang(vm: &VmFd, machine: &SharedMachine, threads: VcpuThreads) {
         }
         Err(e) => eprintln!("protmem-vmm: KVM_GET_IRQCHIP(IOAPIC): {e}"),
     }
-    // A thread stuck in a device holds that device's lock: say so instead
-    // of waiting for it.
-    let blk = machine
-        .blk
-        .as_ref()
-        .map(|d| ("virtio-blk", device_line(d, &machine.prot)));
-    let rng = machine
-        .rng
-        .as_ref()
-        .map(|d| ("virtio-rng", device_line(d, &machine.prot)));
-    for (name, line) in [blk, rng].into_iter().flatten() {
-        match line {
-            Some(l) => eprintln!("protmem-vmm: {l}"),
-            None => eprintln!(
-                "protmem-vmm: {name} or the protection lock is held for more than \
-                 {REPORT_LOCK_WAIT:?}: a thread is stuck in device emulation or a conversion"
-            ),
-        }
+    // A thread stuck in a device holds that device's lock: the bus says
+    // so instead of waiting for it.
+    for line in machine.bus.hang_lines(REPORT_LOCK_WAIT) {
+        eprintln!("protmem-vmm: {line}");
     }
     DUMP_ON_STOP.store(true, Ordering::SeqCst);
     if let Err(e) = threads.stop(STOP_TIMEOUT) {
@@ -839,58 +895,6 @@ fn wait_for_end(
     }
 }
 
-/// The hang-report line of a virtio device, unless its lock or the
-/// protection lock stays taken for [`REPORT_LOCK_WAIT`].
-fn device_line<D: crate::virtio::VirtioDevice>(
-    dev: &std::sync::Mutex<MmioTransport<D, IrqEvent>>,
-    prot: &std::sync::RwLock<Protection>,
-) -> Option<String> {
-    try_for(REPORT_LOCK_WAIT, || {
-        let t = dev.try_lock().ok()?;
-        let p = prot.try_read().ok()?;
-        Some(t.debug_line(&*p))
-    })
-}
-
-/// Calls `f` every 10 ms until it returns something or `wait` passed.
-fn try_for<R>(wait: Duration, mut f: impl FnMut() -> Option<R>) -> Option<R> {
-    let start = Instant::now();
-    loop {
-        if let Some(r) = f() {
-            return Some(r);
-        }
-        if start.elapsed() >= wait {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Starts the thread that serves virtio-blk's queue when `notify` (its
-/// QueueNotify ioeventfd) fires; a failure stops the VM through `events`.
-fn start_blk_thread(
-    machine: &SharedMachine,
-    notify: Arc<EventFd>,
-    events: Sender<Action>,
-) -> Result<IoThread, VmmError> {
-    let m = machine.clone();
-    let work = move || {
-        let Some(blk) = m.blk.as_ref() else {
-            return Ok(());
-        };
-        locked(blk)
-            .queue_notify(0, &m.prot)
-            .map_err(|e| e.to_string())
-    };
-    let failed = move |e: String| {
-        // The receiver only goes away when the VMM is exiting anyway.
-        let _ = events.send(Action::Stop(StopReason::Error(format!(
-            "virtio-blk I/O thread: {e}"
-        ))));
-    };
-    Ok(IoThread::spawn("virtio-blk", notify, work, failed)?)
-}
-
 /// Creates vCPU `id`: CPUID, LAPIC LINT wiring, and for the boot CPU the
 /// 64-bit entry state. Application processors wait for INIT/SIPI in the
 /// in-kernel LAPIC.
@@ -987,6 +991,8 @@ fn vcpu_loop(
     // SAFETY: it lies in this vCPU's kvm_run mapping, mapped as long as
     // `vcpu`; `_kick` is a local, disarmed (dropped) before `vcpu`.
     let _kick = unsafe { kick::Armed::new(immediate_exit) };
+    kick::set_thread_stop_flag(stop.clone());
+    let mut exits = VcpuExitState::default();
     while !stop.load(Ordering::SeqCst) {
         let action = match vcpu.run() {
             Ok(exit) => {
@@ -997,7 +1003,7 @@ fn vcpu_loop(
                 // SAFETY: as above; this read aliases nothing borrowed.
                 let io_size =
                     unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read_volatile() };
-                machine.handle_exit(convert(exit, usize::from(io_size)))
+                machine.handle_vcpu_exit(&mut exits, convert(exit, usize::from(io_size)))
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // A kick or another signal: disarm, then check `stop`.

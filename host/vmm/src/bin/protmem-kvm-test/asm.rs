@@ -109,6 +109,41 @@ impl Asm {
     pub fn hlt(&mut self) -> &mut Self {
         self.bytes(&[0xf4])
     }
+
+    /// `inc r32`.
+    pub fn inc32(&mut self, r: R) -> &mut Self {
+        self.bytes(&[0x66, 0x40 + r as u8])
+    }
+
+    /// `dec r32`.
+    pub fn dec32(&mut self, r: R) -> &mut Self {
+        self.bytes(&[0x66, 0x48 + r as u8])
+    }
+
+    /// `mov eax, r32`.
+    pub fn eax_from(&mut self, r: R) -> &mut Self {
+        self.bytes(&[0x66, 0x89, 0xc0 | (r as u8) << 3])
+    }
+
+    /// `cmp dword [addr], 0`.
+    pub fn cmp_zero32(&mut self, addr: u16) -> &mut Self {
+        self.bytes(&[0x66, 0x83, 0x3e])
+            .bytes(&addr.to_le_bytes())
+            .bytes(&[0])
+    }
+
+    /// Where the next instruction goes (a jump target).
+    pub fn here(&self) -> usize {
+        self.0.len()
+    }
+
+    /// `jnz` (`jz` with `zero`) back to `target`, which must be within a
+    /// short jump.
+    pub fn jcc_back(&mut self, zero: bool, target: usize) -> &mut Self {
+        let rel = target as i64 - (self.0.len() + 2) as i64;
+        let rel = i8::try_from(rel).expect("a short jump");
+        self.bytes(&[if zero { 0x74 } else { 0x75 }, rel as u8])
+    }
 }
 
 #[cfg(test)]
@@ -131,6 +166,13 @@ mod tests {
             .fep()
             .lock_cmpxchg_ecx(0x7000)
             .hlt();
+        let top = a.here();
+        a.inc32(R::Si)
+            .dec32(R::Di)
+            .eax_from(R::Si)
+            .cmp_zero32(0x7000)
+            .jcc_back(true, top)
+            .jcc_back(false, top);
         assert_eq!(
             a.0,
             [
@@ -143,7 +185,10 @@ mod tests {
                 0xf3, 0x6c, 0xf3, 0x6e, 0xf3, 0xa4, // rep ins/outs/movsb
                 0x0f, 0x0b, b'k', b'v', b'm', // forced emulation
                 0x66, 0xf0, 0x0f, 0xb1, 0x0e, 0x00, 0x70, // lock cmpxchg
-                0xf4,
+                0xf4, 0x66, 0x46, 0x66, 0x4f, // inc esi, dec edi
+                0x66, 0x89, 0xf0, // mov eax, esi
+                0x66, 0x83, 0x3e, 0x00, 0x70, 0x00, // cmp dword [0x7000], 0
+                0x74, 0xf1, 0x75, 0xef, // jz, jnz back to the inc
             ]
         );
     }

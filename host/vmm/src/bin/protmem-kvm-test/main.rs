@@ -22,7 +22,10 @@
 //!   operation that would read or change private memory or vCPU state
 //!   fails with EPERM, and the instruction emulator reads and writes
 //!   private memory (string I/O, `movs` from MMIO, `cmpxchg`, hypercall
-//!   patching) with the data checked.
+//!   patching) with the data checked;
+//! - the conversion race of SMP guests ([`race`]): one vCPU converts a
+//!   page back and forth while another reads across into it; every
+//!   `KVM_EXIT_MEMORY_FAULT` is re-entered as the VMM does.
 //!
 //! Prints one `ok`/`not ok` line per check and `N passed, M failed`; exits
 //! non-zero on any failure. Needs /dev/kvm.
@@ -31,6 +34,7 @@
 
 mod asm;
 mod owned;
+mod race;
 
 use std::process::ExitCode;
 
@@ -707,6 +711,7 @@ fn main() -> ExitCode {
     }
     gmem_checks(&kvm, &mut check);
     owned::checks(&kvm, &mut check);
+    race::checks(&kvm, &mut check);
     println!("{passed} passed, {failed} failed");
     if failed == 0 {
         ExitCode::SUCCESS

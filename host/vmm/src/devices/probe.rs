@@ -14,6 +14,9 @@
 //! Every read that touches 0x08..0x17 is one probe, counted as allowed or
 //! denied separately from device accesses.
 
+use std::sync::{Arc, PoisonError, RwLock};
+
+use super::{DeviceError, MmioDevice};
 use crate::protection::Protection;
 
 /// Guest-physical address of the probe window.
@@ -65,6 +68,45 @@ impl Probe {
         bytes[offset as usize..offset as usize + data.len()].copy_from_slice(data);
         self.gpa = u64::from_le_bytes(bytes);
     }
+}
+
+/// The probe on the MMIO bus, reading the device view through the
+/// protection lock.
+pub struct ProbeDevice {
+    probe: Probe,
+    prot: Arc<RwLock<Protection>>,
+}
+
+impl ProbeDevice {
+    /// A probe of `prot`'s device view, GPA register 0.
+    pub fn new(prot: Arc<RwLock<Protection>>) -> Self {
+        ProbeDevice {
+            probe: Probe::default(),
+            prot,
+        }
+    }
+}
+
+impl MmioDevice for ProbeDevice {
+    fn name(&self) -> &'static str {
+        "probe"
+    }
+
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let prot = self.prot.read().unwrap_or_else(PoisonError::into_inner);
+        self.probe.read(offset, data, &prot);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        self.probe.write(offset, data);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.probe = Probe::default();
+    }
+
+    fn quiesce(&mut self) {}
 }
 
 #[cfg(test)]

@@ -199,6 +199,14 @@ impl VirtioDevice for Block {
         VIRTIO_ID_BLOCK
     }
 
+    fn name(&self) -> &'static str {
+        "blk"
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        serde_json::json!(self.stats)
+    }
+
     fn device_features(&self) -> u64 {
         // SIZE_MAX and SEG_MAX: the limits the device enforces, so a driver
         // never builds a request it would refuse. INDIRECT_DESC with them:
@@ -266,14 +274,15 @@ pub fn header_bytes(kind: u32, sector: u64) -> [u8; HEADER_SIZE as usize] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::serial::tests::CountingIrq;
+    use crate::devices::virtio::tests::{activate, kick, Rings};
+    use crate::devices::virtio::MmioTransport;
     use crate::protection::{Access, Protection};
     use crate::ram::GuestRam;
-    use crate::serial::tests::CountingIrq;
-    use crate::virtio::tests::{activate, kick, Rings};
-    use crate::virtio::MmioTransport;
     use hypercall::GpaRange;
     use proptest::prelude::*;
     use std::io::{Read, Seek, SeekFrom, Write};
+    use std::sync::{Arc, RwLock};
     use vm_memory::GuestAddress;
 
     type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
@@ -319,9 +328,9 @@ mod tests {
     fn read_write_flush_get_id_over_plain_memory() {
         let m = GuestMemoryMmap::from_ranges(&[(ga(0), 0x10_0000)]).unwrap();
         let (mut f, blk) = disk();
-        let mut t = MmioTransport::new(blk, CountingIrq::default());
+        let mut t = MmioTransport::new(blk, CountingIrq::default(), m.clone());
         let mut rings = Rings::new(0x1000, 16);
-        activate(&mut t, &m, &rings);
+        activate(&mut t, &rings);
         let mut cfg = [0u8; 8];
         t.read(0x100, &mut cfg);
         assert_eq!(u64::from_le_bytes(cfg), DISK_SECTORS);
@@ -350,7 +359,7 @@ mod tests {
         );
         m.write_slice(&header_bytes(0x99, 0), ga(0x8800)).unwrap();
         rings.add_chain(&m, &[(0x8800, 16, false), (0x8900, 1, true)]);
-        kick(&mut t, &m);
+        kick(&mut t);
 
         assert_eq!(rings.used_idx(&m), 5);
         let mut got = vec![0u8; 1024];
@@ -379,9 +388,9 @@ mod tests {
     fn out_of_range_and_wrong_direction_are_ioerr() {
         let m = GuestMemoryMmap::from_ranges(&[(ga(0), 0x10_0000)]).unwrap();
         let (_f, blk) = disk();
-        let mut t = MmioTransport::new(blk, CountingIrq::default());
+        let mut t = MmioTransport::new(blk, CountingIrq::default(), m.clone());
         let mut rings = Rings::new(0x1000, 16);
-        activate(&mut t, &m, &rings);
+        activate(&mut t, &rings);
         m.write_slice(&header_bytes(VIRTIO_BLK_T_IN, DISK_SECTORS - 1), ga(0x8000))
             .unwrap();
         rings.add_chain(
@@ -401,7 +410,7 @@ mod tests {
             &[(0x8400, 16, false), (0x9000, 512, true), (0x8500, 1, true)],
         );
         rings.add_chain(&m, &[(0x8600, 1, true)]);
-        kick(&mut t, &m);
+        kick(&mut t);
         assert_eq!(rings.used_idx(&m), 4);
         for a in [0x8100, 0x8300, 0x8500] {
             assert_eq!(
@@ -427,9 +436,9 @@ mod tests {
         ] {
             assert_ne!(f & (1 << bit), 0, "feature bit {bit}");
         }
-        let mut t = MmioTransport::new(blk, CountingIrq::default());
+        let mut t = MmioTransport::new(blk, CountingIrq::default(), m.clone());
         let mut rings = Rings::new(0x1000, 16);
-        activate(&mut t, &m, &rings);
+        activate(&mut t, &rings);
         let mut cfg = [0u8; 4];
         t.read(0x100 + 8, &mut cfg);
         assert_eq!(u32::from_le_bytes(cfg), MAX_BUFFER, "size_max");
@@ -463,7 +472,7 @@ mod tests {
         );
         m.write_obj(d, ga(rings.desc + 16 * u64::from(head)))
             .unwrap();
-        kick(&mut t, &m);
+        kick(&mut t);
         assert_eq!(rings.used_idx(&m), 1);
         assert_eq!(rings.used_elem(&m, 0).1, 3 * 512 + 1);
         assert_eq!(
@@ -480,21 +489,25 @@ mod tests {
     /// page 0x8000 are shared, activated; returns the disk file to keep it.
     fn protected_blk() -> (
         GuestMemoryMmap,
-        Protection,
+        Dev,
         File,
-        MmioTransport<Block, CountingIrq>,
+        MmioTransport<Block, CountingIrq, Dev>,
         Rings,
     ) {
         let (guest, mut dev) = ram();
         dev.enable().unwrap();
         dev.share(GpaRange::new(0x1000, 3).unwrap()).unwrap();
         dev.share(GpaRange::new(0x8000, 1).unwrap()).unwrap();
+        let dev = Arc::new(RwLock::new(dev));
         let (f, blk) = disk();
-        let mut t = MmioTransport::new(blk, CountingIrq::default());
+        let mut t = MmioTransport::new(blk, CountingIrq::default(), dev.clone());
         let rings = Rings::new(0x1000, 16);
-        activate(&mut t, &dev, &rings);
+        activate(&mut t, &rings);
         (guest, dev, f, t, rings)
     }
+
+    /// The device view behind the protection lock, as the VMM shares it.
+    type Dev = Arc<RwLock<Protection>>;
 
     #[test]
     fn private_buffer_is_denied_counted_and_ioerr() {
@@ -509,15 +522,15 @@ mod tests {
             &guest,
             &[(0x8000, 16, false), (0x9000, 512, true), (0x8100, 1, true)],
         );
-        let denied_before = dev.stats().denied;
-        kick(&mut t, &dev);
+        let denied_before = dev.read().unwrap().stats().denied;
+        kick(&mut t);
         assert_eq!(rings.used_idx(&guest), 1);
         assert_eq!(rings.used_elem(&guest, 0).1, 1, "status only");
         assert_eq!(
             guest.read_obj::<u8>(ga(0x8100)).unwrap() as u32,
             VIRTIO_BLK_S_IOERR
         );
-        assert_eq!(dev.stats().denied, denied_before + 1);
+        assert_eq!(dev.read().unwrap().stats().denied, denied_before + 1);
         let mut buf = [0u8; 512];
         guest.read_slice(&mut buf, ga(0x9000)).unwrap();
         assert_eq!(buf, [0x5a; 512], "private page untouched");
@@ -528,23 +541,24 @@ mod tests {
     fn private_status_returns_len_zero_and_private_rings_skip_the_queue() {
         // Rings (0x1000-0x3fff), header and status (0x8000) shared; the
         // rest of RAM, e.g. the data buffer at 0x9000, is private.
-        let (guest, mut dev, _f, mut t, mut rings) = protected_blk();
+        let (guest, dev, _f, mut t, mut rings) = protected_blk();
         guest
             .write_slice(&header_bytes(VIRTIO_BLK_T_FLUSH, 0), ga(0x8000))
             .unwrap();
         rings.add_chain(&guest, &[(0x8000, 16, false), (0xc000, 1, true)]);
-        kick(&mut t, &dev);
+        kick(&mut t);
         assert_eq!(rings.used_idx(&guest), 1);
         assert_eq!(rings.used_elem(&guest, 0).1, 0);
         assert_eq!(t.device().stats().dropped, 1);
 
-        dev.unshare(GpaRange::new(0x2000, 1).unwrap()).unwrap(); // the avail ring
+        let ring = GpaRange::new(0x2000, 1).unwrap(); // the avail ring
+        dev.write().unwrap().unshare(ring).unwrap();
         rings.add_chain(&guest, &[(0x8000, 16, false), (0x8100, 1, true)]);
-        kick(&mut t, &dev);
+        kick(&mut t);
         assert_eq!(t.stats().ring_denials, 1);
         assert_eq!(rings.used_idx(&guest), 1, "queue not processed");
-        dev.share(GpaRange::new(0x2000, 1).unwrap()).unwrap();
-        kick(&mut t, &dev);
+        dev.write().unwrap().share(ring).unwrap();
+        kick(&mut t);
         assert_eq!(rings.used_idx(&guest), 2, "processed once shared again");
     }
 
@@ -558,11 +572,11 @@ mod tests {
     fn no_device_write_lands_after_unshare_returned() {
         const BUF: u64 = 0x10_000;
         const PAGES: u64 = 8;
-        let (guest, mut dev, _f, mut t, mut rings) = protected_blk();
+        let (guest, dev, _f, mut t, mut rings) = protected_blk();
         let mut outcomes = [0u32; 2];
         for i in 0..64u64 {
             let buf = GpaRange::new(BUF, PAGES).unwrap();
-            dev.share(buf).unwrap();
+            dev.write().unwrap().share(buf).unwrap();
             guest
                 .write_slice(&[0u8; (PAGES * 0x1000) as usize], ga(BUF))
                 .unwrap();
@@ -573,20 +587,18 @@ mod tests {
             chain.extend((0..PAGES).map(|p| (BUF + p * 0x1000, 0x1000, true)));
             chain.push((0x8100, 1, true));
             rings.add_chain(&guest, &chain);
-            let lock = std::sync::RwLock::new(dev);
             let at_unshare = std::thread::scope(|s| {
-                let io = s.spawn(|| t.queue_notify(0, &lock).unwrap());
+                let io = s.spawn(|| t.queue_notify(0).unwrap());
                 for _ in 0..(i % 8) * 50 {
                     std::hint::spin_loop();
                 }
                 let tail = GpaRange::new(BUF + 0x1000 * (PAGES / 2), PAGES / 2).unwrap();
-                lock.write().unwrap().unshare(tail).unwrap();
+                dev.write().unwrap().unshare(tail).unwrap();
                 let mut at_unshare = vec![0u8; (tail.len()) as usize];
                 guest.read_slice(&mut at_unshare, ga(tail.gpa())).unwrap();
                 io.join().unwrap();
                 at_unshare
             });
-            dev = lock.into_inner().unwrap();
             let mut now = vec![0u8; at_unshare.len()];
             guest
                 .read_slice(&mut now, ga(BUF + 0x1000 * (PAGES / 2)))
@@ -598,7 +610,7 @@ mod tests {
             let status = guest.read_obj::<u8>(ga(0x8100)).unwrap() as u32;
             outcomes[usize::from(status == VIRTIO_BLK_S_OK)] += 1;
             assert!(status == VIRTIO_BLK_S_OK || status == VIRTIO_BLK_S_IOERR);
-            dev.unshare(GpaRange::new(BUF, PAGES).unwrap()).unwrap();
+            dev.write().unwrap().unshare(buf).unwrap();
         }
         assert_eq!(outcomes.iter().sum::<u32>(), 64, "every request completed");
     }
@@ -621,9 +633,7 @@ mod tests {
                 guest.write_slice(&header_bytes(*kind, *sector), ga(0x8000 + 0x100 * i as u64)).unwrap();
             }
             let (_f, blk) = disk();
-            let mut t = MmioTransport::new(blk, CountingIrq::default());
             let rings = Rings::new(0x1000, 16);
-            activate(&mut t, &dev, &rings);
             for (i, (addr, len, flags, next)) in descs.iter().enumerate() {
                 let d = Descriptor::new(*addr, *len % 0x3000, *flags, *next);
                 guest.write_obj(d, ga(0x1000 + 16 * i as u64)).unwrap();
@@ -651,7 +661,9 @@ mod tests {
             };
             let pages = private(&dev);
             let before = snapshot(&pages);
-            kick(&mut t, &dev);
+            let mut t = MmioTransport::new(blk, CountingIrq::default(), &dev);
+            activate(&mut t, &rings);
+            kick(&mut t);
             let used = rings.used_idx(&guest);
             prop_assert!(used as usize <= heads.len());
             let s = t.device().stats();

@@ -46,6 +46,9 @@ pub struct Rng<R: Read> {
     stats: RngStats,
 }
 
+/// Entropy source type of the VMM's rng device.
+pub type EntropySource = Box<dyn Read + Send>;
+
 /// Host entropy for the guest.
 pub const URANDOM: &str = "/dev/urandom";
 
@@ -72,9 +75,17 @@ impl<R: Read> Rng<R> {
     }
 }
 
-impl<R: Read> VirtioDevice for Rng<R> {
+impl<R: Read + Send> VirtioDevice for Rng<R> {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_RNG
+    }
+
+    fn name(&self) -> &'static str {
+        "rng"
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        serde_json::json!(self.stats)
     }
 
     fn device_features(&self) -> u64 {
@@ -109,11 +120,11 @@ impl<R: Read> VirtioDevice for Rng<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::serial::tests::CountingIrq;
+    use crate::devices::virtio::tests::{activate, kick, Rings};
+    use crate::devices::virtio::MmioTransport;
     use crate::protection::Protection;
     use crate::ram::GuestRam;
-    use crate::serial::tests::CountingIrq;
-    use crate::virtio::tests::{activate, kick, Rings};
-    use crate::virtio::MmioTransport;
     use hypercall::GpaRange;
     use std::io::Cursor;
     use vm_memory::GuestAddress;
@@ -126,11 +137,15 @@ mod tests {
     fn fills_writable_buffers_in_order() {
         let m =
             vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let mut t = MmioTransport::new(Rng::new(counting_source()), CountingIrq::default());
+        let mut t = MmioTransport::new(
+            Rng::new(counting_source()),
+            CountingIrq::default(),
+            m.clone(),
+        );
         let mut rings = Rings::new(0x1000, 16);
-        activate(&mut t, &m, &rings);
+        activate(&mut t, &rings);
         rings.add_chain(&m, &[(0x8000, 4, true), (0x9000, 3, true)]);
-        kick(&mut t, &m);
+        kick(&mut t);
         assert_eq!(rings.used_elem(&m, 0).1, 7);
         assert_eq!(
             m.read_obj::<u32>(GuestAddress(0x8000)).unwrap(),
@@ -149,13 +164,13 @@ mod tests {
         dev.enable().unwrap();
         dev.share(GpaRange::new(0x1000, 3).unwrap()).unwrap();
         dev.share(GpaRange::new(0x8000, 1).unwrap()).unwrap();
-        let mut t = MmioTransport::new(Rng::new(counting_source()), CountingIrq::default());
+        let mut t = MmioTransport::new(Rng::new(counting_source()), CountingIrq::default(), &dev);
         let mut rings = Rings::new(0x1000, 16);
-        activate(&mut t, &dev, &rings);
+        activate(&mut t, &rings);
         rings.add_chain(&guest, &[(0x9000, 16, true)]);
         rings.add_chain(&guest, &[(0x8000, 8, true), (0x9000, 8, true)]);
         let before = dev.stats().denied;
-        kick(&mut t, &dev);
+        kick(&mut t);
         assert_eq!(rings.used_elem(&guest, 0).1, 0);
         assert_eq!(
             rings.used_elem(&guest, 1).1,
