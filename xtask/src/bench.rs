@@ -63,7 +63,9 @@ const MAIN: [Config; 4] = [
 /// (`SWIOTLB_DYNAMIC`). One vCPU: with 2 or more, 32 parallel readers can
 /// freeze the nested L1 (the stall report showed the L2's vCPU spinning
 /// in `queued_read_lock_slowpath` on `tasklist_lock` while L1's jiffies
-/// stood still, as in `protected-smp4`).
+/// stood still, as in `protected-smp4`, on Debian's QEMU without
+/// qemu/patches/0001). One vCPU keeps the figures comparable with earlier
+/// runs.
 const PRESSURE: [Config; 2] = [
     Config {
         label: "gmem, 64 MiB pool",
@@ -772,7 +774,7 @@ fn report(
         m,
         "32 parallel direct-I/O readers of 1 MiB blocks (queue depth 32), gmem, on 1 vCPU: \
          with 2, this load froze the nested L1 (the guest's vCPU spinning on `tasklist_lock` \
-         while L1 took no timer interrupt, as with 4 vCPUs in `protected-smp4`). \
+         while L1 took no timer interrupt, on an L0 QEMU without qemu/patches/0001). \
          The 2 MiB pool (`swiotlb=1024`) must grow: `SWIOTLB_DYNAMIC` adds pools, which \
          the guest shares at run time. The kernel is built with `SWIOTLB_DYNAMIC=y`; a \
          run without it needs another kernel build and is not part of this command."

@@ -121,11 +121,9 @@ pub fn protected_view() -> Scenario {
 /// The 4-vCPU protected boot (`--cpus 4`): every vCPU up, full KUnit with
 /// the SMP conversion stress, a disk reader pinned to every CPU.
 ///
-/// Not in `cargo xtask test` (it is the longest boot). It froze L1 in about
-/// one run in three on Debian's QEMU, which lost L1's timer interrupt
-/// while L1 ran a vCPU spinning for another (qemu/README.md, fixed by
-/// qemu/patches/0001). Run it by name (`cargo xtask scenarios
-/// protected-smp4`, `cargo xtask soak N --scenario protected-smp4`).
+/// It froze L1 in about one run in three on Debian's QEMU, which lost L1's
+/// timer interrupt while L1 ran a vCPU spinning for another (qemu/README.md,
+/// fixed by qemu/patches/0001).
 pub fn protected_smp4() -> Scenario {
     scenario(
         "protected-smp4",
@@ -136,17 +134,13 @@ pub fn protected_smp4() -> Scenario {
     )
 }
 
-/// Scenarios that only run by name (see [`protected_smp4`]).
-pub fn by_name_only() -> Vec<Scenario> {
-    vec![protected_smp4()]
-}
-
 /// Every scenario `cargo xtask test` runs, in one L1 boot.
 pub fn all() -> Vec<Scenario> {
     let mut all = vec![
         selftests::scenario(),
         protected(),
         protected_view(),
+        protected_smp4(),
         scenario(
             "unprotected",
             "without --protect: not offered, no protected-memory hypercalls, live suite skips, I/O works, the scan finds the secret",
@@ -1495,7 +1489,6 @@ pub fn soak(ctx: &Ctx, k: &Kernel, vmm: &Path, n: usize, name: &str) -> Result<(
         .map(|(i, name)| {
             let mut s = all()
                 .into_iter()
-                .chain(by_name_only())
                 .find(|s| s.name == name)
                 .unwrap_or_else(protected);
             // Scenario names are static: a CLI run leaks a few short strings.

@@ -191,13 +191,7 @@ fn run(cli: Cli) -> Result<()> {
                         }
                     }
                 }
-                for s in e2e::by_name_only() {
-                    println!("{:<28} (by name only) {}", s.name, s.expect);
-                }
                 return Ok(());
-            }
-            if !names.is_empty() {
-                all.extend(e2e::by_name_only());
             }
             if !names.is_empty() {
                 for n in &names {
@@ -236,11 +230,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Soak { n, scenario } => {
             for name in scenario.split(',') {
-                if !e2e::all()
-                    .iter()
-                    .chain(&e2e::by_name_only())
-                    .any(|s| s.name == name)
-                {
+                if !e2e::all().iter().any(|s| s.name == name) {
                     anyhow::bail!("no scenario named {name} on our L1 (see `scenarios --list`)");
                 }
                 if name == selftests::RUN {
