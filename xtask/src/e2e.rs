@@ -664,13 +664,21 @@ fn stress_row(o: &L2Outcome, cpus: usize) -> Row {
         .split_whitespace()
         .next()
         .and_then(|n| n.parse::<usize>().ok());
+    // Reads across page boundaries that raced with a conversion and that
+    // the VMM re-entered (a memory fault KVM reported mid-conversion).
+    let v = stats(o);
+    let retried = num(&v, "exits.memory_fault_after_conversion")
+        + num(&v, "exits.memory_fault_before_conversion");
     row(
-        "every CPU converts its own pages concurrently (KUnit stress)",
+        "every CPU converts its own pages while another reads across them (KUnit stress)",
         ran == Some(cpus),
         if line.is_empty() {
             "no `stress:` line".to_string()
         } else {
-            format!("stress: {}", line.trim())
+            format!(
+                "stress: {}; memory faults the VMM re-entered: {retried}",
+                line.trim()
+            )
         },
     )
 }

@@ -329,6 +329,7 @@ mod live_tests {
         cpumask::Cpumask,
         error::from_err_ptr,
         ffi::{c_int, c_void},
+        page::PAGE_SIZE,
         prelude::*,
         sync::atomic::{Acquire, Atomic, Relaxed, Release},
         time::{Instant, Monotonic},
@@ -410,18 +411,28 @@ mod live_tests {
     /// Each CPU converts 1, 2, 4, 8 and 16 pages of its own block in turn.
     const STRESS_ORDER: u32 = 4;
 
-    /// One CPU's part of the stress: written by its thread, read by the
-    /// test after the thread is done.
+    /// One CPU's part of the stress: written by its threads, read by the
+    /// test after they are done.
     struct Worker {
         done: Atomic<bool>,
         failed: Atomic<bool>,
         conversions: Atomic<u64>,
         hypercalls: Atomic<u64>,
+        /// The block's first page frame; 0 until the block exists.
         pfn: Atomic<u64>,
+        /// The block's address in the direct map, published with `pfn`.
+        addr: Atomic<usize>,
+        /// Reads the reader on this CPU made across the next CPU's page
+        /// boundaries.
+        reads: Atomic<u64>,
+        /// The worker of the next CPU (read by this CPU's reader); set
+        /// before the threads start.
+        next: Atomic<usize>,
     }
 
     /// The stress thread: allocates a block on its CPU, converts pieces of
-    /// it back and forth, frees it private, and waits to be stopped.
+    /// it back and forth and waits to be stopped; the test frees the block
+    /// once every thread is stopped (the readers look at it until then).
     ///
     /// # Safety
     ///
@@ -429,13 +440,14 @@ mod live_tests {
     unsafe extern "C" fn stress_thread(data: *mut c_void) -> c_int {
         // SAFETY: the caller's `Worker` outlives this thread.
         let w = unsafe { &*data.cast::<Worker>() };
-        // SAFETY: plain page allocation; freed below.
+        // SAFETY: plain page allocation; the test frees it.
         let addr = unsafe { bindings::get_free_pages_noprof(bindings::GFP_KERNEL, STRESS_ORDER) };
         if addr == 0 {
             w.failed.store(true, Relaxed);
         } else {
+            w.addr.store(addr, Relaxed);
             // SAFETY: `addr` is a mapped page of the direct map we own.
-            w.pfn.store(unsafe { virt_to_pfn(addr as usize) }, Relaxed);
+            w.pfn.store(unsafe { virt_to_pfn(addr) }, Release);
             for i in 0..STRESS_ROUNDS {
                 let n = 1 << (i % u64::from(STRESS_ORDER + 1));
                 // SAFETY: the block is ours and holds nothing private; it
@@ -452,16 +464,52 @@ mod live_tests {
                 // The block is physically contiguous: one call each way.
                 w.hypercalls.fetch_add(2, Relaxed);
             }
-            if !w.failed.load(Relaxed) {
-                // SAFETY: the block is private again and ours to free.
-                unsafe { bindings::free_pages(addr, STRESS_ORDER) };
-            }
         }
         w.done.store(true, Release);
         // `kthread_stop()` must find this thread alive.
         // SAFETY: plain calls from the thread itself.
         while !unsafe { bindings::kthread_should_stop() } {
             // SAFETY: as above.
+            unsafe { bindings::schedule_timeout_uninterruptible(1) };
+        }
+        0
+    }
+
+    /// The reader thread: until stopped, reads 8 bytes across every page
+    /// boundary of the next CPU's block while that CPU converts it, as
+    /// `load_unaligned_zeropad()` legitimately does. What it reads of a
+    /// page that is being converted is meaningless; that the reads neither
+    /// fault the guest nor stop the VM is the point (a vCPU that loses the
+    /// race with a conversion may see a memory fault the VMM must retry).
+    ///
+    /// # Safety
+    ///
+    /// `data` is a `Worker` that outlives the thread, and its `next` a
+    /// `Worker` whose block is freed only after this thread is stopped.
+    unsafe extern "C" fn reader_thread(data: *mut c_void) -> c_int {
+        // SAFETY: the caller's `Worker` outlives this thread.
+        let w = unsafe { &*data.cast::<Worker>() };
+        // SAFETY: set before the threads started, outlives them (caller).
+        let next = unsafe { &*(w.next.load(Relaxed) as *const Worker) };
+        // SAFETY: plain calls from the thread itself.
+        while !unsafe { bindings::kthread_should_stop() } {
+            if next.pfn.load(Acquire) != 0 && !next.done.load(Acquire) {
+                let base = next.addr.load(Relaxed);
+                for page in 1..(1usize << STRESS_ORDER) {
+                    let at = base + page * PAGE_SIZE - 4;
+                    // SAFETY: `at..at + 8` lies inside the next worker's
+                    // block, mapped in the direct map until the test frees
+                    // it after this thread stopped; an unaligned load is
+                    // a single instruction on x86.
+                    let v = unsafe { core::ptr::read_unaligned(at as *const u64) };
+                    core::hint::black_box(v);
+                }
+                w.reads.fetch_add((1 << STRESS_ORDER) - 1, Relaxed);
+                // No yield: the kernel preempts (PREEMPT_LAZY at least),
+                // and the worker of this CPU gets its share.
+                continue;
+            }
+            // SAFETY: a plain sleep in process context.
             unsafe { bindings::schedule_timeout_uninterruptible(1) };
         }
         0
@@ -485,6 +533,9 @@ mod live_tests {
             conversions: Atomic::new(0),
             hypercalls: Atomic::new(0),
             pfn: Atomic::new(0),
+            addr: Atomic::new(0),
+            reads: Atomic::new(0),
+            next: Atomic::new(0),
         };
         // SAFETY: `__cpu_online_mask` is a valid static cpumask; CPUs do
         // not go offline during boot-time KUnit.
@@ -504,72 +555,95 @@ mod live_tests {
         if workers.len() != cpus.len() {
             return;
         }
+        // Each CPU's reader reads the next CPU's block (with one CPU, its
+        // own: still a conversion racing with reads across its pages).
+        for (i, w) in workers.iter().enumerate() {
+            let next = &workers[(i + 1) % workers.len()];
+            w.next.store(core::ptr::from_ref(next) as usize, Relaxed);
+        }
         let before = stats();
         let start = Instant::<Monotonic>::now();
         let mut tasks = KVec::new();
+        let mut spawned = 0;
         for (w, cpu) in workers.iter().zip(cpus.iter()) {
-            // SAFETY: `w` outlives the thread: every thread is stopped
-            // below before `workers` is dropped.
-            let task = unsafe {
-                bindings::kthread_create_on_cpu(
-                    Some(stress_thread),
-                    core::ptr::from_ref(w).cast_mut().cast(),
-                    cpu.as_u32(),
-                    c"kpm_stress/%u".as_char_ptr(),
-                )
-            };
-            let task = from_err_ptr(task);
-            assert!(task.is_ok());
-            let Ok(task) = task else {
-                break;
-            };
-            assert!(tasks.push(task, GFP_KERNEL).is_ok());
-            // SAFETY: `task` was just created and not yet woken.
-            unsafe { bindings::wake_up_process(task) };
+            let threads = [
+                (
+                    stress_thread as unsafe extern "C" fn(*mut c_void) -> c_int,
+                    c"kpm_stress/%u",
+                ),
+                (reader_thread, c"kpm_reader/%u"),
+            ];
+            for (f, name) in threads {
+                // SAFETY: `w` and the worker its `next` names outlive the
+                // thread: every thread is stopped below before `workers` is
+                // dropped or any block freed.
+                let task = unsafe {
+                    bindings::kthread_create_on_cpu(
+                        Some(f),
+                        core::ptr::from_ref(w).cast_mut().cast(),
+                        cpu.as_u32(),
+                        name.as_char_ptr(),
+                    )
+                };
+                let task = from_err_ptr(task);
+                assert!(task.is_ok());
+                let Ok(task) = task else {
+                    break;
+                };
+                assert!(tasks.push(task, GFP_KERNEL).is_ok());
+                // SAFETY: `task` was just created and not yet woken.
+                unsafe { bindings::wake_up_process(task) };
+            }
+            spawned += 1;
         }
         // At most 60 s of the L1 clock; a lost wakeup fails, never hangs.
         for _ in 0..6000 {
-            if workers
-                .iter()
-                .take(tasks.len())
-                .all(|w| w.done.load(Acquire))
-            {
+            if workers.iter().take(spawned).all(|w| w.done.load(Acquire)) {
                 break;
             }
             // SAFETY: plain sleep in process context.
             unsafe { bindings::msleep(10) };
         }
-        let finished = workers
-            .iter()
-            .take(tasks.len())
-            .all(|w| w.done.load(Acquire));
+        let finished = workers.iter().take(spawned).all(|w| w.done.load(Acquire));
         let elapsed = start.elapsed();
         for &task in tasks.iter() {
             // SAFETY: each thread waits for this stop before it exits.
             unsafe { bindings::kthread_stop(task) };
         }
+        // No thread looks at a block any more.
+        for w in workers.iter() {
+            let addr = w.addr.load(Relaxed);
+            if addr != 0 && !w.failed.load(Relaxed) {
+                // SAFETY: the block is private again and ours to free.
+                unsafe { bindings::free_pages(addr, STRESS_ORDER) };
+            }
+        }
         assert!(finished);
-        assert_eq!(tasks.len(), cpus.len());
+        assert_eq!(tasks.len(), 2 * cpus.len());
         let after = stats();
         let conversions: u64 = workers.iter().map(|w| w.conversions.load(Relaxed)).sum();
         let hypercalls: u64 = workers.iter().map(|w| w.hypercalls.load(Relaxed)).sum();
+        let reads: u64 = workers.iter().map(|w| w.reads.load(Relaxed)).sum();
         for w in workers.iter() {
             assert!(!w.failed.load(Relaxed));
             assert_eq!(w.conversions.load(Relaxed), 2 * STRESS_ROUNDS);
             let pfn = w.pfn.load(Relaxed);
             assert!(!(pfn..pfn + (1 << STRESS_ORDER)).any(is_shared));
         }
+        // The readers ran while the blocks were being converted.
+        assert!(reads > 0);
         // Every conversion reached the host, and the ledger is exact.
         assert!(after.shares + after.unshares - before.shares - before.unshares >= hypercalls);
         assert_eq!(after.pages_shared, before.pages_shared);
         assert_eq!(after.failures, before.failures);
         assert_eq!(after.pages_leaked, before.pages_leaked);
         pr_info!(
-            "stress: {} CPUs x {} conversions each: {} conversions, {} hypercalls in {} ms\n",
+            "stress: {} CPUs x {} conversions each: {} conversions, {} hypercalls, {} reads across page boundaries in {} ms\n",
             cpus.len(),
             2 * STRESS_ROUNDS,
             conversions,
             hypercalls,
+            reads,
             elapsed.as_millis()
         );
     }
