@@ -680,7 +680,11 @@ fn report(
          one pass per block size: 64 MiB at 64 KiB and 1 MiB blocks, 16 MiB at 4 KiB blocks \
          (64 MiB at 4 KiB takes about 80 s a boot under nested TCG), timed by /init with /proc/uptime (guest clock, \
          1/100 s). In the \
-         protected configurations every byte is bounced through the shared swiotlb pool."
+         protected configurations every byte is bounced through the shared swiotlb pool. \
+         The disk runs before the conversion bench (section 4): under gmem, the 64 MiB it \
+         shares and unshares come back as pages KVM has never mapped, and the first touch of \
+         each is a nested page fault and a new guest_memfd page; 4 KiB writes that ran right \
+         after it paid that cost of the conversions (0.64 of unprotected in earlier runs)."
     );
     let mut worst: Option<f64> = None;
     for (op, name) in [("read", "Read"), ("write", "Write")] {
