@@ -697,9 +697,9 @@ fn judge_smp(o: &L2Outcome) -> Vec<Row> {
         format!("cpus-online {online} of {CPUS}"),
     ));
     let known = nested::known_sha256();
-    let reads: Vec<&str> = o.lines_after("kpm-init: reader ").collect();
-    // A kernel message may still follow a reader's line on the console
+    // A kernel message may cut into a reader's line (mended) or follow it
     // without a newline: compare the 64 hex digits only.
+    let reads = o.mended_lines_after("kpm-init: reader ");
     let good = reads
         .iter()
         .filter_map(|l| l.split_whitespace().nth(2))

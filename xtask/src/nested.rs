@@ -139,10 +139,60 @@ impl L2Outcome {
         })
     }
 
+    /// Like [`Self::lines_after`], with the line mended where a kernel
+    /// message cut into it: the serial console prints printk lines of
+    /// other CPUs in the middle of a userspace write, so `ab[ 8.601] msg`
+    /// and a later line `cd` were one line `abcd`.
+    pub fn mended_lines_after(&self, prefix: &str) -> Vec<String> {
+        let lines: Vec<&str> = self
+            .console
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .collect();
+        let mut out = Vec::new();
+        for (i, l) in lines.iter().enumerate() {
+            let Some(at) = l.find(prefix) else {
+                continue;
+            };
+            let rest = &l[at + prefix.len()..];
+            match kernel_stamp_at(rest) {
+                Some(cut) => {
+                    // The line goes on after the kernel message(s): the next
+                    // line that is not a kernel message of its own.
+                    let tail = lines[i + 1..]
+                        .iter()
+                        .find(|n| kernel_stamp_at(n) != Some(0))
+                        .copied()
+                        .unwrap_or("");
+                    out.push(format!("{}{tail}", &rest[..cut]));
+                }
+                None => out.push(rest.to_string()),
+            }
+        }
+        out
+    }
+
     /// The last 40 lines of this run's console.
     pub fn tail(&self) -> String {
         sh::tail(&self.console, 40)
     }
+}
+
+/// Where a printk line (`[` spaces, seconds, `.`, 6 digits, `] `) starts
+/// in `l`, if it does.
+fn kernel_stamp_at(l: &str) -> Option<usize> {
+    l.match_indices('[').map(|(i, _)| i).find(|&i| {
+        let Some(end) = l[i..].find("] ") else {
+            return false;
+        };
+        let stamp = l[i + 1..i + end].trim_start();
+        stamp.split_once('.').is_some_and(|(s, us)| {
+            !s.is_empty()
+                && s.bytes().all(|b| b.is_ascii_digit())
+                && us.len() == 6
+                && us.bytes().all(|b| b.is_ascii_digit())
+        })
+    })
 }
 
 /// Builds the VMM and the KVM host-handler test (release) and returns the
@@ -706,6 +756,24 @@ pub fn run_on(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_line_a_kernel_message_cut_into_is_mended() {
+        let o = super::L2Outcome {
+            console: "kpm-init: reader cpu0 pass0 abcd[    8.601089] clocksource: Watchdog remote CPU 2 read timed out\r\n\
+                      [    8.602000] another message\r\n\
+                      ef01\r\n\
+                      kpm-init: reader cpu1 pass0 1234 [not a stamp] x\n"
+                .to_string(),
+            ..Default::default()
+        };
+        assert_eq!(
+            o.mended_lines_after("kpm-init: reader "),
+            ["cpu0 pass0 abcdef01", "cpu1 pass0 1234 [not a stamp] x"]
+        );
+        assert_eq!(super::kernel_stamp_at("[  123.000001] x"), Some(0));
+        assert_eq!(super::kernel_stamp_at("[1.5] x"), None);
+    }
+
     use super::*;
 
     #[test]

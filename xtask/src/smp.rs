@@ -84,9 +84,9 @@ fn judge<const CPUS: usize>(o: &L2Outcome) -> Vec<Row> {
     let done = o.console.contains(crate::boot::INIT_DONE);
     let online = kv(o, "cpus-online").unwrap_or("none").trim();
     let known = nested::known_sha256();
-    let reads: Vec<&str> = o.lines_after("kpm-init: reader ").collect();
-    // A kernel message may follow a reader's line without a newline:
-    // compare the 64 hex digits only.
+    // A kernel message may cut into a reader's line (mended) or follow it
+    // without a newline: compare the 64 hex digits only.
+    let reads = o.mended_lines_after("kpm-init: reader ");
     let good = reads
         .iter()
         .filter_map(|l| l.split_whitespace().nth(2))
