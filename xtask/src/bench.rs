@@ -577,7 +577,7 @@ fn report(
          the KVM host (L1); in it `protmem-vmm` boots the same kernel as the guest (L2, \
          512 MiB, 1 vCPU) with the busybox initramfs of \
          `tests/guest/init` and virtio-blk on the VMM's I/O thread.",
-        nested::L1_CPUS,
+        nested::l1_cpus(),
         ctx.pins.linux_source
     );
     let _ = writeln!(

@@ -368,11 +368,17 @@ pub fn l1_script(runs: &[L2Run], kvm_test: bool) -> String {
     s
 }
 
-/// CPUs of the L1 host. One: with more, QEMU 7.2's multi-threaded TCG
-/// resets the L1 (silently, within seconds) once it runs a nested SVM
-/// guest on several CPUs, and single-threaded TCG runs the nested guest
-/// about 30 times slower.
-pub const L1_CPUS: u32 = 1;
+/// CPUs of the L1 host: 1, or `KVM_PROTMEM_L1_CPUS` (an experiment). One:
+/// with more, QEMU 7.2's multi-threaded TCG resets the L1 (silently,
+/// within seconds) once it runs a nested SVM guest on several CPUs, and
+/// single-threaded TCG runs the nested guest about 30 times slower.
+pub fn l1_cpus() -> u32 {
+    std::env::var("KVM_PROTMEM_L1_CPUS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|&n| (1..=8).contains(&n))
+        .unwrap_or(1)
+}
 
 /// Splits an L1 console log into per-run outcomes.
 pub fn split_runs(log: &str, runs: &[L2Run]) -> Vec<L2Outcome> {
@@ -662,7 +668,7 @@ pub fn run_on(
     let mut cmd = boot::qemu_tcg(
         ctx,
         "EPYC,+svm,+npt",
-        L1_CPUS,
+        l1_cpus(),
         "3G",
         &l1_kernel,
         &l1_initrd,
@@ -679,7 +685,8 @@ pub fn run_on(
         L1::Stock(h) => format!("stock {}", h.package),
     };
     println!(
-        "nested: L1 = {which} on QEMU TCG -cpu EPYC,+svm,+npt -smp {L1_CPUS}; {} L2 boot(s) in it (timeout {total}s)",
+        "nested: L1 = {which} on QEMU TCG -cpu EPYC,+svm,+npt -smp {}; {} L2 boot(s) in it (timeout {total}s)",
+        l1_cpus(),
         runs.len()
     );
     // A hung L1 (or an L2 its VMM cannot stop) ends with where its CPU
