@@ -121,14 +121,36 @@ pub enum Exit<'a> {
     Other(String),
 }
 
-/// Most `KVM_EXIT_MEMORY_FAULT`s in a row a vCPU may re-enter from.
+/// Most `KVM_EXIT_MEMORY_FAULT`s in a row a vCPU may re-enter from while
+/// no conversion is reported.
 pub const MAX_FAULT_STREAK: u32 = 64;
 
 /// What a vCPU's exit handling keeps between its exits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VcpuExitState {
-    /// `KVM_EXIT_MEMORY_FAULT`s since the vCPU's last other exit.
+    /// `KVM_EXIT_MEMORY_FAULT`s since the vCPU's last other exit and since
+    /// the last conversion reported to the VMM.
     pub fault_streak: u32,
+    /// Conversions the VMM had seen (ENABLEs, SHAREs and UNSHAREs KVM
+    /// applied) at the vCPU's last memory fault.
+    pub fault_conversions: u64,
+}
+
+impl VcpuExitState {
+    /// Counts a memory fault; `conversions` is the VMM's conversion count
+    /// now. A conversion reported since the previous fault starts the
+    /// streak afresh: while another vCPU keeps converting the page, a vCPU
+    /// may lose the race many times in a row (with vCPUs on CPUs of their
+    /// own, one flipping a page back and forth starved a reader for 65
+    /// faults), which is progress, not a fault that does not go away.
+    pub fn count_fault(&mut self, conversions: u64) -> u32 {
+        if conversions != self.fault_conversions {
+            self.fault_conversions = conversions;
+            self.fault_streak = 0;
+        }
+        self.fault_streak += 1;
+        self.fault_streak
+    }
 }
 
 /// What to do with a `KVM_EXIT_MEMORY_FAULT`.
@@ -162,7 +184,8 @@ pub enum FaultAction {
 /// it: if they differ, the map already shows the conversion that raced;
 /// if they agree, the conversion's exit is still on its way on the other
 /// vCPU, or the VMM refused it and KVM undid it. Both are retried, at
-/// most [`MAX_FAULT_STREAK`] times in a row, so that a fault that does not
+/// most [`MAX_FAULT_STREAK`] times in a row with no conversion reported in
+/// between ([`VcpuExitState::count_fault`]), so that a fault that does not
 /// go away (no race at all) stops the VM instead of spinning. A VM whose
 /// attributes KVM does not own has no private memory to race with.
 pub fn memory_fault_action(
@@ -510,17 +533,19 @@ impl<T: Trigger> Machine<T> {
     fn memory_fault(&self, vcpu: &mut VcpuExitState, flags: u64, gpa: u64, size: u64) -> Action {
         bump(&self.exits.memory_fault);
         let access_private = flags & u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE) != 0;
-        let (kvm_owned, access) = {
+        let (gmem, access) = {
             let prot = self.prot();
-            (prot.gmem_stats().is_some(), prot.classify(gpa, size.max(1)))
+            (prot.gmem_stats(), prot.classify(gpa, size.max(1)))
         };
+        let kvm_owned = gmem.is_some();
+        let conversions = gmem.map_or(0, |g| g.enables + g.to_shared + g.to_private);
         let map = match access {
             Access::NotRam => None,
             Access::Allowed => Some(false),
             Access::Private => Some(true),
         };
-        vcpu.fault_streak += 1;
-        match memory_fault_action(kvm_owned, access_private, map, vcpu.fault_streak) {
+        let streak = vcpu.count_fault(conversions);
+        match memory_fault_action(kvm_owned, access_private, map, streak) {
             FaultAction::Retry { seen } => {
                 bump(if seen {
                     &self.exits.memory_fault_after_conversion
@@ -694,7 +719,9 @@ pub(crate) mod tests {
     use crate::devices::virtio::tests::r;
     use crate::devices::virtio::{slot_addr, MmioTransport, MMIO_SIZE};
     use crate::hypercalls::{FailKnobs, KVM_HC_MAP_GPA_RANGE};
-    use hypercall::{KVM_ENOSYS, KVM_EPERM, KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE};
+    use hypercall::{
+        KVM_ENOSYS, KVM_EPERM, KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE, KVM_HC_MEM_UNSHARE,
+    };
     use std::io::Cursor;
     use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_MAGIC_VALUE};
     use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -1059,6 +1086,32 @@ pub(crate) mod tests {
                 assert!(e.contains("65 memory faults in a row"), "{e}")
             }
             a => panic!("{a:?}"),
+        }
+        // A conversion reported in between starts the streak afresh: a
+        // page another vCPU keeps flipping is progress, however often the
+        // reader loses.
+        let mut v = VcpuExitState::default();
+        for round in 0..4 {
+            for i in 1..=MAX_FAULT_STREAK {
+                assert_eq!(
+                    fault(&m, &mut v, true, 0x5000),
+                    Action::Continue,
+                    "{round} {i}"
+                );
+            }
+            let nr = if round % 2 == 0 {
+                KVM_HC_MEM_UNSHARE
+            } else {
+                KVM_HC_MEM_SHARE
+            };
+            let mut ret = 0x55;
+            let a = m.handle_exit(Exit::Hypercall {
+                nr,
+                args: [0x5000, 1, 0, 0, 0, 0],
+                applied: true,
+                ret: &mut ret,
+            });
+            assert_eq!((a, ret), (Action::Continue, 0));
         }
         // Not RAM: no race can explain it.
         match fault(&m, &mut other, false, 0x10_0000) {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use hypercall::{KVM_HC_ENABLE_MEM_PROTECTED, KVM_HC_MEM_SHARE, KVM_HC_MEM_UNSHARE};
 use kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use kvm_protmem_vmm::exit::{memory_fault_action, FaultAction};
+use kvm_protmem_vmm::exit::{memory_fault_action, FaultAction, VcpuExitState};
 use kvm_protmem_vmm::gmem_kvm::{self, KvmSwProtectedPopulate, KVM_EXIT_HYPERCALL_APPLIED};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -78,6 +78,8 @@ struct Vmm {
     after: AtomicU64,
     before: AtomicU64,
     reads: AtomicU64,
+    /// Conversions reported to the VMM (its side of each applied one).
+    conversions: AtomicU64,
 }
 
 impl Vmm {
@@ -93,11 +95,11 @@ impl Vmm {
         vcpu: &mut VcpuFd,
         enable: &dyn Fn() -> Result<(), String>,
     ) -> Result<(), String> {
-        let mut streak = 0;
+        let mut state = VcpuExitState::default();
         loop {
             let exit = vcpu.run().map_err(|e| format!("KVM_RUN: {e}"))?;
             if !matches!(exit, VcpuExit::MemoryFault { .. }) {
-                streak = 0;
+                state.fault_streak = 0;
             }
             match exit {
                 VcpuExit::Hypercall(h) => {
@@ -105,6 +107,7 @@ impl Vmm {
                     if u64::from(h.longmode) & KVM_EXIT_HYPERCALL_APPLIED == 0 {
                         return Err(format!("hypercall {} not applied by KVM", h.nr));
                     }
+                    self.conversions.fetch_add(1, Ordering::SeqCst);
                     match (h.nr, h.args[0]) {
                         (KVM_HC_ENABLE_MEM_PROTECTED, _) => {
                             // KVM made all RAM private before exiting.
@@ -121,7 +124,7 @@ impl Vmm {
                     }
                 }
                 VcpuExit::MemoryFault { flags, gpa, .. } => {
-                    streak += 1;
+                    let streak = state.count_fault(self.conversions.load(Ordering::SeqCst));
                     self.faults.fetch_add(1, Ordering::SeqCst);
                     let private = flags & u64::from(KVM_MEMORY_EXIT_FLAG_PRIVATE) != 0;
                     let ram = (gpa < MEM as u64).then(|| self.map_private(gpa));
