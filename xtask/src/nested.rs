@@ -368,10 +368,11 @@ pub fn l1_script(runs: &[L2Run], kvm_test: bool) -> String {
     s
 }
 
-/// CPUs of the L1 host: 1, or `KVM_PROTMEM_L1_CPUS` (an experiment). One:
-/// with more, QEMU 7.2's multi-threaded TCG resets the L1 (silently,
-/// within seconds) once it runs a nested SVM guest on several CPUs, and
-/// single-threaded TCG runs the nested guest about 30 times slower.
+/// CPUs of the L1 host: 1, or `KVM_PROTMEM_L1_CPUS` (an experiment). On
+/// Debian's QEMU, more CPUs (multi-threaded TCG) reset the L1 within
+/// seconds once it ran a nested SVM guest; with qemu/patches/0001 two
+/// CPUs ran the SMP scenarios (qemu/README.md), but one stays the default
+/// until the whole suite has run that way.
 pub fn l1_cpus() -> u32 {
     std::env::var("KVM_PROTMEM_L1_CPUS")
         .ok()
