@@ -587,44 +587,54 @@ pub struct QueueCtx<'a, G> {
 impl<G: MemoryGuard> QueueCtx<'_, G> {
     /// Handles every available chain of queue `index` with `f` (which
     /// returns the used length) and puts it in the used ring, one chain
-    /// per memory borrow. The driver is told not to notify the queue while
-    /// it is drained; notifications are enabled again and the ring looked
-    /// at once more before this returns (virtio 1.x 2.7.10).
+    /// per memory borrow.
+    ///
+    /// The driver is told not to notify the queue while it is drained,
+    /// then notifications are enabled again (virtio 1.x 2.7.10: with
+    /// `EVENT_IDX`, `avail_event` becomes the next chain to serve), and if
+    /// the driver published chains meanwhile, the queue is drained and
+    /// notifications enabled once more: `avail_event` must name the chain
+    /// after the last one served, or the driver, already past it, never
+    /// notifies again. A pass that serves nothing after notifications said
+    /// there was more ends it: a ring whose index makes no sense (it never
+    /// yields a chain) cannot keep this thread here.
     pub fn process_chains(&mut self, index: usize, mut f: impl FnMut(&[Descriptor], &G::M) -> u32) {
         let mem = self.mem;
         let Some(queue) = self.queues.get_mut(index).filter(|q| q.ready()) else {
             return;
         };
-        let mut quiet =
-            mem.with(|m| rings_accessible(queue, m) && queue.disable_notification(m).is_ok());
+        let mut after_more = false;
         loop {
-            match mem.with(|m| next_chain(queue, m, &mut f)) {
-                Step::Used => {
-                    self.stats.chains += 1;
-                    self.used |= 1 << index;
-                }
-                Step::Empty if quiet => {
-                    // One more look with notifications on: what arrived
-                    // meanwhile is served now, anything later notifies.
-                    // Never more than once: a ring whose index makes no
-                    // sense would otherwise keep this thread here.
-                    quiet = false;
-                    if !mem.with(|m| queue.enable_notification(m)).unwrap_or(false) {
-                        break;
+            let quiet =
+                mem.with(|m| rings_accessible(queue, m) && queue.disable_notification(m).is_ok());
+            let mut served = 0u64;
+            let stop = loop {
+                match mem.with(|m| next_chain(queue, m, &mut f)) {
+                    Step::Used => {
+                        served += 1;
+                        self.stats.chains += 1;
+                        self.used |= 1 << index;
+                    }
+                    Step::Empty => break false,
+                    Step::RingDenied => {
+                        self.stats.ring_denials += 1;
+                        break true;
+                    }
+                    Step::UsedRingFailed => {
+                        // Handled, but the driver will not hear of it.
+                        self.stats.chains += 1;
+                        self.stats.used_ring_failures += 1;
+                        break true;
                     }
                 }
-                Step::Empty => break,
-                Step::RingDenied => {
-                    self.stats.ring_denials += 1;
-                    break;
-                }
-                Step::UsedRingFailed => {
-                    // Handled, but the driver will not hear of it.
-                    self.stats.chains += 1;
-                    self.stats.used_ring_failures += 1;
-                    break;
-                }
+            };
+            if stop || !quiet || (after_more && served == 0) {
+                break;
             }
+            if !mem.with(|m| queue.enable_notification(m)).unwrap_or(false) {
+                break;
+            }
+            after_more = true;
         }
     }
 
@@ -1409,6 +1419,66 @@ pub(crate) mod tests {
         rings.add_chain(&m, &[(0x8000, 4, true)]);
         kick(&mut t);
         assert_eq!(irq.count(), 3);
+    }
+
+    /// Guest memory whose driver publishes one more chain (a 4-byte
+    /// writable buffer) on another CPU, as it were, at the device's second
+    /// borrow after it served its first chain: after its drain found the
+    /// ring empty, just before it enables notifications again.
+    struct RacingDriver {
+        mem: vm_memory::GuestMemoryMmap,
+        rings: std::cell::RefCell<Rings>,
+        borrows_after_first: std::cell::Cell<u32>,
+    }
+
+    impl MemoryGuard for RacingDriver {
+        type M = vm_memory::GuestMemoryMmap;
+
+        fn with<R>(&self, f: impl FnOnce(&Self::M) -> R) -> R {
+            if self.rings.borrow().used_idx(&self.mem) == 1 {
+                let n = self.borrows_after_first.get() + 1;
+                self.borrows_after_first.set(n);
+                if n == 2 {
+                    self.rings
+                        .borrow_mut()
+                        .add_chain(&self.mem, &[(0x8000, 4, true)]);
+                }
+            }
+            f(&self.mem)
+        }
+    }
+
+    /// With `EVENT_IDX`, `avail_event` names the chain after the last one
+    /// served, also when the driver published while notifications were
+    /// being enabled again: a driver already past `avail_event` never
+    /// notifies again (the stalls of virtio-net's transmit queue).
+    #[test]
+    fn avail_event_follows_chains_published_while_notifications_come_back() {
+        let m = mem();
+        let echo = Echo {
+            extra: 1 << VIRTIO_RING_F_EVENT_IDX,
+            ..Echo::default()
+        };
+        let guard = RacingDriver {
+            mem: m.clone(),
+            rings: std::cell::RefCell::new(Rings::new(0x1000, 16)),
+            borrows_after_first: std::cell::Cell::new(0),
+        };
+        let mut t = MmioTransport::new(echo, CountingIrq::default(), &guard);
+        activate(&mut t, &guard.rings.borrow());
+        guard.rings.borrow_mut().add_chain(&m, &[(0x8000, 4, true)]);
+        kick(&mut t);
+        let avail_event = GuestAddress(0x3000 + 4 + 8 * 16);
+        assert!(
+            guard.borrows_after_first.get() >= 2,
+            "the driver published its second chain"
+        );
+        assert_eq!(guard.rings.borrow().used_idx(&m), 2, "both chains served");
+        assert_eq!(
+            m.read_obj::<u16>(avail_event).unwrap(),
+            2,
+            "the driver is asked to notify from the third chain on"
+        );
     }
 
     /// A driver that publishes an available index the ring cannot hold

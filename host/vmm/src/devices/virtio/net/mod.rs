@@ -237,10 +237,18 @@ impl<B: NetBackend> Net<B> {
                 Delivery::Wait(seen) => {
                     self.stats.rx_waits += 1;
                     // Ask the driver to notify the queue when it posts
-                    // buffers, and look once more in case it did since
-                    // the buffers were counted (virtio 1.x 2.7.10).
+                    // another buffer, and look once more in case it did
+                    // since the buffers were counted (virtio 1.x 2.7.10).
+                    // With EVENT_IDX the request names the first buffer
+                    // not yet posted (`seen`), not the first one still
+                    // unused: the driver is past that one and would never
+                    // notify.
                     let more = ctx.with_queue(RX, |q, m| {
-                        q.enable_notification(m).is_ok()
+                        let start = q.next_avail();
+                        q.set_next_avail(seen);
+                        let asked = q.enable_notification(m);
+                        q.set_next_avail(start);
+                        asked.is_ok()
                             && q.avail_idx(m, Ordering::Acquire)
                                 .is_ok_and(|idx| idx.0 != seen)
                     });
@@ -570,11 +578,18 @@ mod tests {
         backend_event(&mut t);
         assert_eq!(rx.used_idx(&m), 0, "not enough room: nothing used");
         assert_eq!(t.device().counters().rx_waits, 1);
-        // The device asked to be notified from the buffer it stopped at.
+        // The device asked to be notified when the next buffer is posted:
+        // a Linux driver notifies when the index it publishes passes
+        // avail_event (vring_need_event), and posting the second buffer
+        // moves it from 1 to 2.
         let avail_event = m
             .read_obj::<u16>(GuestAddress(rx.used + 4 + 8 * 16))
             .unwrap();
-        assert_eq!(avail_event, 0);
+        assert_eq!(avail_event, 1);
+        let need_event = |event: u16, new: u16, old: u16| {
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        };
+        assert!(need_event(avail_event, 2, 1), "the driver notifies");
         rx.add_chain(&m, &[(0x31000, 2048, true)]);
         kick_queue(&mut t, RX as u32);
         assert_eq!(rx.used_idx(&m), 2);
