@@ -93,7 +93,15 @@ fn step(name: &'static str, t: Instant, res: Result<(usize, usize, String)>) -> 
                 ok: false,
                 passed: 0,
                 failed: 1,
-                note: "failed".into(),
+                // The first line names what failed (the scenarios, the
+                // step): the summary table is often all a CI log keeps.
+                note: format!("{e:#}")
+                    .lines()
+                    .next()
+                    .unwrap_or("failed")
+                    .chars()
+                    .take(160)
+                    .collect(),
                 secs,
             }
         }

@@ -994,6 +994,7 @@ fn vcpu_loop(
     kick::set_thread_stop_flag(stop.clone());
     let mut exits = VcpuExitState::default();
     while !stop.load(Ordering::SeqCst) {
+        let mut completed = false;
         let action = match vcpu.run() {
             Ok(exit) => {
                 // `run` points into this vCPU's kvm_run mapping, mapped as
@@ -1007,7 +1008,9 @@ fn vcpu_loop(
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // A kick or another signal: disarm, then check `stop`.
+                // KVM completed the last exit's I/O before it returned.
                 vcpu.set_kvm_immediate_exit(0);
+                completed = true;
                 if stop.load(Ordering::SeqCst) && DUMP_ON_STOP.load(Ordering::SeqCst) {
                     dump_vcpu(id, &vcpu);
                 }
@@ -1015,7 +1018,11 @@ fn vcpu_loop(
             }
             Err(e) => Action::Stop(StopReason::Error(format!("KVM_RUN on vCPU {id}: {e}"))),
         };
-        if let Some(h) = &hostile {
+        // Only with nothing pending: a state write between an MMIO or I/O
+        // exit and the KVM_RUN that completes it loses the instruction's
+        // result (protmem-kvm-test's `pending` check). The attack kicks
+        // until every vCPU thread got here.
+        if let (Some(h), true) = (&hostile, completed) {
             h.on_vcpu(id, &vcpu);
         }
         if action != Action::Continue {

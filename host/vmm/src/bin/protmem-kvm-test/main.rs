@@ -25,7 +25,9 @@
 //!   patching) with the data checked;
 //! - the conversion race of SMP guests ([`race`]): one vCPU converts a
 //!   page back and forth while another reads across into it; every
-//!   `KVM_EXIT_MEMORY_FAULT` is re-entered as the VMM does.
+//!   `KVM_EXIT_MEMORY_FAULT` is re-entered as the VMM does;
+//! - vCPU state written between an MMIO exit and its completion
+//!   ([`pending`]): the VMM completes the exit first.
 //!
 //! Prints one `ok`/`not ok` line per check and `N passed, M failed`; exits
 //! non-zero on any failure. Needs /dev/kvm.
@@ -34,6 +36,7 @@
 
 mod asm;
 mod owned;
+mod pending;
 mod race;
 
 use std::process::ExitCode;
@@ -712,6 +715,7 @@ fn main() -> ExitCode {
     gmem_checks(&kvm, &mut check);
     owned::checks(&kvm, &mut check);
     race::checks(&kvm, &mut check);
+    pending::checks(&kvm, &mut check);
     println!("{passed} passed, {failed} failed");
     if failed == 0 {
         ExitCode::SUCCESS
