@@ -12,7 +12,7 @@
 //! smp2,smp4,smp2-qemu,smp4-qemu` runs N rounds of them in one L1 boot
 //! (qemu/README.md has the figures).
 
-use crate::e2e::{kv, row, scenario, Row, Scenario};
+use crate::e2e::{kernel_lines, kv, row, scenario, Row, Scenario, MADT_SMP};
 use crate::nested::{self, L2Outcome};
 
 /// No KUnit: the I/O checks, then one pinned disk reader per online CPU.
@@ -107,6 +107,18 @@ fn judge<const CPUS: usize>(o: &L2Outcome) -> Vec<Row> {
                     .map_or("no exit marker".to_string(), |t| format!("{t:.1}s"))
             ),
         ),
+        {
+            let allowing = format!("CPU topo: Allowing {CPUS} present CPUs plus 0 hotplug CPUs");
+            row(
+                "the guest takes its CPUs from ACPI: the MADT lists every vCPU",
+                kernel_lines(o, MADT_SMP) == 1 && kernel_lines(o, &allowing) == 1,
+                format!(
+                    "`{MADT_SMP}` {}x, `{allowing}` {}x",
+                    kernel_lines(o, MADT_SMP),
+                    kernel_lines(o, &allowing)
+                ),
+            )
+        },
         row(
             "the guest brought every vCPU online",
             online == CPUS.to_string(),

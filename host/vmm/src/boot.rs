@@ -16,6 +16,7 @@
 //! | PML4, PDPT, 4 PDs (identity map of 4 GiB, 2 MiB pages) | 0x9000..0xf000 |
 //! | command line | 0x20000 |
 //! | MP table | 0x9fc00 (EBDA) |
+//! | ACPI tables, RSDP first ([`crate::acpi`]) | 0xe0000 (e820: ACPI data up to 1 MiB) |
 //! | kernel | 0x100000 |
 //! | initrd | top of RAM, page aligned |
 
@@ -30,6 +31,8 @@ use linux_loader::loader::{load_cmdline, BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile};
 use x86::bits64::paging::{PDFlags, PDPTFlags, PML4Flags};
 use x86::controlregs::{Cr0, Cr4};
+
+use crate::acpi;
 
 /// GDT address.
 pub const BOOT_GDT: u64 = 0x500;
@@ -65,6 +68,8 @@ const XLF_KERNEL_64: u16 = 1 << 0;
 const LOADER_OTHER: u8 = 0xff;
 /// e820 type of usable RAM.
 const E820_RAM: u32 = 1;
+/// e820 type of ACPI tables.
+const E820_ACPI: u32 = 3;
 /// EFER.LME and EFER.LMA (the x86 crate has the MSR number, not its bits).
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
@@ -137,9 +142,9 @@ pub struct BootInfo {
     pub initrd: Option<(u64, u64)>,
 }
 
-/// Builds the command line: `base`, then one `virtio_mmio.device=` entry per
-/// `(address, irq)`.
-pub fn build_cmdline(base: &str, virtio: &[(u64, u32)]) -> Result<Cmdline, BootError> {
+/// Builds the command line from `base`. The devices are not on it: the
+/// ACPI tables describe them ([`crate::acpi`]).
+pub fn build_cmdline(base: &str) -> Result<Cmdline, BootError> {
     let err = |msg: String| BootError::Cmdline {
         cmdline: base.to_string(),
         msg,
@@ -148,16 +153,6 @@ pub fn build_cmdline(base: &str, virtio: &[(u64, u32)]) -> Result<Cmdline, BootE
     if !base.trim().is_empty() {
         cmdline
             .insert_str(base.trim())
-            .map_err(|e| err(e.to_string()))?;
-    }
-    for &(addr, irq) in virtio {
-        cmdline
-            .add_virtio_mmio_device(
-                crate::devices::virtio::MMIO_SIZE,
-                GuestAddress(addr),
-                irq,
-                None,
-            )
             .map_err(|e| err(e.to_string()))?;
     }
     Ok(cmdline)
@@ -248,15 +243,20 @@ where
     }
     let mut params = boot_params {
         hdr,
+        acpi_rsdp_addr: acpi::RSDP_ADDR,
         ..Default::default()
     };
-    let e820 = [(0, EBDA_START), (HIMEM_START, ram_size - HIMEM_START)];
-    for (i, &(addr, size)) in e820.iter().enumerate() {
-        params.e820_table[i] = boot_e820_entry {
-            addr,
-            size,
-            r#type: E820_RAM,
-        };
+    let e820 = [
+        (0, EBDA_START, E820_RAM),
+        (
+            acpi::TABLES_START,
+            acpi::TABLES_END - acpi::TABLES_START,
+            E820_ACPI,
+        ),
+        (HIMEM_START, ram_size - HIMEM_START, E820_RAM),
+    ];
+    for (i, &(addr, size, r#type)) in e820.iter().enumerate() {
+        params.e820_table[i] = boot_e820_entry { addr, size, r#type };
     }
     params.e820_entries = e820.len() as u8;
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
@@ -481,19 +481,14 @@ mod tests {
     }
 
     #[test]
-    fn cmdline_gets_virtio_entries() {
-        let c = build_cmdline(
-            "console=ttyS0 panic=-1",
-            &[(0xd000_0000, 5), (0xd000_1000, 6)],
-        )
-        .unwrap();
+    fn cmdline_is_the_base_trimmed() {
+        let c = build_cmdline(" console=ttyS0 panic=-1 ").unwrap();
         assert_eq!(
             c.as_cstring().unwrap().to_str().unwrap(),
-            "console=ttyS0 panic=-1 virtio_mmio.device=4K@0xd0000000:5 \
-             virtio_mmio.device=4K@0xd0001000:6"
+            "console=ttyS0 panic=-1"
         );
-        assert!(build_cmdline("bad\0", &[]).is_err());
-        assert!(build_cmdline(&"x".repeat(CMDLINE_MAX), &[]).is_err());
+        assert!(build_cmdline("bad\0").is_err());
+        assert!(build_cmdline(&"x".repeat(CMDLINE_MAX)).is_err());
     }
 
     #[test]
@@ -503,7 +498,7 @@ mod tests {
         let mut kernel = Cursor::new(bzimage(&payload, 0x40_0000, XLF_KERNEL_64));
         let initrd_data = vec![0x42u8; 10_000];
         let mut initrd = Cursor::new(initrd_data.clone());
-        let cmdline = build_cmdline("console=ttyS0", &[(0xd000_0000, 5)]).unwrap();
+        let cmdline = build_cmdline("console=ttyS0 panic=-1").unwrap();
         let info = load(&m, RAM, &mut kernel, Some((&mut initrd, 10_000)), &cmdline).unwrap();
 
         assert_eq!(info.entry, HIMEM_START + 0x200);
@@ -523,19 +518,25 @@ mod tests {
         assert_eq!({ hdr.ramdisk_size }, 10_000);
         assert_eq!({ hdr.type_of_loader }, 0xff);
         assert_eq!({ hdr.boot_flag }, 0xaa55);
-        assert_eq!(p.e820_entries, 2);
+        assert_eq!(p.e820_entries, 3);
         let e = p.e820_table;
         assert_eq!(
             ({ e[0].addr }, { e[0].size }, { e[0].r#type }),
             (0, EBDA_START, 1)
         );
         assert_eq!(
-            ({ e[1].addr }, { e[1].size }),
-            (HIMEM_START, RAM - HIMEM_START)
+            ({ e[1].addr }, { e[1].size }, { e[1].r#type }),
+            (0xe_0000, 0x2_0000, 3),
+            "the ACPI tables are ACPI data, up to 1 MiB"
         );
+        assert_eq!(
+            ({ e[2].addr }, { e[2].size }, { e[2].r#type }),
+            (HIMEM_START, RAM - HIMEM_START, 1)
+        );
+        assert_eq!({ p.acpi_rsdp_addr }, acpi::RSDP_ADDR);
         let mut c = vec![0u8; 64];
         m.read_slice(&mut c, GuestAddress(CMDLINE)).unwrap();
-        let text = "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5\0";
+        let text = "console=ttyS0 panic=-1\0";
         assert_eq!(&c[..text.len()], text.as_bytes());
         assert_eq!({ hdr.cmdline_size } as usize, text.len() - 1);
     }
@@ -543,7 +544,7 @@ mod tests {
     #[test]
     fn rejects_bad_kernels_and_oversized_initrds() {
         let m = mem();
-        let cmdline = build_cmdline("", &[]).unwrap();
+        let cmdline = build_cmdline("").unwrap();
         let none: Option<(&mut Cursor<Vec<u8>>, u64)> = None;
         let mut k32 = Cursor::new(bzimage(&[0; 512], 0, 0));
         assert!(matches!(

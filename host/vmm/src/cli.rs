@@ -133,13 +133,13 @@ pub struct Cli {
     /// initramfs to load below the top of RAM.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line; `virtio_mmio.device=` entries are appended.
+    /// Kernel command line, as it is: the ACPI tables describe the devices.
     #[arg(long, default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
     /// Guest RAM from GPA 0: MiB, or with an M/G suffix; below 3 GiB.
     #[arg(long, default_value = "512M", value_parser = parse_mem)]
     pub mem: u64,
-    /// Number of vCPUs (an MP table describes them).
+    /// Number of vCPUs (the ACPI MADT and an MP table describe them).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=32))]
     pub cpus: u8,
     /// Disk image for virtio-blk (slot 0: 0xd0000000, IRQ 5), opened read-write.

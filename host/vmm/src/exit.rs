@@ -8,8 +8,8 @@
 //!
 //! Port I/O: COM1 at 0x3f8; a minimal, stateless i8042 at 0x60/0x64 whose
 //! command 0xFE (pulse reset) resets the machine; CMOS at 0x70/0x71 reads 0
-//! (so Linux does not spin on the RTC update flag); any other port reads
-//! all-ones. MMIO: virtio-blk in slot 0, virtio-rng in slot 1, the probe
+//! (so Linux does not spin on the RTC update flag); the ACPI PM1 registers
+//! at 0x600..0x606 ([`AcpiPm`]); any other port reads all-ones. MMIO: virtio-blk in slot 0, virtio-rng in slot 1, the probe
 //! device; anything else reads 0.
 //!
 //! A guest reset (i8042 0xFE, a triple fault, a reset system event) becomes
@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 use serde::Serialize;
 use vm_superio::Trigger;
 
+use crate::devices::acpi_pm::AcpiPm;
 use crate::devices::bus::MmioBus;
 use crate::devices::serial::{PanicState, PanicWatch, SerialPort, COM1_BASE, COM1_LEN};
 use crate::gmem::GmemError;
@@ -389,6 +390,8 @@ pub fn locked<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Machine<T: Trigger> {
     /// COM1.
     pub serial: Mutex<SerialPort<T>>,
+    /// The ACPI PM1 registers.
+    pm: Mutex<AcpiPm>,
     /// The console's panic state, read without the serial lock.
     panic: PanicWatch,
     /// The MMIO devices (virtio transports, the probe).
@@ -416,6 +419,7 @@ impl<T: Trigger> Machine<T> {
         Machine {
             panic: serial.console().panic_watch(),
             serial: Mutex::new(serial),
+            pm: Mutex::default(),
             bus,
             prot,
             hypercalls: Mutex::new(hypercalls),
@@ -622,6 +626,9 @@ impl<T: Trigger> Machine<T> {
             }
             return;
         }
+        if locked(&self.pm).read(port, data) {
+            return;
+        }
         let fill = match port {
             I8042_DATA | I8042_CMD | CMOS_INDEX | CMOS_DATA => 0,
             _ => 0xff,
@@ -642,6 +649,9 @@ impl<T: Trigger> Machine<T> {
             if serial.console().panic_state() == PanicState::Ended {
                 return Action::Stop(StopReason::Panic);
             }
+            return Action::Continue;
+        }
+        if locked(&self.pm).write(port, data) {
             return Action::Continue;
         }
         if port == I8042_CMD && value == I8042_RESET {
@@ -673,9 +683,9 @@ impl<T: Trigger + Clone> Machine<T> {
     /// Machine reset for a reboot after `reason`: records the boot that
     /// ended, counts the reboot, and puts every device back to its power-on
     /// state: UART registers, virtio transports (status 0, queues
-    /// unconfigured, features unnegotiated), the probe's GPA register, and
-    /// protection (off, map empty, device view RW). The i8042 and CMOS
-    /// models hold no state. The disk file, the console stream and every
+    /// unconfigured, features unnegotiated), the probe's GPA register, the
+    /// ACPI PM1 registers, and protection (off, map empty, device view RW).
+    /// The i8042 and CMOS models hold no state. The disk file, the console stream and every
     /// counter carry on.
     ///
     /// Call it only with every vCPU stopped and guest RAM cleared; then load
@@ -696,6 +706,7 @@ impl<T: Trigger + Clone> Machine<T> {
         boots.current += 1;
         boots.reboots_left = boots.reboots_left.saturating_sub(1);
         locked(&self.serial).reset();
+        locked(&self.pm).reset();
         self.bus.reset();
         hypercalls.start_boot(boots.current);
         self.prot_mut().reset()
@@ -899,6 +910,27 @@ pub(crate) mod tests {
             data: &mut words,
         });
         assert_eq!(words, [0xff; 8]);
+        // The ACPI PM1 registers: PM1_EN keeps GBL_EN, PM1_CNT says ACPI
+        // mode (SCI_EN).
+        m.handle_exit(Exit::IoOut {
+            port: 0x602,
+            size: 2,
+            data: &[0x20, 0x00],
+        });
+        let mut pm1_en = [0u8; 4];
+        m.handle_exit(Exit::IoIn {
+            port: 0x602,
+            size: 2,
+            data: &mut pm1_en,
+        });
+        assert_eq!(pm1_en, [0x20, 0, 0x20, 0], "`rep insw`: PM1_EN twice");
+        let mut pm1_cnt = [0u8; 2];
+        m.handle_exit(Exit::IoIn {
+            port: 0x604,
+            size: 2,
+            data: &mut pm1_cnt,
+        });
+        assert_eq!(pm1_cnt, [1, 0]);
         // `rep insb` from COM1's LSR: every element is a register read.
         let mut lsr = [0u8; 3];
         m.handle_exit(Exit::IoIn {
@@ -1349,6 +1381,7 @@ pub(crate) mod tests {
         activate(&mut locked(&blk), &Rings::new(0x1000, 16));
         activate(&mut locked(&rng), &Rings::new(0x4000, 16));
         out(&m, 0x3f9, &[0x02]); // IER
+        out(&m, 0x602, &[0x20]); // PM1_EN: GBL_EN
         m.handle_exit(Exit::MmioWrite {
             addr: PROBE_BASE,
             data: &0x3000u64.to_le_bytes(),
@@ -1369,6 +1402,13 @@ pub(crate) mod tests {
             data: &mut ier,
         });
         assert_eq!(ier, [0], "UART at power-on");
+        let mut pm1_en = [0xffu8; 2];
+        m.handle_exit(Exit::IoIn {
+            port: 0x602,
+            size: 2,
+            data: &mut pm1_en,
+        });
+        assert_eq!(pm1_en, [0; 2], "PM1_EN at power-on");
         let mut gpa = [0xffu8; 8];
         m.handle_exit(Exit::MmioRead {
             addr: PROBE_BASE,

@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 #![warn(rust_2018_idioms)]
 
+pub mod acpi;
 pub mod boot;
 pub mod cli;
 pub mod cpuid;

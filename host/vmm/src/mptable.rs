@@ -17,8 +17,10 @@ pub const MPTABLE_START: u64 = EBDA_START;
 pub const MAX_CPUS: u8 = 32;
 /// I/O APIC pins, routed 1:1 from ISA IRQs.
 const IOAPIC_PINS: u8 = 24;
-const IOAPIC_ADDR: u32 = 0xfec0_0000;
-const LAPIC_ADDR: u32 = 0xfee0_0000;
+/// Address of the I/O APIC (KVM's).
+pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+/// Address of every local APIC.
+pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 const APIC_VERSION: u8 = 0x14;
 /// Entry types.
 const MP_PROCESSOR: u8 = 0;
@@ -48,6 +50,11 @@ pub enum MptableError {
     },
 }
 
+/// The I/O APIC's ID with `cpus` vCPUs: the first after their APIC IDs.
+pub const fn ioapic_id(cpus: u8) -> u8 {
+    cpus
+}
+
 fn checksum_fix(bytes: &[u8]) -> u8 {
     bytes
         .iter()
@@ -61,7 +68,7 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
     if cpus == 0 || cpus > MAX_CPUS {
         return Err(MptableError::Cpus(cpus));
     }
-    let ioapic_id = cpus;
+    let ioapic = ioapic_id(cpus);
     let mut entries = Vec::new();
     for id in 0..cpus {
         let flags = CPU_ENABLED | if id == 0 { CPU_BOOTPROCESSOR } else { 0 };
@@ -72,11 +79,11 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MptableError> {
     }
     entries.extend_from_slice(&[MP_BUS, 0]);
     entries.extend_from_slice(b"ISA   ");
-    entries.extend_from_slice(&[MP_IOAPIC, ioapic_id, APIC_VERSION, 1]);
+    entries.extend_from_slice(&[MP_IOAPIC, ioapic, APIC_VERSION, 1]);
     entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
     for irq in 0..IOAPIC_PINS {
         // type, irq type, flags (u16: conforms to bus), bus, bus irq, apic, pin
-        entries.extend_from_slice(&[MP_INTSRC, MP_INT, 0, 0, 0, irq, ioapic_id, irq]);
+        entries.extend_from_slice(&[MP_INTSRC, MP_INT, 0, 0, 0, irq, ioapic, irq]);
     }
     entries.extend_from_slice(&[MP_LINTSRC, MP_EXTINT, 0, 0, 0, 0, 0, 0]);
     entries.extend_from_slice(&[MP_LINTSRC, MP_NMI, 0, 0, 0, 0, 0xff, 1]);

@@ -18,10 +18,11 @@
 //! 5. guest RAM is cleared ([`ram::clear`]) while the old kernel's private
 //!    pages are still closed to devices, then [`Machine::reset`] puts the
 //!    devices and protection back to power-on (device view RW again);
-//! 6. the kernel, initrd, zero page, page tables and MP table are loaded as
-//!    at first boot, and a new VM is built exactly as the first one (same
-//!    memfd mapping as memslot 0, same irq eventfds, vCPUs with fresh
-//!    CPUID, LAPIC LINTs and boot registers), and its vCPU threads start.
+//! 6. the kernel, initrd, zero page, page tables, MP table and ACPI tables
+//!    are loaded as at first boot, and a new VM is built exactly as the
+//!    first one (same memfd mapping as memslot 0, same irq eventfds, vCPUs
+//!    with fresh CPUID, LAPIC LINTs and boot registers), and its vCPU
+//!    threads start.
 //!
 //! A fresh KVM VM rather than re-initialised vCPUs guarantees that no state
 //! of the old kernel survives in KVM: MSRs (kvm-clock, steal time, async PF
@@ -47,6 +48,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::acpi::{self, AcpiError};
 use crate::boot::{self, BootError};
 use crate::cli::{BlkIo, Cli, ProtectMode};
 use crate::cpuid::{self, CpuidConfig};
@@ -152,6 +154,9 @@ pub enum VmmError {
     /// MP table.
     #[error(transparent)]
     Mptable(#[from] MptableError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
     /// Protected-memory capability.
     #[error(transparent)]
     Hypercall(#[from] HypercallError),
@@ -252,6 +257,8 @@ struct Setup<'a> {
     kernel: File,
     initrd: Option<(File, u64)>,
     cmdline: Cmdline,
+    /// `(window, GSI)` of each virtio device, for the DSDT.
+    virtio: Vec<(u64, u32)>,
     /// GSI and eventfd of each interrupt line.
     irqs: Vec<(u32, IrqEvent)>,
     /// The queue notifications KVM signals on eventfds: (GPA, value, eventfd).
@@ -261,8 +268,9 @@ struct Setup<'a> {
 }
 
 impl Setup<'_> {
-    /// Loads the kernel, initrd, command line, zero page, page tables, GDT
-    /// and MP table into RAM, the same for every boot; returns the entry.
+    /// Loads the kernel, initrd, command line, zero page, page tables, GDT,
+    /// MP table and ACPI tables into RAM, the same for every boot; returns
+    /// the entry.
     fn load(&mut self, boot: u64) -> Result<u64, VmmError> {
         let rewind = |what, path: &Path, file: &mut File| {
             file.rewind().map_err(|err| VmmError::Rewind {
@@ -285,6 +293,7 @@ impl Setup<'_> {
             &self.cmdline,
         )?;
         mptable::write(self.ram, self.cli.cpus)?;
+        acpi::write(self.ram, self.cli.cpus, &self.virtio)?;
         Ok(info.entry)
     }
 
@@ -500,7 +509,7 @@ struct Devices {
     bus: MmioBus,
     /// GSI and eventfd (registered as an irqfd) of each device's line.
     irqs: Vec<(u32, IrqEvent)>,
-    /// `(window, IRQ)` of each virtio device, for `virtio_mmio.device=`.
+    /// `(window, GSI)` of each virtio device, for the DSDT.
     virtio: Vec<(u64, u32)>,
 }
 
@@ -597,7 +606,7 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
     // accessor); with gmem, the private side is attached to it below.
     let prot = Arc::new(RwLock::new(Protection::new(device_view)));
     let devices = register_devices(cli, &prot)?;
-    let cmdline = boot::build_cmdline(&cli.cmdline, &devices.virtio)?;
+    let cmdline = boot::build_cmdline(&cli.cmdline)?;
     let serial_irq = IrqEvent::new(COM1_IRQ)?;
     let mut irqs = vec![(COM1_IRQ, serial_irq.clone())];
     irqs.extend(devices.irqs.iter().cloned());
@@ -619,6 +628,7 @@ pub fn run(cli: &Cli) -> Result<Outcome, VmmError> {
         kernel,
         initrd,
         cmdline,
+        virtio: devices.virtio.clone(),
         irqs,
         ioevents,
         tsc_note_printed: Default::default(),

@@ -12,12 +12,14 @@
 //!
 //! The virtio-mmio transport ([`virtio::MmioTransport`]) implements the
 //! trait once for every virtio device; the probe implements it directly.
-//! COM1 is a port I/O device and stays outside the bus.
+//! COM1 and the ACPI PM1 registers ([`acpi_pm`]) are port I/O devices and
+//! stay outside the bus.
 //!
 //! Adding a device: write its model in its own file (for virtio, a
 //! [`virtio::VirtioDevice`]) and register it in the VMM's bus
 //! registration (`vmm::register_devices`).
 
+pub mod acpi_pm;
 pub mod bus;
 pub mod event_loop;
 pub mod probe;

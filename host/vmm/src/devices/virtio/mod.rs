@@ -1,8 +1,8 @@
 //! virtio-mmio transport (version 2, modern) and the devices behind it.
 //!
 //! Each device sits in a 4 KiB slot at `0xd000_0000 + slot * 0x1000` and
-//! raises ISA IRQ `5 + slot`; the VMM announces the present ones on the
-//! kernel command line (`virtio_mmio.device=4K@0xd0000000:5`). Every device
+//! raises GSI `5 + slot`; the VMM announces the present ones in the ACPI
+//! DSDT (`LNRO0005`, [`crate::acpi`]). Every device
 //! offers `VIRTIO_F_VERSION_1` and `VIRTIO_F_ACCESS_PLATFORM`.
 //!
 //! [`MmioTransport`] is the one [`MmioDevice`] of every virtio device: it
