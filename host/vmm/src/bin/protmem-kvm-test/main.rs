@@ -147,7 +147,10 @@ struct Seen {
 /// Runs the guest once with `mask` enabled in KVM_CAP_EXIT_HYPERCALL
 /// (none if 0); returns the forwarded exits and the guest's results.
 fn run(kvm: &Kvm, mask: u64, code: &[u8], ncalls: usize) -> Result<(Vec<Seen>, Vec<u32>), String> {
-    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+    let (mem, host) = guest_memory(&[(CODE, code)])?;
+    // SAFETY: `mem` maps MEM bytes at `host` and is dropped after the VM
+    // (declared first).
+    let (vm, mut vcpu) = unsafe { plain_vm(kvm, host) }?;
     if mask != 0 {
         let cap = kvm_enable_cap {
             cap: KVM_CAP_EXIT_HYPERCALL,
@@ -157,28 +160,6 @@ fn run(kvm: &Kvm, mask: u64, code: &[u8], ncalls: usize) -> Result<(Vec<Seen>, V
         vm.enable_cap(&cap)
             .map_err(|e| format!("KVM_ENABLE_CAP(EXIT_HYPERCALL, {mask:#x}): {e}"))?;
     }
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)])
-        .map_err(|e| format!("guest memory: {e}"))?;
-    mem.write_slice(code, GuestAddress(CODE))
-        .map_err(|e| format!("loading code: {e}"))?;
-    let host = mem
-        .get_host_address(GuestAddress(0))
-        .map_err(|e| format!("host address: {e}"))?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: MEM as u64,
-        userspace_addr: host as u64,
-    };
-    // SAFETY: `host` maps MEM bytes owned by `mem`, which outlives the VM
-    // (both are dropped at the end of this function, the VM first).
-    unsafe { vm.set_user_memory_region(region) }
-        .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
-    let mut vcpu = vm
-        .create_vcpu(0)
-        .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
-    enter_real_mode_at_code(&vcpu)?;
 
     let mut seen = Vec::new();
     loop {
@@ -205,6 +186,47 @@ fn run(kvm: &Kvm, mask: u64, code: &[u8], ncalls: usize) -> Result<(Vec<Seen>, V
         results.push(v);
     }
     Ok((seen, results))
+}
+
+/// MEM bytes of guest memory at GPA 0, each `(gpa, bytes)` of `code`
+/// loaded; returns it and its host address.
+fn guest_memory(code: &[(u64, &[u8])]) -> Result<(GuestMemoryMmap, u64), String> {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)])
+        .map_err(|e| format!("guest memory: {e}"))?;
+    for &(gpa, bytes) in code {
+        mem.write_slice(bytes, GuestAddress(gpa))
+            .map_err(|e| format!("loading code at {gpa:#x}: {e}"))?;
+    }
+    let host = mem
+        .get_host_address(GuestAddress(0))
+        .map_err(|e| format!("host address: {e}"))?;
+    Ok((mem, host as u64))
+}
+
+/// A VM of the default type with MEM bytes at `host` as its RAM from GPA
+/// 0, and vCPU 0 in real mode at CODE.
+///
+/// # Safety
+///
+/// `host` maps MEM bytes (from [`guest_memory`]) that outlive the VM.
+unsafe fn plain_vm(kvm: &Kvm, host: u64) -> Result<(VmFd, VcpuFd), String> {
+    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: MEM as u64,
+        userspace_addr: host,
+    };
+    // SAFETY: the caller's promise: `host` maps MEM bytes that outlive the
+    // VM.
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
+    let vcpu = vm
+        .create_vcpu(0)
+        .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+    enter_real_mode_at_code(&vcpu)?;
+    Ok((vm, vcpu))
 }
 
 /// Private pages of the guest_memfd test and where the guest reports what
@@ -257,13 +279,7 @@ impl GmemVm {
         let vm = kvm
             .create_vm_with_type(gmem_kvm::VM_TYPE)
             .map_err(|e| format!("KVM_CREATE_VM(SW_PROTECTED): {e}"))?;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)])
-            .map_err(|e| format!("guest memory: {e}"))?;
-        mem.write_slice(&gmem_guest_code(), GuestAddress(CODE))
-            .map_err(|e| format!("loading code: {e}"))?;
-        let host = mem
-            .get_host_address(GuestAddress(0))
-            .map_err(|e| format!("host address: {e}"))? as u64;
+        let (mem, host) = guest_memory(&[(CODE, &gmem_guest_code())])?;
         // SAFETY: `mem` maps MEM bytes and lives in the returned struct
         // with the VM, which is dropped before it (field order).
         let gmem =

@@ -25,10 +25,13 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use kvm_protmem_vmm::gmem_kvm::{
     self, KvmSwProtectedPopulate, KVM_CAP_X86_PROTECTED_MEMORY, KVM_EXIT_HYPERCALL_APPLIED,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::asm::{Asm, R};
-use crate::{enter_real_mode_at_code, is_amd, populate_ioctl, punch_gmem, set_private, CODE, MEM};
+use crate::{
+    enter_real_mode_at_code, guest_memory, is_amd, populate_ioctl, punch_gmem, set_private, CODE,
+    MEM,
+};
 
 /// Private page with the first secret.
 const SECRET_PAGE: u16 = 0x4000;
@@ -177,15 +180,9 @@ impl OwnedVm {
             .create_vm_with_type(gmem_kvm::VM_TYPE)
             .map_err(|e| format!("KVM_CREATE_VM(SW_PROTECTED): {e}"))?;
         gmem_kvm::enable_protected_memory(&vm).map_err(|e| e.to_string())?;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)])
-            .map_err(|e| format!("guest memory: {e}"))?;
-        mem.write_slice(code, GuestAddress(CODE))
-            .map_err(|e| format!("loading code: {e}"))?;
+        let (mem, host) = guest_memory(&[(CODE, code)])?;
         mem.write_obj(XCHG_OLD, GuestAddress(u64::from(XCHG)))
             .map_err(|e| format!("writing memory: {e}"))?;
-        let host = mem
-            .get_host_address(GuestAddress(0))
-            .map_err(|e| format!("host address: {e}"))? as u64;
         // SAFETY: `mem` maps MEM bytes and lives in the returned struct
         // with the VM; the VM goes first (field order).
         let gmem =

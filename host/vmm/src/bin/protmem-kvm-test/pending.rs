@@ -14,12 +14,10 @@
 //! after a `KVM_RUN` that returned `EINTR`; this checks that rule, and
 //! shows the loss without it.
 
-use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::asm::{Asm, R};
-use crate::{enter_real_mode_at_code, CODE, MEM};
+use crate::{guest_memory, plain_vm, CODE};
 
 /// The MMIO read's source: segment 0x2000, past the only memslot.
 const MMIO_SEG: u16 = 0x2000;
@@ -42,29 +40,10 @@ fn program() -> Vec<u8> {
 /// before `KVM_GET_REGS` + `KVM_SET_REGS` of the same values. Returns the
 /// EAX the guest reported.
 fn run(kvm: &Kvm, complete_first: bool) -> Result<u32, String> {
-    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)])
-        .map_err(|e| format!("guest memory: {e}"))?;
-    mem.write_slice(&program(), GuestAddress(CODE))
-        .map_err(|e| format!("loading code: {e}"))?;
-    let host = mem
-        .get_host_address(GuestAddress(0))
-        .map_err(|e| format!("host address: {e}"))?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: MEM as u64,
-        userspace_addr: host as u64,
-    };
-    // SAFETY: `host` maps MEM bytes owned by `mem`, which outlives the VM
-    // (both are dropped at the end of this function, the VM first).
-    unsafe { vm.set_user_memory_region(region) }
-        .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
-    let mut vcpu = vm
-        .create_vcpu(0)
-        .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
-    enter_real_mode_at_code(&vcpu)?;
+    let (_mem, host) = guest_memory(&[(CODE, &program())])?;
+    // SAFETY: `_mem` maps MEM bytes at `host` and is dropped after the VM
+    // (declared first).
+    let (_vm, mut vcpu) = unsafe { plain_vm(kvm, host) }?;
     let mut reported = None;
     for _ in 0..16 {
         let mut pending = false;

@@ -25,10 +25,10 @@ use kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use kvm_protmem_vmm::exit::{memory_fault_action, FaultAction, VcpuExitState};
 use kvm_protmem_vmm::gmem_kvm::{self, KvmSwProtectedPopulate, KVM_EXIT_HYPERCALL_APPLIED};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 use crate::asm::{Asm, R};
-use crate::{enter_real_mode_at_code, is_amd, populate_ioctl, CODE, MEM};
+use crate::{enter_real_mode_at_code, guest_memory, is_amd, populate_ioctl, CODE, MEM};
 
 /// vCPU 1's code.
 const CODE1: u16 = 0x2000;
@@ -163,14 +163,7 @@ fn setup(kvm: &Kvm) -> Result<(VmFd, std::fs::File, GuestMemoryMmap, u64, [VcpuF
         .create_vm_with_type(gmem_kvm::VM_TYPE)
         .map_err(|e| format!("KVM_CREATE_VM(SW_PROTECTED): {e}"))?;
     gmem_kvm::enable_protected_memory(&vm).map_err(|e| e.to_string())?;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)])
-        .map_err(|e| format!("guest memory: {e}"))?;
-    mem.write_slice(&converter(amd), GuestAddress(CODE))
-        .and_then(|()| mem.write_slice(&reader(), GuestAddress(u64::from(CODE1))))
-        .map_err(|e| format!("loading code: {e}"))?;
-    let host = mem
-        .get_host_address(GuestAddress(0))
-        .map_err(|e| format!("host address: {e}"))? as u64;
+    let (mem, host) = guest_memory(&[(CODE, &converter(amd)), (u64::from(CODE1), &reader())])?;
     // SAFETY: `mem` maps MEM bytes and is returned with the VM, which the
     // caller drops first.
     let gmem =
