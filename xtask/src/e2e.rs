@@ -683,41 +683,13 @@ fn stress_row(o: &L2Outcome, cpus: usize) -> Row {
     )
 }
 
-/// The protected checks, plus: every one of the 4 vCPUs online, and the
-/// per-CPU disk readers all read the known data.
+/// The protected checks, the KUnit stress on every CPU, and
+/// [`crate::smp::cpu_rows`] for 4 vCPUs.
 fn judge_smp(o: &L2Outcome) -> Vec<Row> {
     const CPUS: usize = 4;
-    const PASSES: usize = 3;
     let mut rows = judge_protected(o);
     rows.push(stress_row(o, CPUS));
-    let online = kv(o, "cpus-online").unwrap_or("none").trim();
-    rows.push(row(
-        "the guest brought every vCPU online",
-        online == CPUS.to_string(),
-        format!("cpus-online {online} of {CPUS}"),
-    ));
-    let known = nested::known_sha256();
-    // A kernel message may cut into a reader's line (mended) or follow it
-    // without a newline: compare the 64 hex digits only.
-    let reads = o.mended_lines_after("kpm-init: reader ");
-    let good = reads
-        .iter()
-        .filter_map(|l| l.split_whitespace().nth(2))
-        .filter(|sum| sum.get(..64) == Some(known.as_str()))
-        .count();
-    let cpus: std::collections::BTreeSet<&str> = reads
-        .iter()
-        .filter_map(|l| l.split_whitespace().next())
-        .collect();
-    rows.push(row(
-        "a disk reader on every CPU, in parallel, reads the known data",
-        good == CPUS * PASSES && cpus.len() == CPUS,
-        format!(
-            "{good} of {} reads intact, on {} CPUs",
-            CPUS * PASSES,
-            cpus.len()
-        ),
-    ));
+    rows.extend(crate::smp::cpu_rows(o, CPUS));
     rows
 }
 

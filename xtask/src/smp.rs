@@ -78,10 +78,27 @@ fn qemu(
     s
 }
 
-/// The run ended by itself, every one of the `CPUS` vCPUs came online, and
-/// each ran its disk reader to the known data.
+/// The run ended by itself, and [`cpu_rows`].
 fn judge<const CPUS: usize>(o: &L2Outcome) -> Vec<Row> {
     let done = o.console.contains(crate::boot::INIT_DONE);
+    let mut rows = vec![row(
+        "the guest reached the end of /init and its VMM exited 0",
+        done && o.exit == Some(0),
+        format!(
+            "VMM exit {:?}; {}",
+            o.exit,
+            o.secs_total
+                .map_or("no exit marker".to_string(), |t| format!("{t:.1}s"))
+        ),
+    )];
+    rows.extend(cpu_rows(o, CPUS));
+    rows
+}
+
+/// What every SMP boot with `kpm.readers` must show: the MADT gave the
+/// guest its `cpus` CPUs, all came online, and the disk reader pinned to
+/// each read the known data `PASSES` times.
+pub fn cpu_rows(o: &L2Outcome, cpus: usize) -> Vec<Row> {
     let online = kv(o, "cpus-online").unwrap_or("none").trim();
     let known = nested::known_sha256();
     // A kernel message may cut into a reader's line (mended) or follow it
@@ -92,45 +109,33 @@ fn judge<const CPUS: usize>(o: &L2Outcome) -> Vec<Row> {
         .filter_map(|l| l.split_whitespace().nth(2))
         .filter(|sum| sum.get(..64) == Some(known.as_str()))
         .count();
-    let cpus: std::collections::BTreeSet<&str> = reads
+    let on: std::collections::BTreeSet<&str> = reads
         .iter()
         .filter_map(|l| l.split_whitespace().next())
         .collect();
+    let allowing = format!("CPU topo: Allowing {cpus} present CPUs plus 0 hotplug CPUs");
     vec![
         row(
-            "the guest reached the end of /init and its VMM exited 0",
-            done && o.exit == Some(0),
+            "the guest takes its CPUs from ACPI: the MADT lists every vCPU",
+            kernel_lines(o, MADT_SMP) == 1 && kernel_lines(o, &allowing) == 1,
             format!(
-                "VMM exit {:?}; {}",
-                o.exit,
-                o.secs_total
-                    .map_or("no exit marker".to_string(), |t| format!("{t:.1}s"))
+                "`{MADT_SMP}` {}x, `{allowing}` {}x",
+                kernel_lines(o, MADT_SMP),
+                kernel_lines(o, &allowing)
             ),
         ),
-        {
-            let allowing = format!("CPU topo: Allowing {CPUS} present CPUs plus 0 hotplug CPUs");
-            row(
-                "the guest takes its CPUs from ACPI: the MADT lists every vCPU",
-                kernel_lines(o, MADT_SMP) == 1 && kernel_lines(o, &allowing) == 1,
-                format!(
-                    "`{MADT_SMP}` {}x, `{allowing}` {}x",
-                    kernel_lines(o, MADT_SMP),
-                    kernel_lines(o, &allowing)
-                ),
-            )
-        },
         row(
             "the guest brought every vCPU online",
-            online == CPUS.to_string(),
-            format!("cpus-online {online} of {CPUS}"),
+            online == cpus.to_string(),
+            format!("cpus-online {online} of {cpus}"),
         ),
         row(
-            "a disk reader pinned to every CPU reads the known data",
-            good == CPUS * PASSES && cpus.len() == CPUS,
+            "a disk reader pinned to every CPU, in parallel, reads the known data",
+            good == cpus * PASSES && on.len() == cpus,
             format!(
                 "{good} of {} reads intact, on {} CPUs",
-                CPUS * PASSES,
-                cpus.len()
+                cpus * PASSES,
+                on.len()
             ),
         ),
     ]
