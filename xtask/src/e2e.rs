@@ -202,14 +202,28 @@ pub fn all() -> Vec<Scenario> {
             "a protected kernel on 2 vCPUs kexecs into itself: the handover drops every share (ENABLE), the second kernel enables again, brings up both vCPUs and shares only its own pages; I/O intact",
             &["--protect", "--cpus", "2"],
             &format!("{NO_KUNIT} kpm.kexec"),
-            judge_kexec,
+            judge_kexec::<2>,
+        ),
+        scenario(
+            "kexec-smp4",
+            "the same kexec on 4 vCPUs: the second kernel finds all 4 in the MADT and brings them up in x2APIC mode",
+            &["--protect", "--cpus", "4"],
+            &format!("{NO_KUNIT} kpm.kexec"),
+            judge_kexec::<4>,
         ),
         scenario(
             "kdump",
             "a protected kernel on 2 vCPUs with a crash kernel loaded (kexec -p) crashes with sysrq-c: the crash path drops every share, the crash kernel boots protected, reads the disk and the crashed kernel's log",
             &["--protect", "--cpus", "2"],
             &format!("{NO_KUNIT} kpm.kdump crashkernel={KDUMP_RESERVE}"),
-            judge_kdump,
+            judge_kdump::<2>,
+        ),
+        scenario(
+            "kdump-smp4",
+            "the same kdump on 4 vCPUs: the crash comes on one CPU while the other 3 are stopped by NMI; the crash kernel boots protected on one",
+            &["--protect", "--cpus", "4"],
+            &format!("{NO_KUNIT} kpm.kdump crashkernel={KDUMP_RESERVE}"),
+            judge_kdump::<4>,
         ),
         scenario(
             "kexec-refused",
@@ -1193,7 +1207,12 @@ fn enable_records(v: &Value) -> Vec<(u64, u64, i64)> {
 /// its own shares only and working I/O. `loaded` is the key of /init's
 /// line saying the next kernel is loaded; `second_cpus` the next kernel's
 /// CPUs.
-fn handover_rows(o: &L2Outcome, loaded: &str, second_cpus: usize) -> Vec<Row> {
+fn handover_rows(
+    o: &L2Outcome,
+    loaded: &str,
+    first_cpus_want: usize,
+    second_cpus: usize,
+) -> Vec<Row> {
     // The line /init prints once the next kernel is loaded: whatever the
     // console shows after it is the handover and the next kernel (the
     // echo of the next step may interleave with kernel lines).
@@ -1241,8 +1260,8 @@ fn handover_rows(o: &L2Outcome, loaded: &str, second_cpus: usize) -> Vec<Row> {
             ),
         ),
         row(
-            "the first kernel booted protected on 2 vCPUs and loaded the next kernel",
-            first_cpus == Some(2)
+            &format!("the first kernel booted protected on {first_cpus_want} vCPUs and loaded the next kernel"),
+            first_cpus == Some(first_cpus_want)
                 && kernel_lines(o, "kvm_protmem: enabled") == 2
                 && kv(o, loaded).map(str::trim) == Some("1"),
             format!("first kernel CPUs {first_cpus:?}; {loaded} {:?}", kv(o, loaded)),
@@ -1316,12 +1335,14 @@ fn handover_rows(o: &L2Outcome, loaded: &str, second_cpus: usize) -> Vec<Row> {
     rows
 }
 
-fn judge_kexec(o: &L2Outcome) -> Vec<Row> {
-    handover_rows(o, "kexec-loaded", 2)
+/// A kexec on `CPUS` vCPUs: the second kernel brings them all up.
+fn judge_kexec<const CPUS: usize>(o: &L2Outcome) -> Vec<Row> {
+    handover_rows(o, "kexec-loaded", CPUS, CPUS)
 }
 
-fn judge_kdump(o: &L2Outcome) -> Vec<Row> {
-    let mut rows = handover_rows(o, "kdump-loaded", 1);
+/// A kdump on `CPUS` vCPUs: the crash kernel runs on one (nr_cpus=1).
+fn judge_kdump<const CPUS: usize>(o: &L2Outcome) -> Vec<Row> {
+    let mut rows = handover_rows(o, "kdump-loaded", CPUS, 1);
     let vmcore = kv(o, "vmcore").unwrap_or("none");
     let log = kv(o, "vmcore-dmesg").unwrap_or("none");
     // "N lines, E enabled, C crash": the crashed kernel's own log, read out
