@@ -44,7 +44,7 @@ const MARKS: [(&str, &str); 5] = [
 ];
 
 /// Counters for the table: (label, path in the stats file).
-const COUNTERS: [(&str, &str); 10] = [
+const COUNTERS: [(&str, &str); 13] = [
     ("KVM: exits", "kvm.vcpu.exits"),
     ("KVM: page faults taken (`pf_taken`)", "kvm.vcpu.pf_taken"),
     ("KVM: page faults fixed (`pf_fixed`)", "kvm.vcpu.pf_fixed"),
@@ -55,6 +55,15 @@ const COUNTERS: [(&str, &str); 10] = [
     ("KVM: halt exits", "kvm.vcpu.halt_exits"),
     ("KVM: 4 KiB mappings at exit", "kvm.vm.pages_4k"),
     ("VMM: hypercall exits", "exits.hypercall"),
+    (
+        "VMM: ENABLE, populating the guest_memfd (µs)",
+        "gmem.last_enable_us",
+    ),
+    (
+        "VMM: bytes mapped ahead after ENABLE (`KVM_PRE_FAULT_MEMORY`)",
+        "gmem.bytes_prefaulted",
+    ),
+    ("VMM: mapping them ahead (µs)", "gmem.last_prefault_us"),
 ];
 
 /// What one boot-only run measured.

@@ -21,6 +21,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use hypercall::KVM_HC_ENABLE_MEM_PROTECTED;
 use serde::Serialize;
 use vm_superio::Trigger;
 
@@ -127,7 +128,7 @@ pub enum Exit<'a> {
 pub const MAX_FAULT_STREAK: u32 = 64;
 
 /// What a vCPU's exit handling keeps between its exits.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VcpuExitState {
     /// `KVM_EXIT_MEMORY_FAULT`s since the vCPU's last other exit and since
     /// the last conversion reported to the VMM.
@@ -135,6 +136,9 @@ pub struct VcpuExitState {
     /// Conversions the VMM had seen (ENABLEs, SHAREs and UNSHAREs KVM
     /// applied) at the vCPU's last memory fault.
     pub fault_conversions: u64,
+    /// What this vCPU's ENABLE just populated (GPA, length), for the vCPU
+    /// thread to pre-fault before it enters the guest again.
+    pub prefault: Vec<(u64, u64)>,
 }
 
 impl VcpuExitState {
@@ -501,6 +505,9 @@ impl<T: Trigger> Machine<T> {
                 match result {
                     Ok(value) => {
                         *ret = value;
+                        if nr == KVM_HC_ENABLE_MEM_PROTECTED && value == 0 {
+                            vcpu.prefault = self.prot_mut().take_populated();
+                        }
                         Action::Continue
                     }
                     // A stop (reboot, --timeout) interrupted ENABLE's

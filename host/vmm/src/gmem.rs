@@ -107,6 +107,14 @@ pub struct GmemStats {
     /// Punches of the memfd that failed after an UNSHARE (the conversion
     /// stood; the stale copy is counted, never used by KVM).
     pub punch_failures: u64,
+    /// Bytes the vCPU threads mapped ahead of the guest after ENABLEs
+    /// (`KVM_PRE_FAULT_MEMORY` of what was populated).
+    pub bytes_prefaulted: u64,
+    /// Microseconds (host clock) the last of those took.
+    pub last_prefault_us: u64,
+    /// Pre-faults KVM refused or a signal cut short (the pages then fault
+    /// in on demand, as without it).
+    pub prefaults_incomplete: u64,
 }
 
 /// guest_memfd protection state of one VM: the private side and the
@@ -115,6 +123,9 @@ pub struct Gmem {
     private: Box<dyn PrivateMemory + Send + Sync>,
     shared: File,
     stats: GmemStats,
+    /// What the last ENABLE populated, until the vCPU takes it to
+    /// pre-fault ([`Gmem::take_populated`]).
+    populated: Vec<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Gmem {
@@ -130,6 +141,7 @@ impl Gmem {
             private,
             shared,
             stats: GmemStats::default(),
+            populated: Vec::new(),
         }
     }
 
@@ -161,11 +173,13 @@ impl Gmem {
         let started = Instant::now();
         let rss_before = rss_kib();
         let mut bytes = 0;
+        self.populated.clear();
         for (start, end) in data_extents(&self.shared, 0, ram_end)? {
             for (s, e) in shared_runs(start, end, &is_shared) {
                 self.private.populate(s, e - s)?;
                 bytes += e - s;
                 self.stats.extents_populated += 1;
+                self.populated.push((s, e - s));
             }
         }
         if punch_memfd {
@@ -179,6 +193,23 @@ impl Gmem {
         s.rss_kib_before_enable = rss_before;
         s.rss_kib_after_enable = rss_kib();
         Ok(())
+    }
+
+    /// The ranges (GPA, length) the last ENABLE populated: pages the guest
+    /// used before ENABLE, which it will touch again. Empty after the
+    /// first call.
+    pub fn take_populated(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.populated)
+    }
+
+    /// Counts a pre-fault of `bytes` that took `us` microseconds;
+    /// `complete` false if it stopped early.
+    pub fn record_prefault(&mut self, bytes: u64, us: u64, complete: bool) {
+        self.stats.bytes_prefaulted += bytes;
+        self.stats.last_prefault_us = us;
+        if !complete {
+            self.stats.prefaults_incomplete += 1;
+        }
     }
 
     /// SHARE, which KVM applied: the range's data is now the shared memfd's

@@ -379,6 +379,21 @@ impl Protection {
         Ok(())
     }
 
+    /// See [`Gmem::take_populated`]; empty without guest_memfd.
+    pub fn take_populated(&mut self) -> Vec<(u64, u64)> {
+        self.gmem
+            .as_mut()
+            .map(Gmem::take_populated)
+            .unwrap_or_default()
+    }
+
+    /// See [`Gmem::record_prefault`].
+    pub fn record_prefault(&mut self, bytes: u64, us: u64, complete: bool) {
+        if let Some(g) = self.gmem.as_mut() {
+            g.record_prefault(bytes, us, complete);
+        }
+    }
+
     /// `--hostile`'s ENABLE: under guest_memfd, copies the guest's pages
     /// into it (KVM made them private and zero) but keeps them in the memfd
     /// and the device view open; the map stays as it was. Without

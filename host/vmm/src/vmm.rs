@@ -984,6 +984,33 @@ fn convert(exit: VcpuExit<'_>, io_size: usize) -> Exit<'_> {
     }
 }
 
+/// Maps what this vCPU's ENABLE just populated (`ranges`) before the
+/// guest runs again: the guest wrote those pages before ENABLE and touches
+/// many again right away (its kernel, page tables, initramfs), and each
+/// would otherwise be a nested page fault of its own. A host KVM that
+/// refuses it leaves them to fault in on demand, as before.
+fn prefault(vcpu: &VcpuFd, machine: &SharedMachine, ranges: Vec<(u64, u64)>) {
+    let started = std::time::Instant::now();
+    let mut bytes = 0;
+    let mut complete = true;
+    for (gpa, len) in ranges {
+        match gmem_kvm::pre_fault(vcpu, gpa, len) {
+            Ok(gmem_kvm::PreFault::Done) => bytes += len,
+            Ok(gmem_kvm::PreFault::Interrupted) => {
+                complete = false;
+                break;
+            }
+            Err(e) => {
+                eprintln!("protmem-vmm: KVM_PRE_FAULT_MEMORY({gpa:#x}+{len:#x}): {e}; the guest faults these pages in");
+                complete = false;
+                break;
+            }
+        }
+    }
+    let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    machine.prot_mut().record_prefault(bytes, us, complete);
+}
+
 /// Runs vCPU `id` until the dispatcher ends the boot (the action is sent on
 /// `events`), KVM_RUN fails, or `stop` is set (a reboot; nothing is sent).
 fn vcpu_loop(
@@ -1014,7 +1041,12 @@ fn vcpu_loop(
                 // SAFETY: as above; this read aliases nothing borrowed.
                 let io_size =
                     unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read_volatile() };
-                machine.handle_vcpu_exit(&mut exits, convert(exit, usize::from(io_size)))
+                let action =
+                    machine.handle_vcpu_exit(&mut exits, convert(exit, usize::from(io_size)));
+                if !exits.prefault.is_empty() {
+                    prefault(&vcpu, &machine, std::mem::take(&mut exits.prefault));
+                }
+                action
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // A kick or another signal: disarm, then check `stop`.

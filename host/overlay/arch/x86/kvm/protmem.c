@@ -378,9 +378,10 @@ int kvm_protmem_populate(struct kvm *kvm, struct kvm_sw_protected_populate *p)
 
 /*
  * The vCPU ioctls userspace may still issue once the guest enabled
- * protected memory: running the vCPU, delivering interrupts, and queries
- * that reveal no guest state.  Everything else reads or changes registers
- * or other vCPU state and fails with -EPERM.
+ * protected memory: running the vCPU, delivering interrupts, queries
+ * that reveal no guest state, and mapping memory ahead of the guest's
+ * accesses as the attributes KVM owns say.  Everything else reads or
+ * changes registers or other vCPU state and fails with -EPERM.
  */
 bool kvm_protmem_vcpu_ioctl_allowed(unsigned int ioctl)
 {
@@ -394,6 +395,7 @@ bool kvm_protmem_vcpu_ioctl_allowed(unsigned int ioctl)
 	case KVM_KVMCLOCK_CTRL:
 	case KVM_GET_TSC_KHZ:
 	case KVM_GET_CPUID2:
+	case KVM_PRE_FAULT_MEMORY:
 		return true;
 	default:
 		return false;

@@ -435,6 +435,14 @@ fn lockout(o: &OwnedVm, check: &mut dyn FnMut(&str, bool, String)) {
         cpuid.is_ok(),
         format!("{:?}", cpuid.err()),
     );
+    // Mapping ahead of the guest, as the VMM does after populating an
+    // ENABLE: it changes no state, so the lock-out lets it through.
+    let pre = gmem_kvm::pre_fault(v, u64::from(SECRET_PAGE), 0x1000);
+    check(
+        "owned: after ENABLE, KVM_PRE_FAULT_MEMORY of a private page still works",
+        matches!(pre, Ok(gmem_kvm::PreFault::Done)),
+        format!("{pre:?}"),
+    );
 }
 
 /// Capability semantics, before any guest runs.
