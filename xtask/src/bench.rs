@@ -596,6 +596,14 @@ fn report(
          events) are exact, and ratios of equal work measured side by side in one boot \
          compare the configurations fairly, if not with hardware's proportions."
     );
+    let _ = writeln!(
+        m,
+        "- L0 is itself a VM here: its first touch of a page costs about 13 us (QEMU's \
+         `-mem-prealloc` of 3 GiB takes 10 s). L1's RAM is preallocated before L1 boots; \
+         without it, whichever L2 boot first used a stretch of L1's memory paid for it, up \
+         to 1.7 s of boot time spread over every phase: all of the first round, and the \
+         boots that use the most memory (guest_memfd with a large disk) in most rounds."
+    );
 
     let _ = writeln!(m, "\n## 1. SHARE hypercalls at boot, by type\n");
     let _ = writeln!(

@@ -680,6 +680,13 @@ pub fn run_on(
         // mainline's selftests) make KVM emulate chosen instructions.
         "console=ttyS0 panic=-1 kvm_amd.npt=1 kvm.force_emulation_prefix=1 kunit.enable=0 loglevel=4",
     );
+    // L1's RAM is backed before L1 starts. Here L0 is itself a VM, where
+    // the first touch of a page costs about 13 us (3 GiB in 10 s): left
+    // to L1's first use, that cost fell on whichever L2 boot first used
+    // a stretch of L1's memory (the first round of a benchmark, and the
+    // boots that use the most: guest_memfd, a large disk) and made up to
+    // 1.7 s of its boot time, the same phases slower throughout.
+    cmd.arg("-mem-prealloc");
     let total = 60 + runs.iter().map(|r| r.timeout + 20).sum::<u64>();
     let which = match l1 {
         L1::Ours => "our kernel".to_string(),
