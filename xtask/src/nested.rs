@@ -180,7 +180,7 @@ impl L2Outcome {
 
 /// Where a printk line (`[` spaces, seconds, `.`, 6 digits, `] `) starts
 /// in `l`, if it does.
-fn kernel_stamp_at(l: &str) -> Option<usize> {
+pub(crate) fn kernel_stamp_at(l: &str) -> Option<usize> {
     l.match_indices('[').map(|(i, _)| i).find(|&i| {
         let Some(end) = l[i..].find("] ") else {
             return false;
