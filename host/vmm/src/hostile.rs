@@ -501,10 +501,9 @@ fn overwrite(ram: &[(u64, u64)], needle: &[u8]) -> usize {
         let Ok(len) = usize::try_from(len) else {
             continue;
         };
-        // SAFETY: `host .. host + len` lies in one of the VMM's own
-        // mappings of guest RAM, mapped for the VMM's lifetime; the guest
-        // may write it concurrently, which only changes what is found.
-        // Callers pass readable ranges (PROT_NONE pages would fault).
+        // Callers pass readable ranges (PROT_NONE pages would fault); the
+        // guest may write them concurrently, which only changes what is found.
+        // SAFETY: `host .. host + len` is the VMM's own, lifelong RAM mapping.
         let mem = unsafe { std::slice::from_raw_parts_mut(host as *mut u8, len) };
         let found: Vec<usize> = finder.find_iter(mem).collect();
         for at in found {

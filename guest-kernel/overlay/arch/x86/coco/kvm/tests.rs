@@ -497,10 +497,9 @@ mod live_tests {
                 let base = next.addr.load(Relaxed);
                 for page in 1..(1usize << STRESS_ORDER) {
                     let at = base + page * PAGE_SIZE - 4;
-                    // SAFETY: `at..at + 8` lies inside the next worker's
-                    // block, mapped in the direct map until the test frees
-                    // it after this thread stopped; an unaligned load is
-                    // a single instruction on x86.
+                    // The next worker's block stays in the direct map until
+                    // the test frees it, after this thread stopped.
+                    // SAFETY: `at..at + 8` lies inside that mapped block.
                     let v = unsafe { core::ptr::read_unaligned(at as *const u64) };
                     core::hint::black_box(v);
                 }
