@@ -16,6 +16,8 @@
 //! operation that would read or change private memory or vCPU state must
 //! fail with EPERM.
 
+use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -422,6 +424,39 @@ fn lockout(o: &OwnedVm, check: &mut dyn FnMut(&str, bool, String)) {
         "owned: after ENABLE, KVM_SW_PROTECTED_POPULATE: EPERM",
         pop == Err(libc::EPERM),
         format!("{pop:?}"),
+    );
+    // The guest_memfd itself: no mapping, no read (the VMM created it
+    // without GUEST_MEMFD_FLAG_MMAP; a VM with private memory cannot have
+    // one that maps private pages, as it cannot initialise them shared).
+    let fd = o.gmem.as_raw_fd();
+    // SAFETY: a new shared mapping of one page at an address the kernel
+    // chooses; nothing else refers to it, and it is unmapped below if made.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            0x1000,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd,
+            i64::from(SECRET_PAGE),
+        )
+    };
+    let map_err = std::io::Error::last_os_error().raw_os_error();
+    if map != libc::MAP_FAILED {
+        // SAFETY: the mapping made just above, one page, not used since.
+        unsafe { libc::munmap(map, 0x1000) };
+    }
+    check(
+        "owned: after ENABLE, mmap of the guest_memfd: ENODEV",
+        map == libc::MAP_FAILED && map_err == Some(libc::ENODEV),
+        format!("mmap {map:?}, errno {map_err:?}"),
+    );
+    let mut buf = [0u8; 64];
+    let read = (&o.gmem).read(&mut buf);
+    check(
+        "owned: after ENABLE, read of the guest_memfd: EINVAL",
+        read.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::EINVAL)),
+        format!("{read:?}"),
     );
     let mp = v.get_mp_state();
     check(
