@@ -21,7 +21,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use hypercall::KVM_HC_ENABLE_MEM_PROTECTED;
+use hypercall::{Hypercall, KVM_HC_ENABLE_MEM_PROTECTED};
 use serde::Serialize;
 use vm_superio::Trigger;
 
@@ -139,6 +139,8 @@ pub struct VcpuExitState {
     /// What this vCPU's ENABLE just populated (GPA, length), for the vCPU
     /// thread to pre-fault before it enters the guest again.
     pub prefault: Vec<(u64, u64)>,
+    /// What this vCPU's SHARE just made shared (GPA, length), likewise.
+    pub prefault_shared: Option<(u64, u64)>,
 }
 
 impl VcpuExitState {
@@ -507,6 +509,13 @@ impl<T: Trigger> Machine<T> {
                         *ret = value;
                         if nr == KVM_HC_ENABLE_MEM_PROTECTED && value == 0 {
                             vcpu.prefault = self.prot_mut().take_populated();
+                        }
+                        if let Some(Ok(Hypercall::Share(r))) =
+                            Hypercall::decode(nr, [args[0], args[1], args[2]])
+                        {
+                            if value == 0 {
+                                vcpu.prefault_shared = Some((r.gpa(), r.len()));
+                            }
                         }
                         Action::Continue
                     }

@@ -230,6 +230,12 @@ pub struct AccessStats {
     pub mprotect_failures: u64,
     /// SHARE/UNSHARE refused because they would exceed [`MAX_SHARED_RUNS`].
     pub run_limit_refusals: u64,
+    /// Bytes the vCPU threads mapped ahead of the guest after SHAREs.
+    pub bytes_prefaulted_shared: u64,
+    /// Microseconds (host clock) those pre-faults took in all.
+    pub shared_prefault_us: u64,
+    /// Pre-faults after a SHARE that KVM refused or a signal cut short.
+    pub shared_prefaults_incomplete: u64,
 }
 
 #[derive(Debug, Default)]
@@ -243,6 +249,9 @@ struct Counters {
     probe_denied: AtomicU64,
     mprotect_failures: AtomicU64,
     run_limit_refusals: AtomicU64,
+    bytes_prefaulted_shared: AtomicU64,
+    shared_prefault_us: AtomicU64,
+    shared_prefaults_incomplete: AtomicU64,
 }
 
 /// Counters are bumped by device threads under a shared lock: relaxed
@@ -354,7 +363,20 @@ impl Protection {
             probe_denied: get(&c.probe_denied),
             mprotect_failures: get(&c.mprotect_failures),
             run_limit_refusals: get(&c.run_limit_refusals),
+            bytes_prefaulted_shared: get(&c.bytes_prefaulted_shared),
+            shared_prefault_us: get(&c.shared_prefault_us),
+            shared_prefaults_incomplete: get(&c.shared_prefaults_incomplete),
         }
+    }
+
+    /// Counts a pre-fault after a SHARE of `bytes` that took `us`
+    /// microseconds; `complete` false if it stopped early. Returns whether
+    /// it was the first to stop early.
+    pub fn record_shared_prefault(&self, bytes: u64, us: u64, complete: bool) -> bool {
+        let c = &self.counters;
+        bump(&c.bytes_prefaulted_shared, bytes);
+        bump(&c.shared_prefault_us, us);
+        !complete && c.shared_prefaults_incomplete.fetch_add(1, Ordering::Relaxed) == 0
     }
 
     /// Makes all RAM private and drops every share; contents are kept.

@@ -24,6 +24,7 @@
 //!   "bytes": {"read_from_guest": 0, "written_to_guest": 0},
 //!   "probe": {"allowed": 0, "denied": 0},
 //!   "mprotect_failures": 0,
+//!   "shared_prefault": {"bytes": 67108864, "us": 41000, "incomplete": 0},
 //!   "virtio": {"blk": {"transport": {...}, "requests": {...}},
 //!              "rng": {"transport": {...}, "requests": {...}}},
 //!   "exits": {"io_in": 0, "io_out": 0, "mmio_read": 0, "mmio_write": 0,
@@ -97,6 +98,17 @@ pub struct ProbeCounts {
     pub denied: u64,
 }
 
+/// Pre-faults after SHAREs.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct SharedPrefault {
+    /// Bytes mapped.
+    pub bytes: u64,
+    /// Microseconds (host clock) taken, in all.
+    pub us: u64,
+    /// Pre-faults KVM refused or a signal cut short.
+    pub incomplete: u64,
+}
+
 /// Everything the stats file holds.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Stats {
@@ -142,6 +154,9 @@ pub struct Stats {
     pub mprotect_failures: u64,
     /// SHARE/UNSHARE refused: too many runs of shared pages.
     pub run_limit_refusals: u64,
+    /// Pre-faults after SHAREs (`KVM_PRE_FAULT_MEMORY` of the range made
+    /// shared): bytes mapped, microseconds taken, how many stopped early.
+    pub shared_prefault: SharedPrefault,
     /// virtio devices present, by key (`blk`, `rng`, `net`): each
     /// `{"transport": {...}, "requests": {...}}`.
     pub virtio: BTreeMap<&'static str, Value>,
@@ -216,6 +231,11 @@ impl Stats {
             },
             mprotect_failures: a.mprotect_failures,
             run_limit_refusals: a.run_limit_refusals,
+            shared_prefault: SharedPrefault {
+                bytes: a.bytes_prefaulted_shared,
+                us: a.shared_prefault_us,
+                incomplete: a.shared_prefaults_incomplete,
+            },
             virtio,
             exits: m.exits.snapshot(),
             console_bytes,

@@ -1011,6 +1011,30 @@ fn prefault(vcpu: &VcpuFd, machine: &SharedMachine, ranges: Vec<(u64, u64)>) {
     machine.prot_mut().record_prefault(bytes, us, complete);
 }
 
+/// Maps the range (`gpa`, `len`) this vCPU's SHARE just made shared
+/// before the guest runs again. Nothing in it is backed yet: the guest's
+/// swiotlb pool, the largest share, is neither cleared at boot (guest
+/// patch 0015) nor used until I/O, and swiotlb hands its slots out in
+/// turn, so without this each page's first use in I/O is a nested page
+/// fault, and a new page of the shared memfd, in the middle of a transfer.
+/// Here KVM allocates and maps them in one ioctl. A host KVM that refuses
+/// leaves them to fault in on demand (said once).
+fn prefault_shared(vcpu: &VcpuFd, machine: &SharedMachine, gpa: u64, len: u64) {
+    let started = std::time::Instant::now();
+    let (bytes, complete, err) = match gmem_kvm::pre_fault(vcpu, gpa, len) {
+        Ok(gmem_kvm::PreFault::Done) => (len, true, None),
+        Ok(gmem_kvm::PreFault::Interrupted) => (0, false, None),
+        Err(e) => (0, false, Some(e)),
+    };
+    let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let first_incomplete = machine.prot().record_shared_prefault(bytes, us, complete);
+    if let (true, Some(e)) = (first_incomplete, err) {
+        eprintln!(
+            "protmem-vmm: KVM_PRE_FAULT_MEMORY({gpa:#x}+{len:#x}) after a SHARE: {e}; the guest faults shared pages in (said once)"
+        );
+    }
+}
+
 /// Runs vCPU `id` until the dispatcher ends the boot (the action is sent on
 /// `events`), KVM_RUN fails, or `stop` is set (a reboot; nothing is sent).
 fn vcpu_loop(
@@ -1045,6 +1069,9 @@ fn vcpu_loop(
                     machine.handle_vcpu_exit(&mut exits, convert(exit, usize::from(io_size)));
                 if !exits.prefault.is_empty() {
                     prefault(&vcpu, &machine, std::mem::take(&mut exits.prefault));
+                }
+                if let Some((gpa, len)) = exits.prefault_shared.take() {
+                    prefault_shared(&vcpu, &machine, gpa, len);
                 }
                 action
             }
