@@ -376,7 +376,10 @@ impl Protection {
         let c = &self.counters;
         bump(&c.bytes_prefaulted_shared, bytes);
         bump(&c.shared_prefault_us, us);
-        !complete && c.shared_prefaults_incomplete.fetch_add(1, Ordering::Relaxed) == 0
+        !complete
+            && c.shared_prefaults_incomplete
+                .fetch_add(1, Ordering::Relaxed)
+                == 0
     }
 
     /// Makes all RAM private and drops every share; contents are kept.
