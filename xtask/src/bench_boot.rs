@@ -44,7 +44,7 @@ const MARKS: [(&str, &str); 5] = [
 ];
 
 /// Counters for the table: (label, path in the stats file).
-const COUNTERS: [(&str, &str); 13] = [
+const COUNTERS: [(&str, &str); 15] = [
     ("KVM: exits", "kvm.vcpu.exits"),
     ("KVM: page faults taken (`pf_taken`)", "kvm.vcpu.pf_taken"),
     ("KVM: page faults fixed (`pf_fixed`)", "kvm.vcpu.pf_fixed"),
@@ -64,6 +64,11 @@ const COUNTERS: [(&str, &str); 13] = [
         "gmem.bytes_prefaulted",
     ),
     ("VMM: mapping them ahead (µs)", "gmem.last_prefault_us"),
+    (
+        "VMM: bytes mapped ahead after SHAREs (the bounce pool)",
+        "shared_prefault.bytes",
+    ),
+    ("VMM: mapping them ahead (µs)", "shared_prefault.us"),
 ];
 
 /// What one boot-only run measured.
