@@ -510,12 +510,10 @@ impl<T: Trigger> Machine<T> {
                         if nr == KVM_HC_ENABLE_MEM_PROTECTED && value == 0 {
                             vcpu.prefault = self.prot_mut().take_populated();
                         }
-                        if let Some(Ok(Hypercall::Share(r))) =
-                            Hypercall::decode(nr, [args[0], args[1], args[2]])
+                        if let (0, Some(Ok(Hypercall::Share(r)))) =
+                            (value, Hypercall::decode(nr, [args[0], args[1], args[2]]))
                         {
-                            if value == 0 {
-                                vcpu.prefault_shared = Some((r.gpa(), r.len()));
-                            }
+                            vcpu.prefault_shared = Some((r.gpa(), r.len()));
                         }
                         Action::Continue
                     }

@@ -984,31 +984,57 @@ fn convert(exit: VcpuExit<'_>, io_size: usize) -> Exit<'_> {
     }
 }
 
+/// What [`map_ahead`] did: bytes mapped, microseconds (host clock), and
+/// whether it got through every range; `refused` names the range KVM
+/// refused and why.
+struct MapAhead {
+    bytes: u64,
+    us: u64,
+    complete: bool,
+    refused: Option<(u64, u64, std::io::Error)>,
+}
+
+/// `KVM_PRE_FAULT_MEMORY` of each range (GPA, length) on `vcpu`, in
+/// order, until one is refused or a signal cuts it short.
+fn map_ahead(vcpu: &VcpuFd, ranges: &[(u64, u64)]) -> MapAhead {
+    let started = std::time::Instant::now();
+    let mut done = MapAhead {
+        bytes: 0,
+        us: 0,
+        complete: true,
+        refused: None,
+    };
+    for &(gpa, len) in ranges {
+        match gmem_kvm::pre_fault(vcpu, gpa, len) {
+            Ok(gmem_kvm::PreFault::Done) => done.bytes += len,
+            Ok(gmem_kvm::PreFault::Interrupted) => {
+                done.complete = false;
+                break;
+            }
+            Err(e) => {
+                done.complete = false;
+                done.refused = Some((gpa, len, e));
+                break;
+            }
+        }
+    }
+    done.us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    done
+}
+
 /// Maps what this vCPU's ENABLE just populated (`ranges`) before the
 /// guest runs again: the guest wrote those pages before ENABLE and touches
 /// many again right away (its kernel, page tables, initramfs), and each
 /// would otherwise be a nested page fault of its own. A host KVM that
 /// refuses it leaves them to fault in on demand, as before.
-fn prefault(vcpu: &VcpuFd, machine: &SharedMachine, ranges: Vec<(u64, u64)>) {
-    let started = std::time::Instant::now();
-    let mut bytes = 0;
-    let mut complete = true;
-    for (gpa, len) in ranges {
-        match gmem_kvm::pre_fault(vcpu, gpa, len) {
-            Ok(gmem_kvm::PreFault::Done) => bytes += len,
-            Ok(gmem_kvm::PreFault::Interrupted) => {
-                complete = false;
-                break;
-            }
-            Err(e) => {
-                eprintln!("protmem-vmm: KVM_PRE_FAULT_MEMORY({gpa:#x}+{len:#x}): {e}; the guest faults these pages in");
-                complete = false;
-                break;
-            }
-        }
+fn prefault(vcpu: &VcpuFd, machine: &SharedMachine, ranges: &[(u64, u64)]) {
+    let m = map_ahead(vcpu, ranges);
+    if let Some((gpa, len, e)) = &m.refused {
+        eprintln!("protmem-vmm: KVM_PRE_FAULT_MEMORY({gpa:#x}+{len:#x}): {e}; the guest faults these pages in");
     }
-    let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    machine.prot_mut().record_prefault(bytes, us, complete);
+    machine
+        .prot_mut()
+        .record_prefault(m.bytes, m.us, m.complete);
 }
 
 /// Maps the range (`gpa`, `len`) this vCPU's SHARE just made shared
@@ -1020,15 +1046,11 @@ fn prefault(vcpu: &VcpuFd, machine: &SharedMachine, ranges: Vec<(u64, u64)>) {
 /// Here KVM allocates and maps them in one ioctl. A host KVM that refuses
 /// leaves them to fault in on demand (said once).
 fn prefault_shared(vcpu: &VcpuFd, machine: &SharedMachine, gpa: u64, len: u64) {
-    let started = std::time::Instant::now();
-    let (bytes, complete, err) = match gmem_kvm::pre_fault(vcpu, gpa, len) {
-        Ok(gmem_kvm::PreFault::Done) => (len, true, None),
-        Ok(gmem_kvm::PreFault::Interrupted) => (0, false, None),
-        Err(e) => (0, false, Some(e)),
-    };
-    let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    let first_incomplete = machine.prot().record_shared_prefault(bytes, us, complete);
-    if let (true, Some(e)) = (first_incomplete, err) {
+    let m = map_ahead(vcpu, &[(gpa, len)]);
+    let first_incomplete = machine
+        .prot()
+        .record_shared_prefault(m.bytes, m.us, m.complete);
+    if let (true, Some((gpa, len, e))) = (first_incomplete, &m.refused) {
         eprintln!(
             "protmem-vmm: KVM_PRE_FAULT_MEMORY({gpa:#x}+{len:#x}) after a SHARE: {e}; the guest faults shared pages in (said once)"
         );
@@ -1068,7 +1090,7 @@ fn vcpu_loop(
                 let action =
                     machine.handle_vcpu_exit(&mut exits, convert(exit, usize::from(io_size)));
                 if !exits.prefault.is_empty() {
-                    prefault(&vcpu, &machine, std::mem::take(&mut exits.prefault));
+                    prefault(&vcpu, &machine, &std::mem::take(&mut exits.prefault));
                 }
                 if let Some((gpa, len)) = exits.prefault_shared.take() {
                     prefault_shared(&vcpu, &machine, gpa, len);
